@@ -1,0 +1,147 @@
+"""The adapter artifact: one folder that HF PEFT can read and peftfleet can verify.
+
+    adapter_config.json          the method's config (HF PEFT's format for methods it knows)
+    adapter_model.safetensors    exactly the adapter's tensors, keys `base_model.model.<param>`
+    peftfleet.json               method, our config, sha256 of every file, caller metadata
+
+The folder is written under a temporary name and renamed into place, so a reader never sees half
+an adapter. Loading checks every hash before reading a tensor and only ever reads safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_methods.api import applied_config
+from peft_methods.registry import get_method
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MANIFEST_FILE = "peftfleet.json"
+_KEY_PREFIX = "base_model.model."  # HF PEFT's prefix for tensors of the wrapped model
+
+
+class AdapterIntegrityError(ValueError):
+    """An adapter folder is incomplete, altered or corrupt."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, *, metadata: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """Write the adapter applied to ``model`` into ``directory`` atomically; returns the path.
+
+    ``metadata`` (JSON-serialisable: job id, metrics, base fingerprint...) goes into peftfleet.json.
+    """
+    config = applied_config(model)
+    if config is None:
+        raise ValueError("no PEFT method is applied to this model; nothing to save")
+    method = get_method(config.method)
+    dest = Path(directory)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists; pass overwrite=True to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = {_KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in method.adapter_state_dict(model).items()}
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        _write_json(tmp / CONFIG_FILE, method.adapter_config(model, config))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "method": config.method,
+            "config": config.model_dump(mode="json"),
+            "num_parameters": sum(t.numel() for t in tensors.values()),
+            "files": {name: sha256_file(tmp / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
+            "metadata": metadata or {},
+        }
+        _write_json(tmp / MANIFEST_FILE, manifest)
+        _fsync_dir(tmp)
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """peftfleet.json of an adapter folder, after checking every listed file's sha256."""
+    folder = Path(directory)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise AdapterIntegrityError(f"{folder} is not a peftfleet adapter: no {MANIFEST_FILE}") from None
+    except json.JSONDecodeError as e:
+        raise AdapterIntegrityError(f"{folder / MANIFEST_FILE} is not valid JSON: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise AdapterIntegrityError(
+            f"{folder}: adapter format {manifest.get('format_version')!r}, this peftfleet reads {FORMAT_VERSION}"
+        )
+    files = manifest.get("files") or {}
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if required not in files:
+            raise AdapterIntegrityError(f"{folder}: manifest lists no hash for {required}")
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise AdapterIntegrityError(f"{folder}: {name} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise AdapterIntegrityError(f"{folder}: {name} sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…")
+    return manifest
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Apply the adapter saved in ``directory`` to a fresh base ``model`` (in place) and return it."""
+    manifest = read_manifest(directory)
+    method = get_method(manifest["method"])
+    config = method.Config.model_validate(manifest["config"])
+    state = load_file(Path(directory) / WEIGHTS_FILE)
+    if not all(k.startswith(_KEY_PREFIX) for k in state):
+        raise AdapterIntegrityError(f"{directory}: tensor names must start with {_KEY_PREFIX!r}")
+    method.apply(model, config)
+    method.load_adapter_state_dict(model, {k[len(_KEY_PREFIX):]: v for k, v in state.items()})
+    return model
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+

@@ -1,0 +1,140 @@
+"""What a PEFT method is: the contract every built-in and third-party method implements.
+
+A method is a subclass of :class:`PeftMethod` registered under the entry-point group
+``peftfleet.peft_methods`` (see :mod:`peft_methods.registry`). It declares:
+
+* ``Config`` — a pydantic model with ``method: Literal["<name>"]``, ``extra="forbid"`` and a
+  description on every field. It must be constructible from defaults alone (``Config()``), so
+  tooling can always build a working example of it.
+* ``apply(model, config)`` — change the model in place: inject modules, freeze everything else.
+* ``is_adapter_parameter(name)`` — which parameters the method owns; from it follow
+  ``adapter_state_dict`` and ``load_adapter_state_dict``.
+* ``mergeable`` with ``merge`` / ``unmerge`` where the method allows folding into the base.
+* ``inference_overhead`` — what serving an unmerged adapter costs, in words users can act on.
+
+The applied config is recorded on the model (:func:`applied_config`), so saving needs no
+other state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+_APPLIED_ATTR = "peftfleet_config"
+_HEADS_ATTR = "peftfleet_modules_to_save"
+
+
+class MethodConfig(BaseModel):
+    """Fields every method shares. Subclasses add ``method: Literal[...]`` and their own fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modules_to_save: list[str] | None = Field(
+        default=None,
+        description=(
+            "Modules trained in full and saved with the adapter (e.g. a task head). "
+            "None = the model's task head when it has one (`classifier` for BERT-like "
+            "encoders, `score` for LLaMA-like decoders); [] = none."
+        ),
+    )
+
+
+class PeftMethod:
+    """Base class of a PEFT method. Subclass it, set the class attributes, implement ``_inject``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    mergeable: ClassVar[bool] = False
+    inference_overhead: ClassVar[str] = "unknown"
+    paper: ClassVar[str] = ""
+
+    # -- what subclasses implement ---------------------------------------------------------
+    def _inject(self, model: nn.Module, config: MethodConfig) -> None:
+        """Add the method's modules/parameters to ``model``. Freezing is done by ``apply``."""
+        raise NotImplementedError
+
+    def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
+        """True for the parameters this method owns (besides ``modules_to_save``)."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> None:
+        """Fold the adapter into the base weights; the model then runs at base cost."""
+        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base")
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Undo :meth:`merge`."""
+        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base")
+
+    def adapter_config(self, model: nn.Module, config: MethodConfig) -> dict[str, Any]:
+        """The content of ``adapter_config.json``. Methods HF PEFT knows override this."""
+        return {"peft_type": f"PEFTFLEET_{self.name.upper()}", **config.model_dump(mode="json")}
+
+    # -- shared behaviour ------------------------------------------------------------------
+    def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        """Inject the method into ``model`` in place and freeze everything it does not own."""
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{self.name}: expected {self.Config.__name__}, got {type(config).__name__}")
+        if applied_config(model) is not None:
+            raise ValueError(
+                f"model already has method {applied_config(model).method!r} applied; "
+                "apply one method per base model copy"
+            )
+        from peft_methods.targeting import task_head_names
+
+        heads = task_head_names(model) if config.modules_to_save is None else config.modules_to_save
+        self._inject(model, config)
+        setattr(model, _APPLIED_ATTR, config)
+        setattr(model, _HEADS_ATTR, tuple(heads))
+        owned = {n for n, _ in model.named_parameters() if self.owns(model, n)}
+        if not owned:
+            raise ValueError(f"{self.name}: the config selects no parameters in {type(model).__name__}")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in owned)
+        return model
+
+    def owns(self, model: nn.Module, name: str) -> bool:
+        """Whether parameter ``name`` belongs to the adapter (method parameters or saved modules)."""
+        config = _require_applied(model)
+        heads = getattr(model, _HEADS_ATTR, ())
+        if any(name.startswith(h + ".") for h in heads):
+            return True
+        return self.is_adapter_parameter(name, config)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Exactly the tensors the adapter owns, keyed by parameter name, detached."""
+        return {n: p.detach() for n, p in model.named_parameters() if self.owns(model, n)}
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` into an applied model; keys must match ``adapter_state_dict`` exactly."""
+        params = dict(model.named_parameters())
+        expected = {n for n in params if self.owns(model, n)}
+        missing, unexpected = expected - state.keys(), state.keys() - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"{self.name}: adapter tensors do not match the model "
+                f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            )
+        with torch.no_grad():
+            for n, t in state.items():
+                if params[n].shape != t.shape:
+                    raise ValueError(f"{self.name}: {n} has shape {tuple(t.shape)}, model expects {tuple(params[n].shape)}")
+                params[n].copy_(t)
+
+    def num_adapter_parameters(self, model: nn.Module) -> int:
+        return sum(t.numel() for t in self.adapter_state_dict(model).values())
+
+
+def applied_config(model: nn.Module) -> MethodConfig | None:
+    """The config of the method applied to ``model``, or None."""
+    return getattr(model, _APPLIED_ATTR, None)
+
+
+def _require_applied(model: nn.Module) -> MethodConfig:
+    config = applied_config(model)
+    if config is None:
+        raise ValueError("no PEFT method is applied to this model; call peft_methods.apply first")
+    return config
