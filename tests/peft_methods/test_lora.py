@@ -110,3 +110,10 @@ def test_applying_twice_is_refused():
     model = peft_methods.apply(TINY_BERT.fresh(), {"method": "lora"})
     with pytest.raises(ValueError, match="already has method 'lora'"):
         peft_methods.apply(model, {"method": "bitfit"})
+
+
+def test_modules_to_save_must_exist_and_can_be_emptied():
+    with pytest.raises(ValueError, match=r"modules_to_save \['clasifier'\] are not modules"):
+        peft_methods.apply(TINY_BERT.fresh(), {"method": "lora", "modules_to_save": ["clasifier"]})
+    model = peft_methods.apply(TINY_BERT.fresh(), {"method": "lora", "modules_to_save": []})
+    assert not any(n.startswith("classifier.") for n in peft_methods.adapter_state_dict(model))
