@@ -35,7 +35,6 @@ setup-test: $(VENV)/.installed-test
 # build so no dependency can swap in a multi-GB CUDA torch.
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/no-deps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -c requirements/constraints.txt -e .
 	$(PIP) install --quiet --no-deps -r requirements/no-deps.txt
