@@ -35,6 +35,10 @@ class AdapterIntegrityError(ValueError):
     """An adapter folder is incomplete, altered or corrupt."""
 
 
+class BaseModelMismatch(ValueError):
+    """An adapter met a base model other than the one it was trained on."""
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -115,9 +119,19 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Apply the adapter saved in ``directory`` to a fresh base ``model`` (in place) and return it."""
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, base_fingerprint: str | None = None) -> nn.Module:
+    """Apply the adapter saved in ``directory`` to a fresh base ``model`` (in place) and return it.
+
+    With ``base_fingerprint`` (the fingerprint of the folder ``model`` was loaded from), an adapter
+    recorded as trained on another base is refused with :class:`BaseModelMismatch`.
+    """
     manifest = read_manifest(directory)
+    trained_on = manifest.get("metadata", {}).get("base_fingerprint")
+    if base_fingerprint is not None and trained_on != base_fingerprint:
+        raise BaseModelMismatch(
+            f"adapter {directory} was trained on base {trained_on or '(unrecorded)'}, "
+            f"but the model it is being loaded into is base {base_fingerprint}"
+        )
     method = get_method(manifest["method"])
     config = method.Config.model_validate(manifest["config"])
     state = load_file(Path(directory) / WEIGHTS_FILE)
