@@ -1,0 +1,120 @@
+"""JobSpec: YAML/JSON loading, field-path errors, cross-field checks, and fuzzing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobs.spec import JobSpecError, load_job_spec, parse_job_spec
+from tests.jobs.conftest import minilm_spec
+
+YAML_SPEC = """
+name: trec-lora
+base_model: minilm
+task: sequence-classification
+dataset: {name: trec}
+method: {method: lora, r: 8, alpha: 16}
+training: {epochs: 1, batch_size: 16, lr: 0.004, eval_size: 1000}
+deepspeed: {zero_stage: 2}
+resources: {num_workers: 2, cpus_per_worker: 1}
+tags: [demo, trec]
+"""
+
+
+def test_yaml_and_json_give_the_same_spec(tmp_path):
+    (tmp_path / "job.yaml").write_text(YAML_SPEC)
+    from_yaml = load_job_spec(tmp_path / "job.yaml")
+    (tmp_path / "job.json").write_text(json.dumps(from_yaml.model_dump(mode="json")))
+    assert load_job_spec(tmp_path / "job.json") == from_yaml
+    assert from_yaml.method.r == 8 and from_yaml.deepspeed.zero_stage == 2 and from_yaml.resources.num_workers == 2
+    assert from_yaml.effective_task_name == "trec"
+
+
+def problems(data) -> dict[str, str]:
+    with pytest.raises(JobSpecError) as err:
+        parse_job_spec(data)
+    return dict(err.value.problems)
+
+
+@pytest.mark.parametrize(
+    "overrides,path,fragment",
+    [
+        ({"method": {"method": "lora", "r": 0}}, "method.r", "greater than 0"),
+        ({"method": {"method": "lora", "rank": 8}}, "method.rank", "Extra inputs are not permitted"),
+        ({"method": {"method": "prefix"}}, "method", "does not match any of the expected tags"),
+        ({"name": "../etc"}, "name", "no path separators"),
+        ({"name": "x" * 65}, "name", "1–64 characters"),
+        ({"base_model": "/nowhere"}, "base_model", "neither a named model"),
+        ({"task": "translation"}, "task", "Input should be"),
+        ({"task": "causal-lm"}, "dataset.name", "is for sequence-classification"),
+        ({"dataset": {"name": "trec", "path": "x.csv"}}, "dataset", "exactly one of"),
+        ({"dataset": {"name": "imdb"}}, "dataset", "unknown built-in dataset"),
+        ({"training": {"lr": -1}}, "training.lr", "greater than 0"),
+        ({"training": {"eval_fraction": 1.5}}, "training.eval_fraction", "less than 1"),
+        ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage", "Input should be 0, 1, 2 or 3"),
+        ({"deepspeed": {"precision": "bf16"}}, "deepspeed.precision", "needs GPUs"),
+        ({"deepspeed": {"offload_params": True, "zero_stage": 2}, "resources": {"gpus_per_worker": 1}}, "deepspeed.offload_params", "zero_stage 3"),
+        ({"deepspeed": {"zero_stage": 3, "offload_params": True}}, "deepspeed", "nothing to offload"),
+        ({"resources": {"num_workers": 0}}, "resources.num_workers", "greater than or equal to 1"),
+        ({"tags": ["a b"]}, "tags", "may hold only"),
+        ({"surprise": 1}, "surprise", "Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_field_is_reported_with_its_path(overrides, path, fragment):
+    found = problems(minilm_spec(**overrides))
+    assert path in found, found
+    assert fragment in found[path]
+
+
+def test_several_bad_fields_are_all_reported():
+    found = problems(minilm_spec(name="a/b", method={"method": "lora", "r": -1, "dropout": 2}))
+    assert {"name", "method.r", "method.dropout"} <= set(found)
+
+
+def test_local_csv_and_jsonl_with_column_mapping(tmp_path):
+    (tmp_path / "d.csv").write_text("question,kind\nwhat is x ?,DESC\n")
+    spec = parse_job_spec(minilm_spec(dataset={"path": str(tmp_path / "d.csv"), "text_column": "question", "label_column": "kind"}))
+    assert spec.effective_task_name == "d"
+    (tmp_path / "d.jsonl").write_text('{"q": "hi", "a": "hello"}\n')
+    found = problems(minilm_spec(task="causal-lm", base_model="smollm2", dataset={"path": str(tmp_path / "d.jsonl"), "prompt_column": "q"}))
+    assert "no column(s) ['response']" in found["dataset.path"]
+    assert "is not valid YAML" in str(pytest.raises(JobSpecError, load_job_spec, _write(tmp_path / "bad.yaml", "name: [")).value)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+# -- fuzzing: arbitrary input is either a valid spec or a JobSpecError, and nothing is stored ----
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+FIELDS = ["name", "base_model", "task", "dataset", "method", "training", "deepspeed", "resources", "tags", "task_name", "idempotency_key"]
+mutations = st.dictionaries(st.sampled_from(FIELDS + ["extra"]), json_values, max_size=4)
+method_mutations = st.dictionaries(st.sampled_from(["method", "r", "alpha", "dropout", "target_modules", "modules_to_save", "add_missing_biases"]), json_values, max_size=3)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(top=mutations, method=method_mutations)
+def test_fuzzed_specs_never_crash_and_failures_store_nothing(tmp_path_factory, top, method):
+    from jobs.store import JobStore
+
+    store = JobStore(f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 's.db'}", home=tmp_path_factory.mktemp("home"))
+    data = minilm_spec()
+    data["method"] = {**data["method"], **method}
+    data.update(top)
+    try:
+        job = store.submit(data)
+    except JobSpecError as e:
+        assert e.problems and all(isinstance(p, str) and isinstance(m, str) for p, m in e.problems)
+        assert store.count_jobs() == 0
+    else:
+        assert store.count_jobs() == 1 and store.get(job.id).spec == job.spec
+    finally:
+        store.close()

@@ -1,0 +1,100 @@
+"""The store itself: submission, lookup, idempotency, metrics, heartbeats, schema versions."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from jobs.spec import JobSpecError
+from jobs.states import JobState
+from jobs.store import IdempotencyConflict, JobNotFound, JobStore, StoreVersionError
+from tests.jobs.conftest import minilm_spec
+
+
+def test_submit_stores_a_pending_job_with_its_spec_and_first_event(store):
+    job = store.submit(minilm_spec(tags=["a"]))
+    assert job.state is JobState.PENDING and job.method == "lora" and job.task_name == "trec"
+    assert store.get(job.id) == job
+    assert job.job_spec.method.r == 8
+    [event] = store.events(job.id)
+    assert (event.from_state, event.to_state, event.reason) == (None, JobState.PENDING, "submitted")
+
+
+def test_an_invalid_spec_is_refused_before_anything_is_stored(store):
+    with pytest.raises(JobSpecError, match="method.r"):
+        store.submit(minilm_spec(method={"method": "lora", "r": 0}))
+    assert store.count_jobs() == 0
+
+
+def test_idempotency_key_returns_the_first_job_and_refuses_a_different_spec(store):
+    first = store.submit(minilm_spec(), idempotency_key="nightly-2026-11-28")
+    again = store.submit(minilm_spec(), idempotency_key="nightly-2026-11-28")
+    assert again.id == first.id and store.count_jobs() == 1
+    with pytest.raises(IdempotencyConflict, match="already used for job"):
+        store.submit(minilm_spec(name="other"), idempotency_key="nightly-2026-11-28")
+    assert store.submit(minilm_spec(idempotency_key="in-spec")).idempotency_key == "in-spec"
+    assert store.count_jobs() == 2
+
+
+def test_lookup_by_unique_prefix_and_clear_errors(store):
+    job = store.submit(minilm_spec())
+    assert store.get(job.id[:8]).id == job.id
+    with pytest.raises(JobNotFound, match="no job 'ffffffffffff'"):
+        store.get("ffffffffffff")
+
+
+def test_list_filters_and_orders_newest_first(store):
+    a = store.submit(minilm_spec(name="a"))
+    b = store.submit(minilm_spec(name="b"))
+    store.transition(b.id, JobState.QUEUED)
+    assert [j.id for j in store.list_jobs()] == [b.id, a.id]
+    assert [j.id for j in store.list_jobs(state=JobState.QUEUED)] == [b.id]
+    assert [j.id for j in store.list_jobs(state=["PENDING", "QUEUED"], name="a")] == [a.id]
+    assert store.list_jobs(task_name="nope") == []
+
+
+def test_metrics_are_kept_per_step_and_name(store):
+    job = store.submit(minilm_spec())
+    store.record_metrics(job.id, 10, {"loss": 0.9, "lr": 1e-3})
+    store.record_metrics(job.id, 20, {"loss": 0.5})
+    assert [(m.step, m.value) for m in store.metrics(job.id, "loss")] == [(10, 0.9), (20, 0.5)]
+    assert len(store.metrics(job.id)) == 3
+    with pytest.raises(JobNotFound):
+        store.record_metrics("0" * 32, 1, {"loss": 1.0})
+
+
+def test_heartbeat_only_counts_while_the_job_is_live(store):
+    job = store.submit(minilm_spec())
+    store.transition(job.id, JobState.RUNNING, owner="driver-1")
+    assert store.heartbeat(job.id, "driver-1") and store.get(job.id).heartbeat_at is not None
+    store.transition(job.id, JobState.SUCCEEDED)
+    assert not store.heartbeat(job.id, "driver-1")
+
+
+def test_a_store_written_by_a_newer_version_is_refused(store_url, tmp_path):
+    store = JobStore(store_url, home=tmp_path)
+    assert store.schema_version() == 1
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE peftfleet_schema SET version = 99"))
+    store.close()
+    with pytest.raises(StoreVersionError, match="schema version 99, written by a newer peftfleet"):
+        JobStore(store_url, home=tmp_path)
+
+
+def test_default_store_is_sqlite_in_wal_mode_under_peftfleet_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTFLEET_HOME", str(tmp_path / "ph"))
+    monkeypatch.delenv("PEFTFLEET_STORE_URL", raising=False)
+    store = JobStore()
+    assert store.url == f"sqlite:///{tmp_path / 'ph' / 'peftfleet.db'}"
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    assert store.artifacts.root == str(tmp_path / "ph" / "artifacts")
+
+
+def test_base_models_are_registered_once_by_fingerprint(store):
+    first = store.register_base_model("minilm")
+    assert first.fingerprint.startswith("sha256:") and first.model_type == "bert"
+    assert store.register_base_model("minilm") == first
+    assert store.get_base_model("minilm") == first
+    assert store.list_base_models() == [first]
