@@ -2,7 +2,8 @@
 
 A pattern is matched against a module's full dotted name or any dotted suffix of it, with shell
 wildcards: ``query`` matches ``bert.encoder.layer.0.attention.self.query``; ``layer.1*.query``
-matches layers 1 and 10–19; ``*`` alone matches everything.
+matches layers 1 and 10–19; ``*`` alone matches every layer of the wanted kind. A wildcard pattern
+skips modules of other kinds; a plain name that hits one is an error.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def name_matches(name: str, pattern: str) -> bool:
     return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
 
 
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
 def find_modules(
     model: nn.Module, patterns: list[str], kind: type[nn.Module] = nn.Linear
 ) -> list[tuple[str, nn.Module]]:
@@ -63,8 +68,8 @@ def find_modules(
         if not hits or any(name == h or name.startswith(h + ".") for h in heads):
             continue
         if not isinstance(module, kind):
-            if any(isinstance(m, kind) for m in module.children()):
-                continue  # a container whose name happens to match, e.g. `attention.output`
+            if all(_is_glob(p) for p in hits) or any(isinstance(m, kind) for m in module.children()):
+                continue  # `*_proj` or a container whose name happens to match, e.g. `attention.output`
             raise ValueError(f"target {name!r} is a {type(module).__name__}, not {kind.__name__}")
         used.update(hits)
         found.append((name, module))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 
@@ -43,8 +44,8 @@ def register_forever(url: str, home: str, storage: str, folder: str, fingerprint
     """Register copies of one adapter until killed; prints each name once it is recorded."""
     store = JobStore(url, home=home, storage_url=storage)
     for i in range(10_000):
-        store.adapters.register(folder, name=f"crash-{i}", base_fingerprint=fingerprint, task="sequence-classification", task_name="t")
-        print(f"registered crash-{i}", flush=True)
+        store.adapters.register(folder, name=f"crash-{os.getpid()}-{i}", base_fingerprint=fingerprint, task="sequence-classification", task_name="t")
+        print(f"registered crash-{os.getpid()}-{i}", flush=True)
 
 
 if __name__ == "__main__":

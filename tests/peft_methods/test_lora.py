@@ -117,3 +117,10 @@ def test_modules_to_save_must_exist_and_can_be_emptied():
         peft_methods.apply(TINY_BERT.fresh(), {"method": "lora", "modules_to_save": ["clasifier"]})
     model = peft_methods.apply(TINY_BERT.fresh(), {"method": "lora", "modules_to_save": []})
     assert not any(n.startswith("classifier.") for n in peft_methods.adapter_state_dict(model))
+
+
+def test_a_wildcard_targets_every_linear_layer_but_the_head():
+    base = TINY_BERT.fresh()
+    linears = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith("classifier")}
+    model = peft_methods.apply(base, {"method": "lora", "target_modules": ["*"]})
+    assert {n for n, m in model.named_modules() if isinstance(m, LoRALinear)} == linears
