@@ -28,6 +28,7 @@ from sqlalchemy import create_engine, event, func, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from jobs.adapter_registry import AdapterRegistry
 from jobs.artifacts import ArtifactStorage
 from jobs.base_models import resolve_base_model
 from jobs.fingerprint import base_fingerprint
@@ -142,8 +143,6 @@ class JobStore:
         storage_url: str | os.PathLike | None = None,
         home: str | os.PathLike | None = None,
     ):
-        from jobs.adapter_registry import AdapterRegistry
-
         self.home = home
         self.url = url or os.environ.get("PEFTFLEET_STORE_URL") or default_store_url(home)
         self.engine = _make_engine(self.url)
