@@ -66,6 +66,7 @@ class JobRecord:
     owner: str | None
     heartbeat_at: float | None
     attempt: int
+    runtime: dict[str, Any]
     error: str | None
     traceback: str | None
     created_at: float
@@ -81,6 +82,7 @@ class JobRecord:
     def _from_row(cls, row: JobRow) -> JobRecord:
         values = {f.name: getattr(row, f.name) for f in fields(cls)}
         values["state"] = JobState(row.state)
+        values["runtime"] = dict(row.runtime or {})
         return cls(**values)
 
 
@@ -209,7 +211,7 @@ class JobStore:
                 row = JobRow(
                     id=uuid.uuid4().hex, name=spec.name, state=JobState.PENDING.value, spec=payload,
                     base_model=spec.base_model, task_name=spec.effective_task_name, method=spec.method.method,
-                    idempotency_key=key, attempt=0, created_at=now, updated_at=now,
+                    idempotency_key=key, attempt=0, runtime={}, created_at=now, updated_at=now,
                 )
                 s.add(row)
                 s.flush()  # the job row first: the event references it
@@ -305,6 +307,16 @@ class JobStore:
                 .values(heartbeat_at=time.time(), owner=owner)
             )
             return result.rowcount == 1
+
+    def set_runtime(self, job_id: str, **info: Any) -> JobRecord:
+        """Record where a job runs (merged into ``runtime``), e.g. its Ray submission id."""
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise JobNotFound(f"no job {job_id!r} in {self.url}")
+            row.runtime = {**(row.runtime or {}), **info}
+            row.updated_at = time.time()
+        return self.get(job_id)
 
     def events(self, job_id: str) -> list[JobEvent]:
         with self._read() as s:

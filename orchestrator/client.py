@@ -1,0 +1,248 @@
+"""The Python client: submit fine-tuning jobs to Ray, follow them, and find their adapters.
+
+>>> from orchestrator import Client
+>>> client = Client()                                    # local Ray + default store   # doctest: +SKIP
+>>> job = client.submit("job.yaml")                      # or a dict / JobSpec          # doctest: +SKIP
+>>> job.wait(timeout=600)                                # progress bar when interactive # doctest: +SKIP
+>>> job.metrics("eval_accuracy")[-1].value                                              # doctest: +SKIP
+0.88
+>>> client.adapters.list(base="minilm")                                                 # doctest: +SKIP
+
+On a cluster: ``Client(address="ray://head:10001" or "auto", store_url="postgresql+psycopg2://...",
+storage_url="s3://bucket/peftfleet")``. Another process finds a job with
+``Client(store_url=...).jobs.get(job_id)`` and can wait on it; only submitting, cancelling and
+reading logs talk to Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.adapter_registry import AdapterRecord, AdapterRegistry
+from jobs.home import peftfleet_home
+from jobs.spec import JobSpec, JobSpecError, load_job_spec, parse_job_spec
+from jobs.states import JobState
+from jobs.store import JobRecord, JobStore, Metric
+from orchestrator.cluster import JOB_ENV, Cluster, connect
+from orchestrator.reconciler import settle_orphans
+
+RAY_TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
+
+
+class InfeasibleJob(ValueError):
+    """The cluster can never give the job the resources it asks for."""
+
+
+class JobHandle:
+    """One job: its state, metrics, logs and adapter. Get one from ``Client.submit`` or ``client.jobs.get``."""
+
+    def __init__(self, client: Client, job_id: str):
+        self._client = client
+        self.id = client.store.get(job_id).id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id[:8]}, {self.status()})"
+
+    def record(self) -> JobRecord:
+        return self._client.store.get(self.id)
+
+    def status(self) -> JobState:
+        return self.record().state
+
+    def metrics(self, name: str | None = None) -> list[Metric]:
+        return self._client.store.metrics(self.id, name)
+
+    def adapter(self) -> AdapterRecord | None:
+        """The adapter this job registered, once it has."""
+        found = self._client.adapters.list(job_id=self.id)
+        return found[0] if found else None
+
+    def wait(self, timeout: float | None = None, *, poll_s: float = 1.0, progress: bool | None = None) -> JobRecord:
+        """Block until the job is terminal; returns its record. Raises ``TimeoutError``.
+
+        Shows a progress bar (steps, loss, ETA) when ``progress`` is true, or by default when
+        stderr is a terminal.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = None
+        try:
+            while True:
+                job = self.record()
+                if show:
+                    bar = self._update_bar(bar)
+                if job.state.is_terminal:
+                    return job
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id[:8]} is still {job.state} after {timeout} s")
+                if job.state is not JobState.PENDING or job.runtime:
+                    self._client.settle_orphans()
+                time.sleep(poll_s)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _update_bar(self, bar):
+        from tqdm import tqdm
+
+        total = [m.value for m in self.metrics("total_steps")]
+        losses = self.metrics("train_loss")
+        if not total:
+            return bar
+        if bar is None:
+            bar = tqdm(total=int(total[-1]), desc=f"job {self.id[:8]}", unit="step", file=sys.stderr)
+        if losses:
+            bar.update(losses[-1].step - bar.n)
+            bar.set_postfix(loss=f"{losses[-1].value:.4f}", refresh=False)
+        return bar
+
+    def logs(self) -> str:
+        """Everything the job's processes printed (driver and Ray Train workers)."""
+        cache = peftfleet_home(self._client.store.home) / "logs" / f"{self.id}.log"
+        submission = self.record().runtime.get("ray_submission_id")
+        if submission is None:
+            return ""
+        try:
+            text = self._client.cluster.jobs_client().get_job_logs(submission)
+        except Exception as e:  # noqa: BLE001 - fall back to the last copy we saw
+            if cache.exists():
+                return cache.read_text()
+            raise RuntimeError(f"logs of job {self.id[:8]} are not reachable on Ray ({e}) and no copy was kept") from e
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(text)
+        return text
+
+    def cancel(self, timeout: float = 120) -> JobRecord:
+        """Stop the job: its Ray work is killed and its resources freed; then it is CANCELLED."""
+        return self._client.cancel(self.id, timeout=timeout)
+
+
+class Jobs:
+    """``client.jobs``: list and look up jobs in the store."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def list(self, *, state: Any = None, name: str | None = None, task_name: str | None = None, limit: int | None = 100) -> list[JobRecord]:
+        return self._client.store.list_jobs(state=state, name=name, task_name=task_name, limit=limit)
+
+    def get(self, job_id: str) -> JobHandle:
+        """A handle to a job by id or unique prefix (any process, any client)."""
+        return JobHandle(self._client, job_id)
+
+
+class Client:
+    """Submit and follow peftfleet jobs.
+
+    Args:
+        address: Ray cluster address (``"auto"``, ``"ray://host:10001"``, ``RAY_ADDRESS``); default:
+            reuse this process's Ray or start a local cluster on first use.
+        store_url: SQLAlchemy URL of the job store (default SQLite under ``PEFTFLEET_HOME``).
+        storage_url: artifact storage (default ``PEFTFLEET_HOME/artifacts``; an fsspec URL on clusters).
+        home: peftfleet's local folder (default ``$PEFTFLEET_HOME`` or ``~/.peftfleet``).
+        num_cpus: CPUs of a local cluster started here (default: all).
+        heartbeat_timeout_s: a live job whose owner was silent this long is settled as FAILED.
+    """
+
+    def __init__(
+        self, *, address: str | None = None, store_url: str | None = None, storage_url: str | None = None,
+        home: str | os.PathLike | None = None, num_cpus: int | None = None, heartbeat_timeout_s: float = 120,
+    ):
+        self.home = Path(peftfleet_home(home))
+        self.store = JobStore(store_url, storage_url=storage_url, home=self.home)
+        self.jobs = Jobs(self)
+        self.adapters: AdapterRegistry = self.store.adapters
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._address, self._num_cpus, self._cluster = address, num_cpus, None
+
+    @property
+    def cluster(self) -> Cluster:
+        if self._cluster is None:
+            self._cluster = connect(self._address, num_cpus=self._num_cpus)
+        return self._cluster
+
+    def submit(self, spec: JobSpec | dict | str | os.PathLike, *, idempotency_key: str | None = None) -> JobHandle:  # type: ignore[valid-type]
+        """Validate, store and schedule a job; returns at once with a handle.
+
+        Raises ``JobSpecError`` or ``InfeasibleJob`` before anything is stored or scheduled.
+        """
+        spec = load_job_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_job_spec(spec)
+        self._check_feasible(spec)
+        job = self.store.submit(spec, idempotency_key=idempotency_key)
+        if job.runtime.get("ray_submission_id"):
+            return JobHandle(self, job.id)  # an idempotent resubmission: already scheduled
+        submission_id = f"peftfleet-{job.id}"
+        env = {
+            **JOB_ENV,
+            "PEFTFLEET_STORE_URL": self.store.url,
+            "PEFTFLEET_STORAGE_URL": self.store.artifacts.url,
+            "PEFTFLEET_HOME": str(self.home),
+            "DS_ACCELERATOR": "cuda" if spec.resources.gpus_per_worker else "cpu",
+            "OMP_NUM_THREADS": str(max(1, int(spec.resources.cpus_per_worker))),
+        }
+        for passthrough in ("PEFTFLEET_HEARTBEAT_INTERVAL_S", "PEFTFLEET_MAX_FAILURES", "PEFTFLEET_CHECKPOINT_URL", "RAY_AUTH_MODE"):
+            if passthrough in os.environ:
+                env[passthrough] = os.environ[passthrough]
+        python = os.environ.get("PEFTFLEET_RUNNER_PYTHON") or (sys.executable if self.cluster.started_here or self._address in (None, "auto") else "python")
+        self.store.set_runtime(job.id, ray_submission_id=submission_id, dashboard_url=self.cluster.dashboard_url)
+        try:
+            self.cluster.jobs_client().submit_job(
+                entrypoint=f"{python} -m orchestrator.runner {job.id} ray-job:{submission_id}",
+                submission_id=submission_id, runtime_env={"env_vars": env}, entrypoint_num_cpus=0,
+                metadata={"peftfleet_job": job.id, "name": spec.name},
+            )
+        except Exception as e:
+            self.store.transition(job.id, JobState.FAILED, reason="could not hand the job to Ray", error=f"{type(e).__name__}: {e}")
+            raise
+        return JobHandle(self, job.id)
+
+    def _check_feasible(self, spec) -> None:
+        total = self.cluster.resources()
+        r = spec.resources
+        need = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}
+        short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
+        if short:
+            detail = ", ".join(f"{v:g} {k} (the cluster has {have:g})" for k, (v, have) in short.items())
+            raise InfeasibleJob(f"job {spec.name!r} needs {detail}; lower resources.num_workers or its per-worker resources")
+
+    def cancel(self, job_id: str, *, timeout: float = 120) -> JobRecord:
+        job = self.store.get(job_id)
+        if job.state.is_terminal:
+            return job
+        submission = job.runtime.get("ray_submission_id")
+        if job.state is JobState.PENDING and not submission:
+            return self.store.transition(job.id, JobState.CANCELLED, reason="cancelled before scheduling")
+        if job.state is not JobState.CANCELLING and JobState.CANCELLING in _allowed(job.state):
+            job = self.store.transition(job.id, JobState.CANCELLING, reason="cancel requested")
+        if submission:
+            jobs_client = self.cluster.jobs_client()
+            jobs_client.stop_job(submission)
+            deadline = time.monotonic() + timeout
+            while str(jobs_client.get_job_status(submission)) not in RAY_TERMINAL:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Ray job {submission} did not stop within {timeout} s")
+                time.sleep(0.5)
+        job = self.store.get(job.id)
+        if not job.state.is_terminal:  # the runner was killed before it could settle the job itself
+            job = self.store.transition(job.id, JobState.CANCELLED, reason="Ray job stopped")
+        return job
+
+    def settle_orphans(self) -> list[JobRecord]:
+        """Settle live jobs whose owner stopped heartbeating (see ``orchestrator.reconciler``)."""
+        jobs_client = None
+        if self._cluster is not None:
+            jobs_client = self._cluster.jobs_client()
+        return settle_orphans(self.store, timeout_s=self.heartbeat_timeout_s, jobs_client=jobs_client)
+
+
+def _allowed(state: JobState):
+    from jobs.states import ALLOWED
+
+    return ALLOWED[state]
+
+
+__all__ = ["Client", "InfeasibleJob", "JobHandle", "JobSpecError"]

@@ -1,0 +1,45 @@
+"""Settling orphans: a live job whose owner stopped heartbeating is never left live forever.
+
+The owner of a job is the runner process on the cluster; it heartbeats to the store every few
+seconds. A job in QUEUED, RUNNING, RETRYING or CANCELLING (or PENDING after it was handed to Ray)
+whose last sign of life is older than the timeout is checked against Ray when Ray is reachable —
+a Ray job still PENDING/RUNNING is left alone — and otherwise settled: FAILED, or CANCELLED if a
+cancel was already requested. Clients run this while they wait; any process may run it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from jobs.states import IllegalTransition, JobState
+from jobs.store import JobRecord, JobStore
+
+LIVE = (JobState.PENDING, JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.CANCELLING)
+
+
+def settle_orphans(store: JobStore, *, timeout_s: float, jobs_client=None) -> list[JobRecord]:
+    settled = []
+    now = time.time()
+    for job in store.list_jobs(state=LIVE, limit=None):
+        submission = job.runtime.get("ray_submission_id")
+        if job.state is JobState.PENDING and not submission:
+            continue  # not handed to anyone yet; nobody owns it to die
+        last_sign = job.heartbeat_at or job.updated_at
+        if now - last_sign < timeout_s:
+            continue
+        if jobs_client is not None and submission and _ray_says_alive(jobs_client, submission):
+            continue
+        to = JobState.CANCELLED if job.state is JobState.CANCELLING else JobState.FAILED
+        reason = f"owner {job.owner or '(none)'} silent for {now - last_sign:.0f} s (timeout {timeout_s:.0f} s)"
+        try:
+            settled.append(store.transition(job.id, to, reason=reason, error=f"orphaned: {reason}" if to is JobState.FAILED else None, expected=[job.state]))
+        except IllegalTransition:
+            continue  # its owner or another reconciler got there first
+    return settled
+
+
+def _ray_says_alive(jobs_client, submission: str) -> bool:
+    try:
+        return str(jobs_client.get_job_status(submission)) in ("PENDING", "RUNNING")
+    except Exception:  # noqa: BLE001 - unknown to this cluster: not alive here
+        return False

@@ -1,0 +1,105 @@
+"""The process that owns one job on the cluster (a Ray job entrypoint): `python -m orchestrator.runner JOB_ID`.
+
+It moves the job to QUEUED, runs Ray Train's `TorchTrainer` over `jobs.recipe.train_worker`
+(which moves it to RUNNING once workers have their resources), heartbeats to the store while it
+lives, and settles the job: SUCCEEDED, FAILED with the error and traceback, or CANCELLED when it
+was asked to stop. Configuration comes from the environment the client set (store, storage, home).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+
+from jobs.states import JobState
+from jobs.store import JobStore
+
+HEARTBEAT_INTERVAL_S = float(os.environ.get("PEFTFLEET_HEARTBEAT_INTERVAL_S", "5"))
+
+
+class _Stopped(BaseException):
+    """SIGTERM from `ray job stop`: unwind and settle the job as cancelled."""
+
+
+def _heartbeat(store: JobStore, job_id: str, owner: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_INTERVAL_S):
+        try:
+            if not store.heartbeat(job_id, owner):
+                return
+        except Exception as e:  # noqa: BLE001 - a store hiccup must not kill the job
+            print(f"heartbeat failed: {e}", file=sys.stderr, flush=True)
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Stopped()
+
+
+def run(job_id: str, owner: str) -> JobState:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.recipe import train_worker
+
+    store = JobStore()
+    job = store.get(job_id)
+    spec = job.job_spec
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(store, job_id, owner, stop), daemon=True).start()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if store.get(job_id).state in (JobState.PENDING, JobState.RETRYING):
+            store.transition(job_id, JobState.QUEUED, owner=owner, reason=f"waiting for {spec.resources.num_workers} worker(s)")
+        base = store.register_base_model(spec.base_model)
+        res, gpus = spec.resources, spec.resources.gpus_per_worker
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "job_id": job_id, "spec": job.spec, "store_url": store.url, "storage_url": store.artifacts.url,
+                "home": os.environ.get("PEFTFLEET_HOME"), "base_fingerprint": base.fingerprint,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=res.num_workers, use_gpu=gpus > 0,
+                resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+            ),
+            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+            run_config=RunConfig(
+                name=f"peftfleet-{job_id}",
+                storage_path=os.environ.get("PEFTFLEET_CHECKPOINT_URL") or os.path.join(store.artifacts.url, "checkpoints"),
+                failure_config=FailureConfig(max_failures=int(os.environ.get("PEFTFLEET_MAX_FAILURES", "0"))),
+            ),
+        )
+        trainer.fit()
+        adapters = store.adapters.list(job_id=job_id)
+        store.transition(job_id, JobState.SUCCEEDED, reason=f"adapter {adapters[0].name} registered" if adapters else "finished")
+        return JobState.SUCCEEDED
+    except (_Stopped, KeyboardInterrupt):
+        _settle(store, job_id, JobState.CANCELLED, "stopped on request")
+        return JobState.CANCELLED
+    except BaseException as e:  # noqa: BLE001 - every failure is recorded, then re-raised
+        cancelling = store.get(job_id).state is JobState.CANCELLING
+        _settle(store, job_id, JobState.CANCELLED if cancelling else JobState.FAILED, "stopped on request" if cancelling else "training failed",
+                error=f"{type(e).__name__}: {e}"[:20000], traceback=traceback.format_exc())
+        raise
+    finally:
+        stop.set()
+
+
+def _settle(store: JobStore, job_id: str, to: JobState, reason: str, **fields) -> None:
+    if not store.get(job_id).state.is_terminal:  # the client may have settled a cancel already
+        store.transition(job_id, to, reason=reason, **fields)
+
+
+def main() -> None:
+    job_id, owner = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else f"runner-pid-{os.getpid()}"
+    try:
+        state = run(job_id, owner)
+    except BaseException:
+        sys.exit(1)
+    sys.exit(0 if state is JobState.SUCCEEDED else 1)
+
+
+if __name__ == "__main__":
+    main()
