@@ -1,0 +1,184 @@
+"""`peftfleet`: submit jobs and inspect jobs and adapters from a shell.
+
+    peftfleet submit job.yaml [--wait]      peftfleet jobs [--state RUNNING] [--json]
+    peftfleet status JOB [--json]           peftfleet adapters [--base minilm] [--json]
+    peftfleet logs JOB                      peftfleet cancel JOB
+
+Every command takes --store-url, --storage-url, --address and --home (defaults from
+PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, RAY_ADDRESS and PEFTFLEET_HOME). Errors go to stderr:
+exit code 2 for a bad spec or request, 1 for a missing job or a job that did not succeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from jobs.adapter_registry import AdapterNotFound
+from jobs.spec import JobSpecError
+from jobs.states import JobState
+from jobs.store import JobNotFound
+from orchestrator.client import Client, InfeasibleJob
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def render_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _job_row(client: Client, job) -> dict[str, Any]:
+    accuracy = client.store.metrics(job.id, "eval_accuracy")
+    return {
+        "id": job.id[:12], "name": job.name, "state": job.state.value, "method": job.method,
+        "base": job.base_model, "created": _when(job.created_at),
+        "eval_accuracy": f"{accuracy[-1].value:.4f}" if accuracy else "",
+    }
+
+
+def _job_json(client: Client, job) -> dict[str, Any]:
+    out = {k: (v.value if isinstance(v, JobState) else v) for k, v in asdict(job).items()}
+    latest: dict[str, float] = {}
+    for m in client.store.metrics(job.id):
+        latest[m.name] = m.value
+    out["latest_metrics"] = latest
+    adapter = client.adapters.list(job_id=job.id)
+    out["adapter"] = adapter[0].name if adapter else None
+    return out
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_submit(client: Client, args) -> int:
+    handle = client.submit(args.spec, idempotency_key=args.idempotency_key)
+    print(f"submitted job {handle.id} ({handle.record().name})", file=sys.stderr if args.json else sys.stdout)
+    wait = args.wait
+    if not wait and client.cluster.started_here:
+        print("no Ray address given: this command started a local cluster that ends with it, so it waits for the job "
+              "(run `ray start --head` and pass --address auto to submit and leave)", file=sys.stderr)
+        wait = True
+    if not wait:
+        if args.json:
+            _print_json(_job_json(client, handle.record()))
+        return 0
+    job = handle.wait()
+    if args.json:
+        _print_json(_job_json(client, job))
+    else:
+        adapter = handle.adapter()
+        print(f"job {job.id[:12]} {job.state}" + (f"; adapter {adapter.name}" if adapter else "") + (f"; error: {job.error}" if job.error else ""))
+    return 0 if job.state is JobState.SUCCEEDED else 1
+
+
+def cmd_status(client: Client, args) -> int:
+    job = client.jobs.get(args.job).record()
+    if args.json:
+        _print_json(_job_json(client, job))
+        return 0
+    info = _job_json(client, job)
+    for key in ("id", "name", "state", "method", "base_model", "task_name", "attempt", "owner", "adapter", "error"):
+        print(f"{key:>12}: {info.get(key) if info.get(key) is not None else '-'}")
+    print(f"{'metrics':>12}: " + (", ".join(f"{k}={v:.4g}" for k, v in info["latest_metrics"].items()) or "-"))
+    for event in client.store.events(job.id):
+        print(f"{'':>12}  {_when(event.at)}  {event.from_state or '-'} → {event.to_state}  {event.reason}")
+    return 0
+
+
+def cmd_logs(client: Client, args) -> int:
+    sys.stdout.write(client.jobs.get(args.job).logs())
+    return 0
+
+
+def cmd_cancel(client: Client, args) -> int:
+    job = client.jobs.get(args.job).cancel()
+    print(f"job {job.id[:12]} {job.state}")
+    return 0
+
+
+def cmd_jobs(client: Client, args) -> int:
+    jobs = client.jobs.list(state=args.state, limit=args.limit)
+    if args.json:
+        _print_json([_job_json(client, j) for j in jobs])
+    else:
+        print(render_table([_job_row(client, j) for j in jobs], ["id", "name", "state", "method", "base", "eval_accuracy", "created"]))
+    return 0
+
+
+def cmd_adapters(client: Client, args) -> int:
+    adapters = client.adapters.list(base=args.base, task_name=args.task_name, method=args.method, tag=args.tag)
+    if args.json:
+        _print_json([asdict(a) for a in adapters])
+        return 0
+    rows = [
+        {"name": a.name, "method": a.method, "task": a.task_name, "base": a.base_fingerprint[:19], "job": (a.job_id or "")[:12],
+         "params": f"{a.num_parameters:,}", "size": f"{a.size_bytes / 1024:.0f} KiB", "promoted": "yes" if a.promoted else "",
+         "metrics": ", ".join(f"{k}={v:.4f}" for k, v in a.metrics.items())}
+        for a in adapters
+    ]
+    print(render_table(rows, ["name", "method", "task", "base", "job", "params", "size", "promoted", "metrics"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store-url", help="job store SQLAlchemy URL (default: SQLite under PEFTFLEET_HOME)")
+    common.add_argument("--storage-url", help="artifact storage folder or fsspec URL")
+    common.add_argument("--address", help="Ray cluster address, e.g. auto or ray://head:10001")
+    common.add_argument("--home", help="peftfleet's local folder (default ~/.peftfleet)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser = argparse.ArgumentParser(prog="peftfleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", parents=[common], help="submit a job spec (YAML or JSON)")
+    p.add_argument("spec")
+    p.add_argument("--wait", action="store_true", help="wait for the job, with progress")
+    p.add_argument("--idempotency-key")
+    p.set_defaults(run=cmd_submit)
+    for name, fn, text in (("status", cmd_status, "one job: state, metrics, events"), ("logs", cmd_logs, "a job's logs"), ("cancel", cmd_cancel, "stop a job")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("job", help="job id or unique prefix")
+        p.set_defaults(run=fn)
+    p = sub.add_parser("jobs", parents=[common], help="list jobs")
+    p.add_argument("--state", nargs="+", choices=[s.value for s in JobState])
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(run=cmd_jobs)
+    p = sub.add_parser("adapters", parents=[common], help="list adapters")
+    p.add_argument("--base", help="base model name or fingerprint")
+    p.add_argument("--task-name")
+    p.add_argument("--method")
+    p.add_argument("--tag")
+    p.set_defaults(run=cmd_adapters)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        client = Client(address=args.address, store_url=args.store_url, storage_url=args.storage_url, home=args.home)
+        return args.run(client, args)
+    except (JobSpecError, InfeasibleJob) as e:
+        print(f"peftfleet {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (JobNotFound, AdapterNotFound, KeyError) as e:
+        print(f"peftfleet {args.command}: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"peftfleet {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
