@@ -1,0 +1,22 @@
+"""`make demo`'s path, smaller: LoRA and BitFit on the real MiniLM and TREC, through Ray and DeepSpeed."""
+
+from __future__ import annotations
+
+from jobs.states import JobState
+from orchestrator.client import Client
+from orchestrator.demo import main
+
+
+def test_demo_trains_two_methods_on_one_base(ray_cluster, capsys):
+    result = main(["--train-size", "480", "--eval-size", "300"])
+    out = capsys.readouterr().out
+    client = Client()  # the same default store, under this test's PEFTFLEET_HOME
+    lora, bitfit = (client.jobs.get(job_id) for job_id in result["job_ids"])
+    assert lora.status() is JobState.SUCCEEDED and bitfit.status() is JobState.SUCCEEDED, out
+    assert lora.metrics("eval_accuracy")[-1].value > result["majority"] + 0.2
+    losses = [m.value for m in bitfit.metrics("train_loss")]
+    assert sum(losses[-3:]) < sum(losses[:3]), f"BitFit's loss did not go down: {losses}"
+    a, b = result["adapters"]
+    assert (a.method, b.method) == ("lora", "bitfit") and a.base_fingerprint == b.base_fingerprint
+    assert f"both adapters share one frozen base: {a.base_fingerprint}" in out
+    assert {x.name for x in client.adapters.list(base="minilm")} == {a.name, b.name}

@@ -1,0 +1,71 @@
+"""The `peftfleet` CLI on a real store: tables, JSON, and errors with exit codes (no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import peft_methods
+from jobs.states import JobState
+from jobs.store import JobStore
+from orchestrator.cli import main
+from tests.conftest import TINY_BERT
+
+SPEC = {"name": "cli-job", "base_model": "minilm", "task": "sequence-classification", "dataset": {"name": "trec"}, "method": {"method": "bitfit"}}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(f"sqlite:///{tmp_path / 's.db'}", home=tmp_path / "home")
+
+
+def run(store, capsys, *argv):
+    code = main([*argv, "--store-url", store.url, "--home", str(store.home)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_jobs_as_table_and_json(store, capsys):
+    job = store.submit(SPEC)
+    store.transition(job.id, JobState.QUEUED)
+    code, out, _ = run(store, capsys, "jobs")
+    assert code == 0 and out.splitlines()[0].split()[:4] == ["ID", "NAME", "STATE", "METHOD"]
+    assert job.id[:12] in out and "QUEUED" in out
+    code, out, _ = run(store, capsys, "jobs", "--json")
+    [listed] = json.loads(out)
+    assert (listed["id"], listed["state"], listed["method"]) == (job.id, "QUEUED", "bitfit")
+    code, out, _ = run(store, capsys, "jobs", "--state", "RUNNING", "--json")
+    assert json.loads(out) == []
+
+
+def test_status_shows_events_and_a_missing_job_is_an_error(store, capsys):
+    job = store.submit(SPEC)
+    code, out, _ = run(store, capsys, "status", job.id[:8])
+    assert code == 0 and "PENDING" in out and "submitted" in out
+    code, out, err = run(store, capsys, "status", "feedfacecafe")
+    assert code == 1 and out == "" and "no job 'feedfacecafe'" in err
+
+
+def test_adapters_json_includes_the_base_fingerprint(store, capsys, tmp_path):
+    base = tmp_path / "base"
+    TINY_BERT.fresh().save_pretrained(base)
+    fingerprint = store.register_base_model(str(base)).fingerprint
+    model = peft_methods.apply(TINY_BERT.fresh(), {"method": "lora"})
+    folder = peft_methods.save_adapter(model, tmp_path / "a", metadata={"base_fingerprint": fingerprint})
+    store.adapters.register(folder, name="cli-adapter", base_fingerprint=fingerprint, task="sequence-classification", task_name="t", tags=["x"])
+    code, out, _ = run(store, capsys, "adapters", "--json", "--tag", "x")
+    [adapter] = json.loads(out)
+    assert adapter["name"] == "cli-adapter" and adapter["base_fingerprint"] == fingerprint
+    code, out, _ = run(store, capsys, "adapters", "--base", str(base))
+    assert "cli-adapter" in out and fingerprint[:19] in out
+
+
+def test_a_bad_spec_file_names_the_field_and_exits_2_before_touching_ray(store, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase_model: minilm\ntask: sequence-classification\ndataset: {name: trec}\nmethod: {method: lora, r: 0}\n")
+    code, out, err = run(store, capsys, "submit", str(bad))
+    assert code == 2 and "method.r: Input should be greater than 0" in err
+    code, _, err = run(store, capsys, "submit", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "missing.yaml" in err
+    assert store.count_jobs() == 0

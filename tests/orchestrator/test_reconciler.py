@@ -1,0 +1,36 @@
+"""Orphaned jobs are settled, live ones are left alone (a real store; no Ray needed)."""
+
+from __future__ import annotations
+
+import time
+
+from jobs.states import JobState
+from jobs.store import JobStore
+from orchestrator.reconciler import settle_orphans
+
+SPEC = {"name": "j", "base_model": "minilm", "task": "sequence-classification", "dataset": {"name": "trec"}, "method": {"method": "lora"}}
+
+
+def test_a_silent_owner_gets_its_job_failed_and_a_cancel_completed(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}", home=tmp_path)
+    running = store.submit(SPEC)
+    store.transition(running.id, JobState.RUNNING, owner="runner-1")
+    store.heartbeat(running.id, "runner-1")
+    cancelling = store.submit(SPEC)
+    store.transition(cancelling.id, JobState.RUNNING)
+    store.transition(cancelling.id, JobState.CANCELLING)
+    fresh = store.submit(SPEC)
+    store.transition(fresh.id, JobState.QUEUED)
+    never_handed_over = store.submit(SPEC)  # PENDING with no runtime: nobody owns it yet
+
+    time.sleep(0.3)
+    store.heartbeat(fresh.id, "runner-3")  # alive just now
+    settled = {j.id: j for j in settle_orphans(store, timeout_s=0.2)}
+
+    assert set(settled) == {running.id, cancelling.id}
+    assert settled[running.id].state is JobState.FAILED
+    assert "owner runner-1 silent for" in settled[running.id].error
+    assert settled[cancelling.id].state is JobState.CANCELLED
+    assert store.get(fresh.id).state is JobState.QUEUED
+    assert store.get(never_handed_over.id).state is JobState.PENDING
+    assert settle_orphans(store, timeout_s=0.2) == []  # settling twice changes nothing
