@@ -140,7 +140,9 @@ def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`. ``config``: job_id, spec, store_url, storage_url, home, base_fingerprint."""
     import deepspeed
     import ray.train
+    import transformers
 
+    transformers.logging.set_verbosity_error()  # a fresh task head is expected, not news
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     job_id = config["job_id"]
