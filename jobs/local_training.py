@@ -48,6 +48,10 @@ def train_classifier(
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
     """Train the parameters that require grad; linear warm-up (6%) then linear decay."""
+    import peft_methods
+
+    config = peft_methods.applied_config(model)
+    method = peft_methods.get_method(config.method) if config is not None else None
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -63,6 +67,8 @@ def train_classifier(
         random.Random(seed + epoch).shuffle(order)
         for batch in batches(order, tokenizer, batch_size, max_length):
             loss = model(**batch).loss
+            if method is not None and (extra := method.regularization_loss(model)) is not None:
+                loss = loss + extra
             loss.backward()
             optimizer.step()
             schedule.step()

@@ -158,6 +158,8 @@ def train_worker(config: dict[str, Any]) -> None:
     model, tokenizer = load_base_model(spec.base_model, spec.task, num_labels=len(labels) if labels else None, home=config["home"])
     method = peft_methods.get_method(spec.method.method)
     method.apply(model, spec.method)
+    batches = Batches(spec.task, tokenizer, t.max_length)
+    method.prime(model, (batches(data.train[i : i + t.batch_size]) for i in range(0, min(len(data.train), 8 * t.batch_size), t.batch_size)))
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     micro, accum = t.batch_size, t.grad_accum_steps
@@ -189,7 +191,6 @@ def train_worker(config: dict[str, Any]) -> None:
         print(f"job {job_id[:8]}: {method.num_adapter_parameters(model):,} trainable parameters, "
               f"{total_steps} steps of {global_batch} examples, ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s)", flush=True)
 
-    batches = Batches(spec.task, tokenizer, t.max_length)
     eval_every = t.eval_every_steps or steps_per_epoch
     ckpt_every = t.checkpoint_every_steps or steps_per_epoch
     log_every = max(1, min(10, total_steps // 20))
@@ -204,7 +205,8 @@ def train_worker(config: dict[str, Any]) -> None:
         for a in range(accum):
             start = (a * world + rank) * micro
             loss = engine(**batches(batch_examples[start : start + micro])).loss
-            engine.backward(loss)
+            extra = method.regularization_loss(engine.module)
+            engine.backward(loss if extra is None else loss + extra)
             engine.step()
             loss_sum += loss.item()
         step += 1

@@ -28,7 +28,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "peftfleet.json"
-_KEY_PREFIX = "base_model.model."  # HF PEFT's prefix for tensors of the wrapped model
 
 
 class AdapterIntegrityError(ValueError):
@@ -65,7 +64,8 @@ def save_adapter(
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        tensors = {_KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in method.adapter_state_dict(model).items()}
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in method.adapter_state_dict(model).items()}
+        tensors = method.to_file_keys(state)
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         _write_json(tmp / CONFIG_FILE, method.adapter_config(model, config))
         manifest = {
@@ -134,11 +134,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, base_fingerp
         )
     method = get_method(manifest["method"])
     config = method.Config.model_validate(manifest["config"])
-    state = load_file(Path(directory) / WEIGHTS_FILE)
-    if not all(k.startswith(_KEY_PREFIX) for k in state):
-        raise AdapterIntegrityError(f"{directory}: tensor names must start with {_KEY_PREFIX!r}")
+    try:
+        state = method.from_file_keys(load_file(Path(directory) / WEIGHTS_FILE))
+    except ValueError as e:
+        raise AdapterIntegrityError(f"{directory}: {e}") from None
     method.apply(model, config)
-    method.load_adapter_state_dict(model, {k[len(_KEY_PREFIX):]: v for k, v in state.items()})
+    method.load_adapter_state_dict(model, state)
     return model
 
 

@@ -7,10 +7,13 @@ A method is a subclass of :class:`PeftMethod` registered under the entry-point g
   description on every field. It must be constructible from defaults alone (``Config()``), so
   tooling can always build a working example of it.
 * ``apply(model, config)`` — change the model in place: inject modules, freeze everything else.
-* ``is_adapter_parameter(name)`` — which parameters the method owns; from it follow
-  ``adapter_state_dict`` and ``load_adapter_state_dict``.
+* ``is_adapter_parameter(name)`` — which parameters the method trains; by default they are also
+  what is saved (``adapter_state_dict`` / ``load_adapter_state_dict``, file names via
+  ``to_file_keys`` / ``from_file_keys``), which a method may override (e.g. to save sparsely).
 * ``mergeable`` with ``merge`` / ``unmerge`` where the method allows folding into the base.
 * ``inference_overhead`` — what serving an unmerged adapter costs, in words users can act on.
+* optionally ``prime(model, batches)`` (look at data before training) and
+  ``regularization_loss(model)`` (a term added to the task loss).
 
 The applied config is recorded on the model (:func:`applied_config`), so saving needs no
 other state.
@@ -18,6 +21,7 @@ other state.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +30,7 @@ from torch import nn
 
 from peft_methods.targeting import task_head_names
 
+FILE_KEY_PREFIX = "base_model.model."  # HF PEFT's prefix for tensors of the wrapped model
 _APPLIED_ATTR = "peftfleet_config"
 _HEADS_ATTR = "peftfleet_modules_to_save"
 
@@ -71,6 +76,14 @@ class PeftMethod:
         """Undo :meth:`merge`."""
         raise NotImplementedError(f"method {self.name!r} cannot be merged into the base")
 
+    def prime(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Look at a few training batches before the optimizer is built (e.g. FAR picks the units to
+        train). Called after ``apply`` with batches that include ``labels``; default: nothing."""
+
+    def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the task loss after each forward (e.g. diff pruning's L0 penalty)."""
+        return None
+
     def adapter_config(self, model: nn.Module, config: MethodConfig) -> dict[str, Any]:
         """The content of ``adapter_config.json``. Methods HF PEFT knows override this."""
         return {"peft_type": f"PEFTFLEET_{self.name.upper()}", **config.model_dump(mode="json")}
@@ -112,14 +125,27 @@ class PeftMethod:
             return True
         return self.is_adapter_parameter(name, config)
 
+    def trainable_parameter_names(self, model: nn.Module) -> set[str]:
+        """The parameters training updates: the method's own plus ``modules_to_save``."""
+        return {n for n, _ in model.named_parameters() if self.owns(model, n)}
+
+    def num_adapter_parameters(self, model: nn.Module) -> int:
+        """How many values training updates (what a "trainable %" counts)."""
+        names = self.trainable_parameter_names(model)
+        return sum(p.numel() for n, p in model.named_parameters() if n in names)
+
+    # -- what is saved: by default the trainable parameters themselves ---------------------
+    # A method whose artifact differs from its training parameters (sparse diffs, folded
+    # re-parametrisations, HF PEFT's own tensor names) overrides these four.
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Exactly the tensors the adapter owns, keyed by parameter name, detached."""
-        return {n: p.detach() for n, p in model.named_parameters() if self.owns(model, n)}
+        """The tensors an adapter file holds, keyed by parameter name, detached."""
+        names = self.trainable_parameter_names(model)
+        return {n: p.detach() for n, p in model.named_parameters() if n in names}
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Copy ``state`` into an applied model; keys must match ``adapter_state_dict`` exactly."""
         params = dict(model.named_parameters())
-        expected = {n for n in params if self.owns(model, n)}
+        expected = set(self.adapter_state_dict(model))
         missing, unexpected = expected - state.keys(), state.keys() - expected
         if missing or unexpected:
             raise ValueError(
@@ -133,8 +159,16 @@ class PeftMethod:
             for n, t in state.items():
                 params[n].copy_(t)
 
-    def num_adapter_parameters(self, model: nn.Module) -> int:
-        return sum(t.numel() for t in self.adapter_state_dict(model).values())
+    def to_file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensor names as written to adapter_model.safetensors (HF PEFT's `base_model.model.` prefix)."""
+        return {FILE_KEY_PREFIX + k: v for k, v in state.items()}
+
+    def from_file_keys(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`to_file_keys`; raises ValueError on names it did not write."""
+        strange = [k for k in tensors if not k.startswith(FILE_KEY_PREFIX)]
+        if strange:
+            raise ValueError(f"{self.name}: tensor names must start with {FILE_KEY_PREFIX!r}, found {strange[:3]}")
+        return {k[len(FILE_KEY_PREFIX):]: v for k, v in tensors.items()}
 
 
 def applied_config(model: nn.Module) -> MethodConfig | None:

@@ -76,10 +76,12 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 
 def randomize_adapter(model: nn.Module, scale: float = 0.1) -> None:
-    """Give the adapter's tensors non-trivial values (LoRA's B starts at zero, IA³ at one...)."""
-    from peft_methods import adapter_state_dict
+    """Give the trainable tensors non-trivial values (LoRA's B starts at zero, IA³ at one...)."""
+    from peft_methods import applied_config, get_method
 
+    names = get_method(applied_config(model).method).trainable_parameter_names(model)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for t in adapter_state_dict(model).values():
-            t.add_(torch.randn(t.shape, generator=g) * scale)
+        for n, p in model.named_parameters():
+            if n in names:
+                p.add_(torch.randn(p.shape, generator=g) * scale)

@@ -12,7 +12,7 @@ import ray
 import transformers
 
 from jobs.data import load_for_job
-from jobs.local_training import evaluate_classifier
+from jobs.evaluation import evaluate_classifier
 from jobs.spec import JobSpecError
 from jobs.states import JobState
 from orchestrator import InfeasibleJob

@@ -26,7 +26,7 @@ def outputs(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize("method,case", CASES)
 def test_only_the_methods_parameters_train(method, case):
     model = applied(method, case)
-    owned = set(peft_methods.adapter_state_dict(model))
+    owned = peft_methods.get_method(method).trainable_parameter_names(model)
     assert owned, "the method owns no parameters"
     assert {n for n, p in model.named_parameters() if p.requires_grad} == owned
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if n not in owned}
