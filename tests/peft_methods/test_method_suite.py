@@ -73,10 +73,12 @@ def test_merge_matches_unmerged_outputs(method, case):
         with pytest.raises(NotImplementedError):
             peft_methods.merge(model)
         return
+    # 1e-5 relative to the largest output: fp32 rounding grows with depth (30 layers in SmolLM2)
+    atol = 1e-5 * max(1.0, unmerged.abs().max().item())
     peft_methods.merge(model)
-    torch.testing.assert_close(outputs(model, batch), unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs(model, batch), unmerged, atol=atol, rtol=0)
     peft_methods.unmerge(model)
-    torch.testing.assert_close(outputs(model, batch), unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs(model, batch), unmerged, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
