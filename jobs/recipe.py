@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -187,7 +188,9 @@ def train_worker(config: dict[str, Any]) -> None:
         current = store.get(job_id).state
         if current is not JobState.RUNNING:
             store.transition(job_id, JobState.RUNNING, reason=f"{world} worker(s) training", expected=[JobState.QUEUED, JobState.RETRYING])
-        store.record_metrics(job_id, step, {"total_steps": total_steps, "world_size": world})
+        store.record_metrics(job_id, step, {"total_steps": total_steps, "world_size": world,
+                                            "trainable_parameters": method.num_adapter_parameters(model),
+                                            "total_parameters": sum(p.numel() for p in model.parameters())})
         print(f"job {job_id[:8]}: {method.num_adapter_parameters(model):,} trainable parameters, "
               f"{total_steps} steps of {global_batch} examples, ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s)", flush=True)
 
@@ -229,6 +232,8 @@ def train_worker(config: dict[str, Any]) -> None:
         elif len(metrics) > 1:
             ray.train.report(metrics)
 
+    if rank == 0:  # this worker's peak resident memory, for sizing (Linux reports KiB)
+        store.record_metrics(job_id, step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     adapter = _save_and_register(engine, method, spec, config, store, rank, metrics)
     ray.train.report({**metrics, "adapter": adapter or ""})
 
