@@ -162,6 +162,7 @@ def train_worker(config: dict[str, Any]) -> None:
     batches = Batches(spec.task, tokenizer, t.max_length)
     method.prime(model, (batches(data.train[i : i + t.batch_size]) for i in range(0, min(len(data.train), 8 * t.batch_size), t.batch_size)))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    counts = {"trainable_parameters": sum(p.numel() for p in trainable), "total_parameters": sum(p.numel() for p in model.parameters())}
 
     micro, accum = t.batch_size, t.grad_accum_steps
     global_batch = micro * accum * world
@@ -188,10 +189,8 @@ def train_worker(config: dict[str, Any]) -> None:
         current = store.get(job_id).state
         if current is not JobState.RUNNING:
             store.transition(job_id, JobState.RUNNING, reason=f"{world} worker(s) training", expected=[JobState.QUEUED, JobState.RETRYING])
-        store.record_metrics(job_id, step, {"total_steps": total_steps, "world_size": world,
-                                            "trainable_parameters": method.num_adapter_parameters(model),
-                                            "total_parameters": sum(p.numel() for p in model.parameters())})
-        print(f"job {job_id[:8]}: {method.num_adapter_parameters(model):,} trainable parameters, "
+        store.record_metrics(job_id, step, {"total_steps": total_steps, "world_size": world, **counts})
+        print(f"job {job_id[:8]}: {counts['trainable_parameters']:,} trainable parameters, "
               f"{total_steps} steps of {global_batch} examples, ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s)", flush=True)
 
     eval_every = t.eval_every_steps or steps_per_epoch
