@@ -107,7 +107,9 @@ class PeftMethod:
         unknown = [h for h in heads if h not in modules]
         if unknown:
             raise ValueError(f"modules_to_save {unknown} are not modules of {type(model).__name__}")
+        was_training = model.training
         self._inject(model, config)
+        model.train(was_training)  # new modules start in training mode; keep the model's mode
         setattr(model, _APPLIED_ATTR, config)
         setattr(model, _HEADS_ATTR, tuple(heads))
         owned = {n for n, _ in model.named_parameters() if self.owns(model, n)}

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
-from peft_methods.targeting import ATTENTION_QV, default_targets, find_modules, replace_module
+from peft_methods.targeting import ATTENTION_QV, default_targets, find_modules, hf_task_type, replace_module
 
 
 class LoRAConfig(MethodConfig):
@@ -102,7 +102,7 @@ class LoRA(PeftMethod):
         """HF PEFT's LoraConfig fields; targets listed by full name so both tools pick the same layers."""
         return {
             "peft_type": "LORA",
-            "task_type": _hf_task_type(model),
+            "task_type": hf_task_type(model),
             "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
             "r": config.r,
             "lora_alpha": config.alpha,
@@ -117,12 +117,3 @@ class LoRA(PeftMethod):
 
 def _lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def _hf_task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    if cls.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if cls.endswith("ForCausalLM"):
-        return "CAUSAL_LM"
-    return None

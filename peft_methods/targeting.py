@@ -87,6 +87,16 @@ def task_head_names(model: nn.Module) -> list[str]:
     return [n for n in _HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
 
 
+def hf_task_type(model: nn.Module) -> str | None:
+    """HF PEFT's `task_type` for this model class, written into adapter_config.json."""
+    cls = type(model).__name__
+    if cls.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if cls.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return None
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -1,0 +1,125 @@
+"""Bottleneck adapters: Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"
+(arXiv:1902.00751).
+
+A small two-layer network with a residual, ``y + up(act(down(y)))``, is inserted after the output
+projection of a transformer sublayer: before BERT's dropout + residual + LayerNorm, after LLaMA's
+``o_proj`` / ``down_proj``. ``placement="houlsby"`` adapts both the attention and the feed-forward
+sublayer of every block; ``"pfeiffer"`` only the feed-forward one (Pfeiffer et al. 2021,
+arXiv:2005.00247). The up-projection starts at zero (or tiny values), so training starts from the
+base model's behaviour. The non-linearity sits between the projections, so nothing can be folded
+into the base weights: serving always pays for the adapter.
+
+The sublayer discovery and the adapter's shape fields are shared with AdaMix (peft_methods.adamix).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from peft_methods.api import MethodConfig, PeftMethod
+from peft_methods.targeting import ATTENTION_QV, default_targets, find_modules, replace_module
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+# targeting keys its tables by model family; keying ours by how a family names its query projection
+# covers every family targeting knows without keeping a second list of families in sync.
+_OUTPUT_PROJECTIONS = {
+    "query": ("attention.output.dense", "output.dense"),  # BERT-like: BertSelfOutput, BertOutput
+    "q_proj": ("o_proj", "down_proj"),  # LLaMA-like
+    "q_lin": ("out_lin", "lin2"),  # DistilBERT
+}
+ATTENTION_OUTPUT = {f: [_OUTPUT_PROJECTIONS[qv[0]][0]] for f, qv in ATTENTION_QV.items()}
+FFN_OUTPUT = {f: [_OUTPUT_PROJECTIONS[qv[0]][1]] for f, qv in ATTENTION_QV.items()}
+
+
+class AdapterShapeConfig(MethodConfig):
+    """Fields shared by bottleneck adapters and AdaMix (which mixes several of them)."""
+
+    reduction_factor: float = Field(
+        default=16, gt=0, description="Hidden size / bottleneck size; the bottleneck has max(1, hidden // factor) units."
+    )
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
+        default="relu", description="Activation between the down- and the up-projection."
+    )
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        default="houlsby",
+        description="houlsby = an adapter after the attention and after the feed-forward sublayer of every block; "
+        "pfeiffer = after the feed-forward sublayer only.",
+    )
+    init_scale: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Standard deviation of the up-projection's initial weights (its bias starts at zero). "
+        "0 = zeros, so the adapted model starts exactly at the base model's outputs.",
+    )
+
+
+def bottleneck_size(hidden: int, config: AdapterShapeConfig) -> int:
+    return max(1, int(hidden // config.reduction_factor))
+
+
+def adapted_sublayers(model: nn.Module, placement: str) -> list[tuple[str, nn.Linear]]:
+    """The output projections to wrap, by full name: attention (houlsby only), then feed-forward."""
+    attention = find_modules(model, default_targets(model, ATTENTION_OUTPUT, "adapter placement"))
+    # BERT's FFN pattern `output.dense` also matches `attention.output.dense`: tell them apart by name.
+    attention_names = {n for n, _ in attention}
+    ffn = [(n, m) for n, m in find_modules(model, default_targets(model, FFN_OUTPUT, "adapter placement"))
+           if n not in attention_names]
+    return (attention if placement == "houlsby" else []) + ffn
+
+
+def init_up_projection(weight: torch.Tensor, bias: torch.Tensor, scale: float) -> None:
+    """Near-identity start: the adapter adds (almost) nothing until it has been trained."""
+    with torch.no_grad():
+        if scale > 0:
+            weight.normal_(0.0, scale)
+        else:
+            weight.zero_()
+        bias.zero_()
+
+
+class BottleneckConfig(AdapterShapeConfig):
+    method: Literal["bottleneck"] = Field(default="bottleneck", description="Selects bottleneck adapters.")
+
+
+class BottleneckLinear(nn.Module):
+    """A frozen output projection followed by a residual bottleneck adapter."""
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterShapeConfig):
+        super().__init__()
+        hidden = base_layer.out_features
+        size = bottleneck_size(hidden, config)
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.base_layer = base_layer
+        self.adapter_down = nn.Linear(hidden, size, **factory)
+        self.adapter_act = ACTIVATIONS[config.nonlinearity]()
+        self.adapter_up = nn.Linear(size, hidden, **factory)
+        init_up_projection(self.adapter_up.weight, self.adapter_up.bias, config.init_scale)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads `layer.weight.dtype` keeps working
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y + self.adapter_up(self.adapter_act(self.adapter_down(y)))
+
+
+class BottleneckAdapters(PeftMethod):
+    name = "bottleneck"
+    Config = BottleneckConfig
+    mergeable = False
+    inference_overhead = "two small matmuls (hidden × hidden/reduction_factor) per adapted sublayer; cannot be merged"
+    paper = "Houlsby et al. 2019, arXiv:1902.00751"
+
+    def _inject(self, model: nn.Module, config: BottleneckConfig) -> None:
+        for name, layer in adapted_sublayers(model, config.placement):
+            replace_module(model, name, BottleneckLinear(layer, config).train(layer.training))
+
+    def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
+        return ".adapter_down." in name or ".adapter_up." in name
