@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peft_methods.api import MethodConfig, PeftMethod, applied_config
+from peft_methods.api import MethodConfig, PeftMethod, applied_config, check_state_keys
 from peft_methods.bottleneck import ACTIVATIONS, AdapterShapeConfig, adapted_sublayers, bottleneck_size, init_up_projection
 from peft_methods.targeting import replace_module
 
@@ -160,12 +160,7 @@ class AdaMix(PeftMethod):
         saved average, so evaluation and further training both start from exactly that adapter."""
         config = applied_config(model)
         expected = {k: tuple(t.shape) for k, t in self.adapter_state_dict(model).items()}
-        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-        if missing or unexpected:
-            raise ValueError(
-                f"{self.name}: adapter tensors do not match the model "
-                f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-            )
+        check_state_keys(self.name, set(expected), state)
         for n, t in state.items():  # check everything before changing anything
             if tuple(t.shape) != expected[n]:
                 raise ValueError(f"{self.name}: {n} has shape {tuple(t.shape)}, model expects {expected[n]}")

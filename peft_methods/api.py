@@ -147,13 +147,7 @@ class PeftMethod:
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Copy ``state`` into an applied model; keys must match ``adapter_state_dict`` exactly."""
         params = dict(model.named_parameters())
-        expected = set(self.adapter_state_dict(model))
-        missing, unexpected = expected - state.keys(), state.keys() - expected
-        if missing or unexpected:
-            raise ValueError(
-                f"{self.name}: adapter tensors do not match the model "
-                f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-            )
+        check_state_keys(self.name, set(self.adapter_state_dict(model)), state)
         for n, t in state.items():  # check everything before changing anything
             if params[n].shape != t.shape:
                 raise ValueError(f"{self.name}: {n} has shape {tuple(t.shape)}, model expects {tuple(params[n].shape)}")
@@ -171,6 +165,16 @@ class PeftMethod:
         if strange:
             raise ValueError(f"{self.name}: tensor names must start with {FILE_KEY_PREFIX!r}, found {strange[:3]}")
         return {k[len(FILE_KEY_PREFIX):]: v for k, v in tensors.items()}
+
+
+def check_state_keys(method_name: str, expected: set[str], state: dict[str, torch.Tensor]) -> None:
+    """Refuse adapter tensors whose names differ from what the method saves for this model."""
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{method_name}: adapter tensors do not match the model "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
 
 
 def applied_config(model: nn.Module) -> MethodConfig | None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peft_methods.api import MethodConfig, PeftMethod, applied_config
+from peft_methods.api import MethodConfig, PeftMethod, applied_config, check_state_keys
 from peft_methods.targeting import ALL_LINEAR_IN_BLOCKS, default_targets, find_modules, replace_module
 
 # Hard-concrete constants from Louizos et al.: temperature and stretch interval (gamma, zeta).
@@ -175,10 +175,7 @@ class DiffPruning(PeftMethod):
         params, layers = dict(model.named_parameters()), dict(_diff_layers(model))
         expected = self._head_parameters(model)
         expected |= {n + suffix for n in layers for suffix in (_INDICES, _VALUES)}
-        missing, unexpected = expected - state.keys(), state.keys() - expected
-        if missing or unexpected:
-            raise ValueError(f"{self.name}: adapter tensors do not match the model "
-                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        check_state_keys(self.name, expected, state)
         for name, layer in layers.items():  # check everything before changing anything
             indices, values = state[name + _INDICES], state[name + _VALUES]
             numel = layer.diff_delta.numel()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peft_methods.api import MethodConfig, PeftMethod
+from peft_methods.api import MethodConfig, PeftMethod, check_state_keys
 from peft_methods.targeting import ALL_LINEAR_IN_BLOCKS, default_targets, find_modules, replace_module
 
 # Names (in the targeting tables) of the projections that feed FFN units, per architecture.
@@ -188,11 +188,7 @@ class FAR(PeftMethod):
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         layers = dict(_far_layers(model))
         params = dict(model.named_parameters())
-        expected = set(self.adapter_state_dict(model))
-        missing, unexpected = expected - state.keys(), state.keys() - expected
-        if missing or unexpected:
-            raise ValueError(f"{self.name}: adapter tensors do not match the model "
-                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        check_state_keys(self.name, set(self.adapter_state_dict(model)), state)
         for name, layer in layers.items():  # check everything before changing anything
             rows, n_out = state[name + _ROWS], layer.base_layer.out_features
             if rows.shape != layer.far_rows.shape or rows.dtype != torch.int64:

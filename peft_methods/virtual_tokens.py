@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peft_methods.api import check_state_keys
 from peft_methods.targeting import hf_task_type
 
 PROMPT_KEY = "prompt_embeddings"
@@ -102,13 +103,7 @@ def from_hf_keys(method_name: str, tensors: dict[str, torch.Tensor]) -> dict[str
 def load_prompt_state(method: Any, model: nn.Module, state: dict[str, torch.Tensor],
                       prompt_shape: tuple[int, ...], set_prompt: Callable[[torch.Tensor], None]) -> None:
     """Check ``state`` against what ``method`` saves for ``model``, then load the prompt and the heads."""
-    expected = set(method.adapter_state_dict(model))
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise ValueError(
-            f"{method.name}: adapter tensors do not match the model "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+    check_state_keys(method.name, set(method.adapter_state_dict(model)), state)
     params = dict(model.named_parameters())
     shapes = {k: params[k].shape for k in state if k != PROMPT_KEY} | {PROMPT_KEY: torch.Size(prompt_shape)}
     for k, t in state.items():  # check everything before changing anything
