@@ -4,7 +4,8 @@
 Each targeted frozen weight ``W`` gains a task-specific difference ``delta ⊙ z``: ``delta`` is a
 dense trainable tensor (zero-initialised, so training starts at the base model) and ``z`` a
 per-entry hard-concrete gate (Louizos et al. 2018, arXiv:1712.01312) whose ``log_alpha`` is
-trained too. ``regularization_loss`` adds ``l0_weight`` times the expected number of open gates.
+trained too. ``regularization_loss`` adds ``l0_weight`` times the expected *fraction* of open gates
+(the paper's sum over entries, divided by their number, so one weight suits models of any size).
 
 Outside training the diff is *projected* to exactly ``target_sparsity`` of the entries: the
 deterministic gate gives ``delta ⊙ z``, and only its largest-magnitude entries are kept. Eval
@@ -40,8 +41,8 @@ class DiffPruningConfig(MethodConfig):
         description="Fraction of each targeted weight's entries kept in the final diff (0.005 = 0.5%).",
     )
     l0_weight: float = Field(
-        default=1e-5, ge=0, allow_inf_nan=False,
-        description="Weight of the expected-L0 penalty (expected number of non-zero diff entries) in the loss.",
+        default=0.1, ge=0, allow_inf_nan=False,
+        description="Weight of the expected-L0 penalty in the loss, as the expected fraction of open gates (0–1).",
     )
     init_log_alpha: float = Field(
         default=1.0, ge=-10, le=10,
@@ -145,7 +146,10 @@ class DiffPruning(PeftMethod):
         for _, m in layers:
             m.l0_term = None  # each graph is used by exactly one backward
         total = sum(cached) if cached else sum(m.expected_l0() for _, m in layers)
-        return applied_config(model).l0_weight * total
+        # Normalised by the number of gated entries: an unnormalised sum over millions of gates
+        # swamps the task loss and, through gradient clipping, starves the task head of updates.
+        gated = sum(m.diff_log_alpha.ds_numel if hasattr(m.diff_log_alpha, "ds_numel") else m.diff_log_alpha.numel() for _, m in layers)
+        return applied_config(model).l0_weight * total / gated
 
     def _head_parameters(self, model: nn.Module) -> set[str]:
         """Owned parameters saved as they are (modules_to_save), i.e. all but delta and log_alpha."""

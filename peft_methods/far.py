@@ -188,7 +188,8 @@ class FAR(PeftMethod):
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         layers = dict(_far_layers(model))
         params = dict(model.named_parameters())
-        check_state_keys(self.name, set(self.adapter_state_dict(model)), state)
+        expected = set(self.adapter_state_dict(model))
+        check_state_keys(self.name, expected, state)
         for name, layer in layers.items():  # check everything before changing anything
             rows, n_out = state[name + _ROWS], layer.base_layer.out_features
             if rows.shape != layer.far_rows.shape or rows.dtype != torch.int64:

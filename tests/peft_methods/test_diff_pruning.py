@@ -62,7 +62,7 @@ def test_gates_are_random_while_training_and_deterministic_in_eval():
         assert not torch.equal(model(**_inputs(TINY_BERT)).logits, model(**_inputs(TINY_BERT)).logits)
 
 
-def test_regularization_is_the_weighted_expected_l0_and_shrinks_with_log_alpha():
+def test_regularization_is_the_weighted_expected_fraction_of_open_gates_and_shrinks_with_log_alpha():
     model = peft_methods.apply(TINY_BERT.fresh(), {"method": "diff_pruning", "l0_weight": 1e-3})
     model.train()
 
@@ -73,7 +73,8 @@ def test_regularization_is_the_weighted_expected_l0_and_shrinks_with_log_alpha()
     first = penalty()
     assert first.dim() == 0 and first.item() > 0
     expected = sum(torch.sigmoid(m.diff_log_alpha - BETA * math.log(-GAMMA / ZETA)).sum() for m in _layers(model).values())
-    torch.testing.assert_close(first, 1e-3 * expected)
+    gated = sum(m.diff_log_alpha.numel() for m in _layers(model).values())
+    torch.testing.assert_close(first, 1e-3 * expected / gated)
     first.backward()
     assert all(m.diff_log_alpha.grad is not None and (m.diff_log_alpha.grad > 0).all() for m in _layers(model).values())
     with torch.no_grad():
