@@ -5,7 +5,8 @@ Budget: 2,000 training questions, 1 epoch, batch 16, ≤ 64 tokens, 1 worker wit
 held-out questions. Learning rates are each method's usual range (prompt tuning needs far larger
 steps than LoRA); they are listed in the table. Full fine-tuning runs the same loop in-process.
 
-    python benchmarks/method_table.py       # ~10 minutes on 2 CPUs; writes benchmarks/results/
+    python benchmarks/method_table.py                   # ~12 minutes on 2 CPUs; writes benchmarks/results/
+    python benchmarks/method_table.py --only far lora   # re-measure some rows of the last table
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 TRAIN, EVAL, BATCH, MAX_LEN = 2000, 1000, 16, 64
 LR = {"lora": 4e-3, "bitfit": 4e-3, "ia3": 4e-3, "bottleneck": 2e-3, "adamix": 2e-3, "prompt_tuning": 3e-2,
-      "prefix_tuning": 1e-2, "diff_pruning": 4e-3, "far": 2e-3}
+      "prefix_tuning": 1e-2, "diff_pruning": 1e-4, "far": 2e-3}  # diff pruning moves every weight: full-FT rates
 FULL_LR = 1e-4
 
 
@@ -64,21 +65,24 @@ def full_fine_tuning() -> dict:
             "inference_ratio": 1.0, "overhead": "none (a whole new model per task)"}
 
 
-def forward_seconds(model, tokenizer, texts) -> float:
+def forward_ratio(base, adapted, tokenizer, texts) -> float:
+    """Median forward time of ``adapted`` over ``base``, measured alternately after a warm-up."""
     import torch
 
     enc = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
-    model.eval()
-    times = []
+    times: dict[int, list[float]] = {id(base): [], id(adapted): []}
     with torch.no_grad():
-        for _ in range(7):
-            start = time.perf_counter()
-            model(**enc)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+        for i in range(24):
+            for model in (base, adapted):
+                model.eval()
+                start = time.perf_counter()
+                model(**enc)
+                if i >= 4:
+                    times[id(model)].append(time.perf_counter() - start)
+    return statistics.median(times[id(adapted)]) / statistics.median(times[id(base)])
 
 
-def through_jobs() -> list[dict]:
+def through_jobs(methods: list[str]) -> list[dict]:
     import torch
 
     import peft_methods
@@ -88,7 +92,7 @@ def through_jobs() -> list[dict]:
     torch.set_num_threads(2)
     client = Client(home=tempfile.mkdtemp(), num_cpus=2)
     rows = []
-    for method in peft_methods.list_methods():
+    for method in methods:
         handle = client.submit({
             "name": f"table-{method.replace('_', '-')}", "base_model": "minilm", "task": "sequence-classification",
             "dataset": {"name": "trec", "train_size": TRAIN}, "method": {"method": method},
@@ -105,22 +109,29 @@ def through_jobs() -> list[dict]:
         adapter = handle.adapter()
         base, tokenizer = load_base_model("minilm", "sequence-classification", num_labels=6)
         texts = [f"what is question number {i} about ?" for i in range(64)]
-        plain = forward_seconds(base, tokenizer, texts)
-        adapted = forward_seconds(client.adapters.load(adapter.name, load_base_model("minilm", "sequence-classification", num_labels=6)[0]), tokenizer, texts)
+        adapted = client.adapters.load(adapter.name, load_base_model("minilm", "sequence-classification", num_labels=6)[0])
         rows.append({
             "method": method, "eval_accuracy": latest["eval_accuracy"],
             "trainable_pct": 100 * latest["trainable_parameters"] / latest["total_parameters"],
             "trainable": int(latest["trainable_parameters"]), "adapter_bytes": adapter.size_bytes,
             "seconds_per_step": per_step, "peak_rss_mb": latest["peak_rss_mb"], "lr": LR.get(method, 4e-3),
-            "inference_ratio": adapted / plain, "overhead": peft_methods.get_method(method).inference_overhead,
+            "inference_ratio": forward_ratio(base, adapted, tokenizer, texts), "overhead": peft_methods.get_method(method).inference_overhead,
         })
         print(rows[-1], flush=True)
     return rows
 
 
-def main() -> None:
-    full = json.loads(subprocess.run([sys.executable, __file__, "--full"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-    rows = through_jobs() + [full]
+def main(only: list[str]) -> None:
+    """All methods and full fine-tuning, or (``--only m1 m2``) re-measure some rows of the last table."""
+    import peft_methods
+
+    if only:
+        previous = {r["method"]: r for r in json.loads((RESULTS / "method_table.json").read_text())}
+        previous.update({r["method"]: r for r in through_jobs(only)})
+        rows = list(previous.values())
+    else:
+        full = json.loads(subprocess.run([sys.executable, __file__, "--full"], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        rows = through_jobs(peft_methods.list_methods()) + [full]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "method_table.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
@@ -129,7 +140,7 @@ def main() -> None:
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs ({platform.machine()}), `python benchmarks/method_table.py`.",
         f"{TRAIN} training / {EVAL} held-out questions, 1 epoch, batch {BATCH}, ≤ {MAX_LEN} tokens; PEFT rows ran as jobs "
         "(1 Ray Train worker × 2 CPUs, DeepSpeed ZeRO-0); peak RSS is the training worker's. Inference ×: unmerged "
-        "adapter forward time / base forward time, batch 64 (mergeable methods cost 1.0× once merged).",
+        "adapter forward time / base forward time, batch 64, measured alternately (mergeable methods cost 1.0× once merged).",
         "",
         "| method | lr | eval accuracy | trainable | trainable % | adapter file | s/step | peak RSS MB | inference × | overhead (declared) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -150,4 +161,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--full"]:
         print(json.dumps(full_fine_tuning()))
     else:
-        main()
+        main(sys.argv[2:] if sys.argv[1:2] == ["--only"] else [])
