@@ -22,7 +22,7 @@ other state.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,15 @@ from peft_methods.targeting import task_head_names
 FILE_KEY_PREFIX = "base_model.model."  # HF PEFT's prefix for tensors of the wrapped model
 _APPLIED_ATTR = "peftfleet_config"
 _HEADS_ATTR = "peftfleet_modules_to_save"
+
+
+@runtime_checkable
+class MergeableLayer(Protocol):
+    """An injected layer that can fold its adapter into its frozen base layer and take it out again."""
+
+    def merge(self) -> None: ...
+
+    def unmerge(self) -> None: ...
 
 
 class MethodConfig(BaseModel):
@@ -69,12 +78,22 @@ class PeftMethod:
         raise NotImplementedError
 
     def merge(self, model: nn.Module) -> None:
-        """Fold the adapter into the base weights; the model then runs at base cost."""
-        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base")
+        """Fold the adapter into the base weights; the model then runs at base cost.
+
+        Mergeable methods get this for free when their injected layers are :class:`MergeableLayer`s.
+        """
+        self._each_mergeable_layer(model, "merge")
 
     def unmerge(self, model: nn.Module) -> None:
         """Undo :meth:`merge`."""
-        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base")
+        self._each_mergeable_layer(model, "unmerge")
+
+    def _each_mergeable_layer(self, model: nn.Module, action: str) -> None:
+        if not self.mergeable:
+            raise NotImplementedError(f"method {self.name!r} cannot be merged into the base")
+        for module in model.modules():
+            if isinstance(module, MergeableLayer):
+                getattr(module, action)()
 
     def prime(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Look at a few training batches before the optimizer is built (e.g. FAR picks the units to

@@ -63,9 +63,3 @@ class BitFit(PeftMethod):
 
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name == "bias" or name.endswith(".bias")
-
-    def merge(self, model: nn.Module) -> None:
-        """Nothing to do: BitFit trains the model's own biases, so it is always merged."""
-
-    def unmerge(self, model: nn.Module) -> None:
-        """Nothing to do (see :meth:`merge`)."""

@@ -156,14 +156,6 @@ class DiffPruning(PeftMethod):
         config = applied_config(model)
         return {n for n in self.trainable_parameter_names(model) if not self.is_adapter_parameter(n, config)}
 
-    def merge(self, model: nn.Module) -> None:
-        for _, layer in _diff_layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in _diff_layers(model):
-            layer.unmerge()
-
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Task-head parameters as they are, and per adapted layer the kept diff entries."""
         heads = self._head_parameters(model)

@@ -171,14 +171,6 @@ class FAR(PeftMethod):
             for _, layer in group:
                 layer.select(rows.to(layer.far_rows.device))
 
-    def merge(self, model: nn.Module) -> None:
-        for _, layer in _far_layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for _, layer in _far_layers(model):
-            layer.unmerge()
-
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The trainable rows, the heads, and which rows of each projection they replace."""
         state = super().adapter_state_dict(model)

@@ -90,14 +90,6 @@ class LoRA(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".lora_A." in name or ".lora_B." in name
 
-    def merge(self, model: nn.Module) -> None:
-        for layer in _lora_layers(model):
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in _lora_layers(model):
-            layer.unmerge()
-
     def adapter_config(self, model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
         """HF PEFT's LoraConfig fields; targets listed by full name so both tools pick the same layers."""
         return {
@@ -113,7 +105,3 @@ class LoRA(PeftMethod):
             "fan_in_fan_out": False,
             "inference_mode": True,
         }
-
-
-def _lora_layers(model: nn.Module) -> list[LoRALinear]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
