@@ -25,7 +25,7 @@ from typing import Any
 from jobs.adapter_registry import AdapterRecord, AdapterRegistry
 from jobs.home import peftfleet_home
 from jobs.spec import JobSpec, JobSpecError, load_job_spec, parse_job_spec
-from jobs.states import JobState
+from jobs.states import ALLOWED, JobState
 from jobs.store import JobRecord, JobStore, Metric
 from orchestrator.cluster import JOB_ENV, Cluster, connect
 from orchestrator.reconciler import settle_orphans
@@ -216,7 +216,7 @@ class Client:
         submission = job.runtime.get("ray_submission_id")
         if job.state is JobState.PENDING and not submission:
             return self.store.transition(job.id, JobState.CANCELLED, reason="cancelled before scheduling")
-        if job.state is not JobState.CANCELLING and JobState.CANCELLING in _allowed(job.state):
+        if job.state is not JobState.CANCELLING and JobState.CANCELLING in ALLOWED[job.state]:
             job = self.store.transition(job.id, JobState.CANCELLING, reason="cancel requested")
         if submission:
             jobs_client = self.cluster.jobs_client()
@@ -237,12 +237,6 @@ class Client:
         if self._cluster is not None:
             jobs_client = self._cluster.jobs_client()
         return settle_orphans(self.store, timeout_s=self.heartbeat_timeout_s, jobs_client=jobs_client)
-
-
-def _allowed(state: JobState):
-    from jobs.states import ALLOWED
-
-    return ALLOWED[state]
 
 
 __all__ = ["Client", "InfeasibleJob", "JobHandle", "JobSpecError"]
