@@ -138,7 +138,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, base_fingerp
         state = method.from_file_keys(load_file(Path(directory) / WEIGHTS_FILE))
     except ValueError as e:
         raise AdapterIntegrityError(f"{directory}: {e}") from None
-    method.apply(model, config)
+    method.apply(model, method.loading_config(config, state))
     method.load_adapter_state_dict(model, state)
     return model
 

@@ -12,8 +12,9 @@ A method is a subclass of :class:`PeftMethod` registered under the entry-point g
   ``to_file_keys`` / ``from_file_keys``), which a method may override (e.g. to save sparsely).
 * ``mergeable`` with ``merge`` / ``unmerge`` where the method allows folding into the base.
 * ``inference_overhead`` — what serving an unmerged adapter costs, in words users can act on.
-* optionally ``prime(model, batches)`` (look at data before training) and
-  ``regularization_loss(model)`` (a term added to the task loss).
+* optionally ``prime(model, batches)`` (look at data before training),
+  ``regularization_loss(model)`` (a term added to the task loss) and ``loading_config`` (a
+  lighter form to load a trained adapter in).
 
 The applied config is recorded on the model (:func:`applied_config`), so saving needs no
 other state.
@@ -102,6 +103,13 @@ class PeftMethod:
     def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the task loss after each forward (e.g. diff pruning's L0 penalty)."""
         return None
+
+    def loading_config(self, config: MethodConfig, state: dict[str, torch.Tensor]) -> MethodConfig:
+        """The config ``load_adapter`` applies before copying in the saved tensors ``state``.
+
+        A method that trains through something inference does not need (IPT's frozen decoder)
+        returns a lighter config here; by default the saved config itself."""
+        return config
 
     def adapter_config(self, model: nn.Module, config: MethodConfig) -> dict[str, Any]:
         """The content of ``adapter_config.json``. Methods HF PEFT knows override this."""

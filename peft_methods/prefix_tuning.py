@@ -143,7 +143,7 @@ class PrefixTuning(PeftMethod):
             setattr(model, _ATTR, Prefix(t.detach().to(device=like.device, dtype=like.dtype).clone()))
 
         layout = KVLayout.of(model.config)
-        load_prompt_state(self, model, state, (current.table().shape[0], layout.width), set_prompt)
+        load_prompt_state(self, model, state, {PROMPT_KEY: ((current.table().shape[0], layout.width), set_prompt)})
 
     def to_file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return to_hf_keys(state)

@@ -86,11 +86,7 @@ class PromptTuning(PeftMethod):
         embeddings = model.get_input_embeddings()
         if embeddings is None or not hasattr(embeddings, "weight"):
             raise ValueError(f"prompt_tuning: {type(model).__name__} exposes no input embeddings")
-        setattr(model, _ATTR, PromptEmbeddings(_initial_prompt(model, embeddings.weight, config)))
-        n = config.num_virtual_tokens
-        install_input_hook(model, lambda m, kwargs: _add_virtual_tokens(m, kwargs, n))
-        if hf_task_type(model) == "CAUSAL_LM":
-            model.register_forward_hook(lambda m, args, out: _drop_virtual_logits(out, n))
+        install_prompt(model, PromptEmbeddings(_initial_prompt(model, embeddings.weight, config)), config.num_virtual_tokens)
 
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.startswith(_ATTR + ".")
@@ -107,7 +103,7 @@ class PromptTuning(PeftMethod):
             with torch.no_grad():
                 weight.copy_(t)
 
-        load_prompt_state(self, model, state, tuple(weight.shape), set_prompt)
+        load_prompt_state(self, model, state, {PROMPT_KEY: (tuple(weight.shape), set_prompt)})
 
     def to_file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return to_hf_keys(state)
@@ -127,6 +123,15 @@ class PromptTuning(PeftMethod):
             "tokenizer_name_or_path": None,
             "tokenizer_kwargs": None,
         }
+
+
+def install_prompt(model: nn.Module, prompt: nn.Module, n: int) -> None:
+    """Attach ``prompt`` (``prompt(batch)`` -> (batch, n, hidden)) as ``model.peft_prompt`` and prepend
+    its output to every forward's input embeddings."""
+    setattr(model, _ATTR, prompt)
+    install_input_hook(model, lambda m, kwargs: _add_virtual_tokens(m, kwargs, n))
+    if hf_task_type(model) == "CAUSAL_LM":
+        model.register_forward_hook(lambda m, args, out: _drop_virtual_logits(out, n))
 
 
 def _initial_prompt(model: nn.Module, table: torch.Tensor, config: PromptTuningConfig) -> torch.Tensor:

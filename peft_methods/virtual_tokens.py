@@ -101,16 +101,19 @@ def from_hf_keys(method_name: str, tensors: dict[str, torch.Tensor]) -> dict[str
 
 
 def load_prompt_state(method: Any, model: nn.Module, state: dict[str, torch.Tensor],
-                      prompt_shape: tuple[int, ...], set_prompt: Callable[[torch.Tensor], None]) -> None:
-    """Check ``state`` against what ``method`` saves for ``model``, then load the prompt and the heads."""
+                      special: dict[str, tuple[tuple[int, ...], Callable[[torch.Tensor], None]]]) -> None:
+    """Check ``state`` against what ``method`` saves for ``model``, then load it: each key of ``special``
+    (e.g. the prompt) through its setter after a shape check, every other tensor into the parameter of
+    that name (the task heads)."""
     check_state_keys(method.name, set(method.adapter_state_dict(model)), state)
     params = dict(model.named_parameters())
-    shapes = {k: params[k].shape for k in state if k != PROMPT_KEY} | {PROMPT_KEY: torch.Size(prompt_shape)}
+    shapes = {k: params[k].shape for k in state if k not in special} | {k: torch.Size(s) for k, (s, _) in special.items()}
     for k, t in state.items():  # check everything before changing anything
         if t.shape != shapes[k]:
             raise ValueError(f"{method.name}: {k} has shape {tuple(t.shape)}, model expects {tuple(shapes[k])}")
-    set_prompt(state[PROMPT_KEY])
+    for k, (_, setter) in special.items():
+        setter(state[k])
     with torch.no_grad():
         for k, t in state.items():
-            if k != PROMPT_KEY:
+            if k not in special:
                 params[k].copy_(t)
