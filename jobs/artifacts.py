@@ -14,13 +14,17 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
 
 from jobs.home import peftfleet_home
 from peft_methods.adapter_files import MANIFEST_FILE, read_manifest
+
+Verify = Callable[[Path], Any]  # raises when a folder does not match its manifest
 
 
 class ArtifactStorage:
@@ -44,11 +48,14 @@ class ArtifactStorage:
             return str(Path(self.root) / key)
         return self.fs.unstrip_protocol(f"{self.root}/{key}")
 
-    def publish(self, folder: str | os.PathLike, key: str) -> str:
-        """Copy a verified adapter folder to ``key`` (e.g. ``adapters/<id>``); returns its URI."""
+    def publish(self, folder: str | os.PathLike, key: str, *, manifest: str = MANIFEST_FILE, verify: Verify = read_manifest) -> str:
+        """Copy a verified folder to ``key`` (e.g. ``adapters/<id>``); returns its URI.
+
+        ``manifest`` names the file that hashes the others (written last) and ``verify`` checks a
+        folder against it: an adapter's by default, a subspace's for IPT subspaces."""
         folder = Path(folder)
-        read_manifest(folder)  # never publish a folder that does not verify
-        files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE) + [MANIFEST_FILE]
+        verify(folder)  # never publish a folder that does not verify
+        files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != manifest) + [manifest]
         if self.is_local:
             dest = Path(self.root) / key
             if dest.exists():
@@ -67,31 +74,31 @@ class ArtifactStorage:
                 raise
             return str(dest)
         dest = f"{self.root}/{key}"
-        if self.fs.exists(f"{dest}/{MANIFEST_FILE}"):
+        if self.fs.exists(f"{dest}/{manifest}"):
             raise FileExistsError(f"artifact {self.uri_for(key)} already exists")
         for name in files:  # the manifest goes last: until it lands the folder reads as incomplete
             self.fs.put_file(str(folder / name), f"{dest}/{name}")
         return self.uri_for(key)
 
-    def local_path(self, uri: str) -> Path:
+    def local_path(self, uri: str, *, manifest: str = MANIFEST_FILE, verify: Verify = read_manifest) -> Path:
         """A verified local folder for ``uri``: the folder itself, or a verified download."""
         if self.is_local:
             path = Path(uri)
-            read_manifest(path)
+            verify(path)
             return path
         fs, path = fsspec.core.url_to_fs(uri)
         cache = peftfleet_home(self.home) / "cache" / "artifacts" / path.strip("/").replace("/", "__")
         if cache.exists():
-            read_manifest(cache)
+            verify(cache)
             return cache
-        if not fs.exists(f"{path}/{MANIFEST_FILE}"):
-            raise FileNotFoundError(f"artifact {uri} is missing or incomplete (no {MANIFEST_FILE})")
+        if not fs.exists(f"{path}/{manifest}"):
+            raise FileNotFoundError(f"artifact {uri} is missing or incomplete (no {manifest})")
         tmp = cache.parent / f".{cache.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             for remote in fs.ls(path, detail=False):
                 fs.get_file(remote, str(tmp / remote.rsplit("/", 1)[-1]))
-            read_manifest(tmp)
+            verify(tmp)
             try:
                 tmp.rename(cache)
             except OSError:  # another process fetched it first

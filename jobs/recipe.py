@@ -32,6 +32,7 @@ from jobs.base_models import load_base_model
 from jobs.data import load_for_job
 from jobs.states import JobState
 from jobs.store import JobStore
+from jobs.subspaces import resolve_method_config
 
 CHECKPOINT_TAG = "peftfleet"
 
@@ -158,7 +159,11 @@ def train_worker(config: dict[str, Any]) -> None:
     labels = getattr(data, "labels", None)
     model, tokenizer = load_base_model(spec.base_model, spec.task, num_labels=len(labels) if labels else None, home=config["home"])
     method = peft_methods.get_method(spec.method.method)
-    method.apply(model, spec.method)
+    # Registry references in the method config (an IPT subspace) become verified local folders.
+    method_config, lineage = resolve_method_config(
+        spec.method, store or JobStore(config["store_url"], storage_url=config["storage_url"], home=config["home"]), config["base_fingerprint"]
+    )
+    method.apply(model, method_config)
     batches = Batches(spec.task, tokenizer, t.max_length)
     method.prime(model, (batches(data.train[i : i + t.batch_size]) for i in range(0, min(len(data.train), 8 * t.batch_size), t.batch_size)))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -233,11 +238,11 @@ def train_worker(config: dict[str, Any]) -> None:
 
     if rank == 0:  # this worker's peak resident memory, for sizing (Linux reports KiB)
         store.record_metrics(job_id, step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-    adapter = _save_and_register(engine, method, spec, config, store, rank, metrics)
+    adapter = _save_and_register(engine, method, spec, config, store, rank, metrics, lineage)
     ray.train.report({**metrics, "adapter": adapter or ""})
 
 
-def _save_and_register(engine, method, spec, config, store, rank: int, metrics: dict[str, float]) -> str | None:
+def _save_and_register(engine, method, spec, config, store, rank: int, metrics: dict[str, float], lineage: dict) -> str | None:
     model = engine.module
     owned = [p for n, p in model.named_parameters() if method.owns(model, n)]
     gather = nullcontext()
@@ -253,7 +258,7 @@ def _save_and_register(engine, method, spec, config, store, rank: int, metrics: 
             scores = {k: float(v) for k, v in metrics.items() if k.startswith("eval_")}
             with tempfile.TemporaryDirectory() as tmp:
                 folder = peft_methods.save_adapter(model, os.path.join(tmp, "adapter"), metadata={
-                    "base_fingerprint": config["base_fingerprint"], "job_id": job_id, "metrics": scores,
+                    "base_fingerprint": config["base_fingerprint"], "job_id": job_id, "metrics": scores, **lineage,
                 })
                 store.adapters.register(
                     folder, name=name, base_fingerprint=config["base_fingerprint"], task=spec.task,

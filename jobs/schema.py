@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: subspaces (IPT)
 
 
 class Base(DeclarativeBase):
@@ -106,3 +106,20 @@ class PromotionRow(Base):
     adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id"))
     promoted_at: Mapped[float] = mapped_column(Float)
     __table_args__ = (UniqueConstraint("adapter_id"),)
+
+
+class SubspaceRow(Base):
+    """A fitted IPT subspace: a decoder from a small vector to a soft prompt, for one base."""
+
+    __tablename__ = "subspaces"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    base_fingerprint: Mapped[str] = mapped_column(ForeignKey("base_models.fingerprint"), index=True)
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))  # of subspace.json, which hashes the tensors
+    intrinsic_dim: Mapped[int] = mapped_column(Integer)
+    num_virtual_tokens: Mapped[int] = mapped_column(Integer)
+    sources: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # the prompt adapters it was fitted on
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -5,7 +5,9 @@
 ...     "task": "sequence-classification", "dataset": {"name": "trec"},
 ...     "method": {"method": "lora", "r": 8}})                        # doctest: +SKIP
 
-Errors are :class:`JobSpecError`, one line per bad field with its path, e.g.
+A spec's ``kind`` picks its schema: ``train`` (the default; :data:`JobSpec`) or ``ipt-subspace``
+(:class:`SubspaceSpec`, the first step of intrinsic prompt tuning). Errors are
+:class:`JobSpecError`, one line per bad field with its path, e.g.
 ``method.r: Input should be greater than 0``.
 """
 
@@ -109,49 +111,96 @@ class ResourcesSpec(_Spec):
     gpus_per_worker: float = Field(default=0, ge=0, le=16, description="GPUs reserved per worker (0 = CPU training).")
 
 
+class _Submission(_Spec):
+    """What every kind of job has: a name, a base model, labels, an idempotency key."""
+
+    name: str = Field(description="Job name; also the default adapter name prefix.")
+    base_model: str = Field(description=f"A named model {list(BUILTIN_MODELS)} or a local folder with config.json.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="What each job reserves on Ray.")
+    tags: list[str] = Field(default_factory=list, max_length=32, description="Free-form labels for queries.")
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200, description="Resubmitting with the same key returns the same job.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_name(v, "job name")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        for tag in v:
+            validate_name(tag, "tag")
+        return v
+
+    @field_validator("base_model")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if v in BUILTIN_MODELS:
+            return v
+        if not (Path(v).expanduser() / "config.json").is_file():
+            raise ValueError(f"{v!r} is neither a named model {list(BUILTIN_MODELS)} nor a folder with config.json")
+        return v
+
+
+class SubspaceSourcesSpec(_Spec):
+    adapters: list[str] | None = Field(default=None, min_length=2, description="Registered prompt-tuning adapters, by name.")
+    task_names: list[str] | None = Field(default=None, min_length=1, description="Every prompt-tuning adapter of these tasks.")
+    tag: str | None = Field(default=None, description="Every prompt-tuning adapter with this tag.")
+
+
+class SubspaceSpec(_Submission):
+    """An IPT subspace fit (Qin et al. 2021): an autoencoder over the soft prompts of the prompt-tuning
+    adapters registered for one base; its decoder is registered as a subspace that `ipt` jobs train in."""
+
+    kind: Literal["ipt-subspace"] = Field(description="Selects this kind of job.")
+    sources: SubspaceSourcesSpec = Field(
+        default_factory=SubspaceSourcesSpec,
+        description="Which adapters to learn from (filters combine); none given = every prompt-tuning adapter of the base.",
+    )
+    intrinsic_dim: int = Field(default=8, gt=0, le=1024, description="Size of the code, i.e. of what an IPT job trains.")
+    inner_dim: int = Field(default=256, gt=0, le=16384, description="Width of the autoencoder's hidden layer.")
+    steps: int = Field(default=2000, gt=0, le=1_000_000, description="Optimizer steps of the fit (full batch, Adam).")
+    lr: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate of the fit.")
+    seed: int = Field(default=0, ge=0, description="Seeds the autoencoder's initialisation.")
+
+    @field_validator("resources")
+    @classmethod
+    def _one_worker(cls, v: ResourcesSpec) -> ResourcesSpec:
+        if v.num_workers != 1:
+            raise ValueError("a subspace fit runs in one worker (num_workers 1)")
+        return v
+
+    @property
+    def effective_task_name(self) -> str:
+        return self.name
+
+    @property
+    def method_name(self) -> str:
+        return self.kind
+
+
 def _build_job_spec() -> type[BaseModel]:
     method_type = peft_methods.method_config_type()
 
-    class JobSpec(_Spec):
+    class JobSpec(_Submission):
         """A fine-tuning job: which base, which data, which PEFT method, how to train, where to run."""
 
-        name: str = Field(description="Job name; also the default adapter name prefix.")
-        base_model: str = Field(description=f"A named model {list(BUILTIN_MODELS)} or a local folder with config.json.")
+        kind: Literal["train"] = Field(default="train", description="A training job (the default kind).")
         task: Literal["sequence-classification", "causal-lm"] = Field(description="What the model learns.")
         dataset: DatasetSpec = Field(description="Training and evaluation data.")
         method: method_type = Field(description="The PEFT method and its settings; `method` picks the plugin.")  # type: ignore[valid-type]
         training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
         deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine settings.")
-        resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="What each job reserves on Ray.")
         task_name: str | None = Field(default=None, description="Groups adapters for promotion (default: dataset name).")
-        tags: list[str] = Field(default_factory=list, max_length=32, description="Free-form labels for queries.")
-        idempotency_key: str | None = Field(default=None, min_length=1, max_length=200, description="Resubmitting with the same key returns the same job.")
-
-        @field_validator("name")
-        @classmethod
-        def _name(cls, v: str) -> str:
-            return validate_name(v, "job name")
 
         @field_validator("task_name")
         @classmethod
         def _task_name(cls, v: str | None) -> str | None:
             return None if v is None else validate_name(v, "task name")
 
-        @field_validator("tags")
-        @classmethod
-        def _tags(cls, v: list[str]) -> list[str]:
-            for tag in v:
-                validate_name(tag, "tag")
-            return v
-
-        @field_validator("base_model")
-        @classmethod
-        def _base(cls, v: str) -> str:
-            if v in BUILTIN_MODELS:
-                return v
-            if not (Path(v).expanduser() / "config.json").is_file():
-                raise ValueError(f"{v!r} is neither a named model {list(BUILTIN_MODELS)} nor a folder with config.json")
-            return v
+        @property
+        def method_name(self) -> str:
+            return self.method.method
 
         @model_validator(mode="after")
         def _consistent(self) -> JobSpec:
@@ -162,6 +211,8 @@ def _build_job_spec() -> type[BaseModel]:
                     _check_columns(Path(self.dataset.path).expanduser(), self.dataset.columns_for(self.task))
                 except ValueError as e:
                     raise _At("dataset.path", str(e)) from None
+            if getattr(self.method, "decoded", False):
+                raise _At("method.decoded", "is the form a trained IPT adapter loads in; a job trains z inside the subspace")
             ds, gpus = self.deepspeed, self.resources.gpus_per_worker
             if ds.precision != "fp32" and gpus == 0:
                 raise _At("deepspeed.precision", f"{ds.precision} needs GPUs (resources.gpus_per_worker > 0); CPU training runs in fp32")
@@ -183,6 +234,7 @@ def _build_job_spec() -> type[BaseModel]:
 
 
 JobSpec = _build_job_spec()
+KINDS: dict[str, type[BaseModel]] = {"train": JobSpec, "ipt-subspace": SubspaceSpec}
 
 
 def _check_columns(path: Path, columns: tuple[str, ...]) -> None:
@@ -219,14 +271,18 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in parts)
 
 
-def parse_job_spec(data: Any) -> JobSpec:  # type: ignore[valid-type]
-    """Validate ``data`` (a dict or a JobSpec) into a JobSpec, or raise :class:`JobSpecError`."""
-    if isinstance(data, JobSpec):
+def parse_job_spec(data: Any) -> JobSpec | SubspaceSpec:  # type: ignore[valid-type]
+    """Validate ``data`` (a dict, JobSpec or SubspaceSpec) into the spec of its ``kind`` (default
+    ``train``), or raise :class:`JobSpecError`."""
+    if isinstance(data, (JobSpec, SubspaceSpec)):
         return data
     if not isinstance(data, dict):
         raise JobSpecError([("", f"a job spec is a mapping of fields, not {type(data).__name__}")])
+    kind = data.get("kind", "train")
+    if kind not in KINDS:
+        raise JobSpecError([("kind", f"unknown kind {kind!r}; one of {sorted(KINDS)}")])
     try:
-        return JobSpec.model_validate(data)
+        return KINDS[kind].model_validate(data)
     except ValidationError as e:
         problems = []
         for err in e.errors(include_url=False):

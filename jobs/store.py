@@ -36,6 +36,7 @@ from jobs.home import peftfleet_home
 from jobs.schema import SCHEMA_VERSION, Base, BaseModelRow, JobEventRow, JobRow, MetricRow, SchemaInfo
 from jobs.spec import JobSpec, parse_job_spec
 from jobs.states import IllegalTransition, JobState, check_transition
+from jobs.subspace_registry import SubspaceRegistry
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -151,6 +152,7 @@ class JobStore:
         self._ensure_schema()
         self.artifacts = ArtifactStorage(storage_url or os.environ.get("PEFTFLEET_STORAGE_URL"), home=home)
         self.adapters = AdapterRegistry(self)
+        self.subspaces = SubspaceRegistry(self)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -178,6 +180,11 @@ class JobStore:
                 s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
                 return
             version = s.scalar(select(SchemaInfo.version).where(SchemaInfo.id == 1))
+            if version is not None and version < SCHEMA_VERSION:
+                # Every migration so far only adds tables, which create_all does (it skips existing ones).
+                Base.metadata.create_all(conn)
+                s.execute(update(SchemaInfo).where(SchemaInfo.id == 1).values(version=SCHEMA_VERSION))
+                return
         if version is None or version > SCHEMA_VERSION:
             raise StoreVersionError(
                 f"the store at {self.url} has schema version {version}, written by a newer peftfleet; "
@@ -210,7 +217,7 @@ class JobStore:
                         return _same_submission(existing, payload)
                 row = JobRow(
                     id=uuid.uuid4().hex, name=spec.name, state=JobState.PENDING.value, spec=payload,
-                    base_model=spec.base_model, task_name=spec.effective_task_name, method=spec.method.method,
+                    base_model=spec.base_model, task_name=spec.effective_task_name, method=spec.method_name,
                     idempotency_key=key, attempt=0, runtime={}, created_at=now, updated_at=now,
                 )
                 s.add(row)

@@ -79,8 +79,9 @@ def cmd_submit(client: Client, args) -> int:
     if args.json:
         _print_json(_job_json(client, job))
     else:
-        adapter = handle.adapter()
-        print(f"job {job.id[:12]} {job.state}" + (f"; adapter {adapter.name}" if adapter else "") + (f"; error: {job.error}" if job.error else ""))
+        made = handle.adapter() or handle.subspace()
+        kind = "subspace" if job.method == "ipt-subspace" else "adapter"
+        print(f"job {job.id[:12]} {job.state}" + (f"; {kind} {made.name}" if made else "") + (f"; error: {job.error}" if job.error else ""))
     return 0 if job.state is JobState.SUCCEEDED else 1
 
 
@@ -133,6 +134,21 @@ def cmd_adapters(client: Client, args) -> int:
     return 0
 
 
+def cmd_subspaces(client: Client, args) -> int:
+    subspaces = client.subspaces.list(base=args.base)
+    if args.json:
+        _print_json([asdict(s) for s in subspaces])
+        return 0
+    rows = [
+        {"name": s.name, "base": s.base_fingerprint[:19], "job": (s.job_id or "")[:12], "dim": s.intrinsic_dim,
+         "tokens": s.num_virtual_tokens, "sources": ", ".join(src["name"] for src in s.sources),
+         "error": f"{s.metrics.get('reconstruction_relative_error', float('nan')):.4f}"}
+        for s in subspaces
+    ]
+    print(render_table(rows, ["name", "base", "job", "dim", "tokens", "sources", "error"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store-url", help="job store SQLAlchemy URL (default: SQLite under PEFTFLEET_HOME)")
@@ -161,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method")
     p.add_argument("--tag")
     p.set_defaults(run=cmd_adapters)
+    p = sub.add_parser("subspaces", parents=[common], help="list IPT subspaces (fitted by ipt-subspace jobs)")
+    p.add_argument("--base", help="base model name or fingerprint")
+    p.set_defaults(run=cmd_subspaces)
     return parser
 
 

@@ -7,6 +7,7 @@
 >>> job.metrics("eval_accuracy")[-1].value                                              # doctest: +SKIP
 0.88
 >>> client.adapters.list(base="minilm")                                                 # doctest: +SKIP
+>>> client.subspaces.list(base="minilm")                 # IPT subspaces                # doctest: +SKIP
 
 On a cluster: ``Client(address="ray://head:10001" or "auto", store_url="postgresql+psycopg2://...",
 storage_url="s3://bucket/peftfleet")``. Another process finds a job with
@@ -27,6 +28,8 @@ from jobs.home import peftfleet_home
 from jobs.spec import JobSpec, JobSpecError, load_job_spec, parse_job_spec
 from jobs.states import ALLOWED, JobState
 from jobs.store import JobRecord, JobStore, Metric
+from jobs.subspace_registry import SubspaceRecord, SubspaceRegistry
+from jobs.subspaces import check_references
 from orchestrator.cluster import JOB_ENV, Cluster, connect
 from orchestrator.reconciler import settle_orphans
 
@@ -60,6 +63,10 @@ class JobHandle:
         """The adapter this job registered, once it has."""
         found = self._client.adapters.list(job_id=self.id)
         return found[0] if found else None
+
+    def subspace(self) -> SubspaceRecord | None:
+        """The IPT subspace an ``ipt-subspace`` job registered, once it has."""
+        return next((s for s in self._client.subspaces.list() if s.job_id == self.id), None)
 
     def wait(self, timeout: float | None = None, *, poll_s: float = 1.0, progress: bool | None = None) -> JobRecord:
         """Block until the job is terminal; returns its record. Raises ``TimeoutError``.
@@ -156,6 +163,7 @@ class Client:
         self.store = JobStore(store_url, storage_url=storage_url, home=self.home)
         self.jobs = Jobs(self)
         self.adapters: AdapterRegistry = self.store.adapters
+        self.subspaces: SubspaceRegistry = self.store.subspaces
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._address, self._num_cpus, self._cluster = address, num_cpus, None
 
@@ -171,6 +179,7 @@ class Client:
         Raises ``JobSpecError`` or ``InfeasibleJob`` before anything is stored or scheduled.
         """
         spec = load_job_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_job_spec(spec)
+        check_references(self.store, spec)
         self._check_feasible(spec)
         job = self.store.submit(spec, idempotency_key=idempotency_key)
         if job.runtime.get("ray_submission_id"):

@@ -38,11 +38,6 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def run(job_id: str, owner: str) -> JobState:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.recipe import train_worker
-
     store = JobStore()
     job = store.get(job_id)
     spec = job.job_spec
@@ -53,27 +48,12 @@ def run(job_id: str, owner: str) -> JobState:
         if store.get(job_id).state in (JobState.PENDING, JobState.RETRYING):
             store.transition(job_id, JobState.QUEUED, owner=owner, reason=f"waiting for {spec.resources.num_workers} worker(s)")
         base = store.register_base_model(spec.base_model)
-        res, gpus = spec.resources, spec.resources.gpus_per_worker
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "job_id": job_id, "spec": job.spec, "store_url": store.url, "storage_url": store.artifacts.url,
-                "home": os.environ.get("PEFTFLEET_HOME"), "base_fingerprint": base.fingerprint,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=res.num_workers, use_gpu=gpus > 0,
-                resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
-            ),
-            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-            run_config=RunConfig(
-                name=f"peftfleet-{job_id}",
-                storage_path=os.environ.get("PEFTFLEET_CHECKPOINT_URL") or os.path.join(store.artifacts.url, "checkpoints"),
-                failure_config=FailureConfig(max_failures=int(os.environ.get("PEFTFLEET_MAX_FAILURES", "0"))),
-            ),
-        )
-        trainer.fit()
-        adapters = store.adapters.list(job_id=job_id)
-        store.transition(job_id, JobState.SUCCEEDED, reason=f"adapter {adapters[0].name} registered" if adapters else "finished")
+        shared = {
+            "job_id": job_id, "store_url": store.url, "storage_url": store.artifacts.url,
+            "home": os.environ.get("PEFTFLEET_HOME"), "base_fingerprint": base.fingerprint,
+        }
+        outcome = _fit_subspace(spec, shared) if spec.kind == "ipt-subspace" else _train(job_id, job.spec, spec, shared, store)
+        store.transition(job_id, JobState.SUCCEEDED, reason=outcome)
         return JobState.SUCCEEDED
     except (_Stopped, KeyboardInterrupt):
         _settle(store, job_id, JobState.CANCELLED, "stopped on request")
@@ -85,6 +65,44 @@ def run(job_id: str, owner: str) -> JobState:
         raise
     finally:
         stop.set()
+
+
+def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> str:
+    """Ray Train's TorchTrainer over the recipe; returns what the job produced, in words."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.recipe import train_worker
+
+    res, gpus = spec.resources, spec.resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={**shared, "spec": raw_spec},
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers, use_gpu=gpus > 0,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(
+            name=f"peftfleet-{job_id}",
+            storage_path=os.environ.get("PEFTFLEET_CHECKPOINT_URL") or os.path.join(store.artifacts.url, "checkpoints"),
+            failure_config=FailureConfig(max_failures=int(os.environ.get("PEFTFLEET_MAX_FAILURES", "0"))),
+        ),
+    )
+    trainer.fit()
+    adapters = store.adapters.list(job_id=job_id)
+    return f"adapter {adapters[0].name} registered" if adapters else "finished"
+
+
+def _fit_subspace(spec, shared: dict) -> str:
+    """An ipt-subspace job: one Ray task with the job's resources."""
+    import ray
+
+    from jobs.subspaces import fit_subspace_job
+
+    res = spec.resources
+    task = ray.remote(fit_subspace_job).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_retries=0)
+    return f"subspace {ray.get(task.remote(shared))} registered"
 
 
 def _settle(store: JobStore, job_id: str, to: JobState, reason: str, **fields) -> None:

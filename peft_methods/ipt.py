@@ -243,7 +243,9 @@ def fit_subspace(
         raise ValueError(f"fitting a subspace needs the prompts of at least 2 tasks, got {k}")
     x = prompts.reshape(k, n * hidden).double()
     mean = x.mean(0)
-    spread = (x - mean).std().clamp_min(1e-12)
+    if (x - mean).norm() <= 1e-6 * x.norm():
+        raise ValueError(f"the {k} source prompts are identical: a subspace needs tasks whose prompts differ")
+    spread = (x - mean).std()
     xn = ((x - mean) / spread).float()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -258,7 +260,7 @@ def fit_subspace(
     with torch.no_grad():
         codes = encoder(xn)
         rebuilt = decoder(codes)
-        relative_error = ((rebuilt - xn).norm() / xn.norm().clamp_min(1e-12)).item()
+        relative_error = ((rebuilt - xn).norm() / xn.norm()).item()  # of the prompts' spread around their mean
         out = decoder[2]
         tensors = {
             "in_weight": decoder[0].weight.detach().clone(),

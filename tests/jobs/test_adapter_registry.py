@@ -50,8 +50,8 @@ def make_adapter(tmp_path, base, method: str = "lora", seed: int = 0):
     return out, model
 
 
-def register(store, tmp_path, base, name, *, method="lora", task_name="trec", tags=(), job_id=None):
-    folder, _ = make_adapter(tmp_path, base, method)
+def register(store, tmp_path, base, name, *, method="lora", task_name="trec", tags=(), job_id=None, seed=0):
+    folder, _ = make_adapter(tmp_path, base, method, seed)
     return store.adapters.register(folder, name=name, base_fingerprint=base[1], task="sequence-classification", task_name=task_name, tags=tags, job_id=job_id, metrics={"eval_accuracy": 0.5})
 
 

@@ -7,6 +7,7 @@ from sqlalchemy import text
 
 from jobs.spec import JobSpecError
 from jobs.states import JobState
+from jobs.schema import SCHEMA_VERSION
 from jobs.store import IdempotencyConflict, JobNotFound, JobStore, StoreVersionError
 from tests.jobs.conftest import minilm_spec
 
@@ -73,12 +74,25 @@ def test_heartbeat_only_counts_while_the_job_is_live(store):
 
 def test_a_store_written_by_a_newer_version_is_refused(store_url, tmp_path):
     store = JobStore(store_url, home=tmp_path)
-    assert store.schema_version() == 1
+    assert store.schema_version() == SCHEMA_VERSION
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE peftfleet_schema SET version = 99"))
     store.close()
     with pytest.raises(StoreVersionError, match="schema version 99, written by a newer peftfleet"):
         JobStore(store_url, home=tmp_path)
+
+
+def test_a_version_1_store_is_migrated_in_place_keeping_its_jobs(store_url, tmp_path):
+    store = JobStore(store_url, home=tmp_path)
+    job = store.submit(minilm_spec())
+    with store.engine.begin() as conn:  # what peftfleet 1 left: no subspaces table
+        conn.execute(text("DROP TABLE subspaces"))
+        conn.execute(text("UPDATE peftfleet_schema SET version = 1"))
+    store.close()
+    migrated = JobStore(store_url, home=tmp_path)
+    assert migrated.schema_version() == SCHEMA_VERSION == 2
+    assert migrated.get(job.id).name == job.name
+    assert migrated.subspaces.list() == []
 
 
 def test_default_store_is_sqlite_in_wal_mode_under_peftfleet_home(tmp_path, monkeypatch):
