@@ -25,7 +25,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 TRAIN, EVAL, BATCH, MAX_LEN = 2000, 1000, 16, 64
 LR = {"lora": 4e-3, "bitfit": 4e-3, "ia3": 4e-3, "bottleneck": 2e-3, "adamix": 2e-3, "prompt_tuning": 3e-2,
-      "prefix_tuning": 1e-2, "diff_pruning": 1e-4, "far": 2e-3}  # diff pruning moves every weight: full-FT rates
+      "prefix_tuning": 1e-2, "diff_pruning": 1e-4, "far": 2e-3, "ipt": 3e-2}  # diff pruning moves every weight: full-FT rates
+IPT_SOURCES = 2000  # examples per source task of the IPT subspace
 FULL_LR = 1e-4
 
 
@@ -82,6 +83,42 @@ def forward_ratio(base, adapted, tokenizer, texts) -> float:
     return statistics.median(times[id(adapted)]) / statistics.median(times[id(base)])
 
 
+def ipt_subspace(client) -> str:
+    """IPT's first step, as jobs: prompt-tuning adapters for tasks other than the 6-way TREC table task
+    (movie sentiment with three seeds; TREC's "location?" and "number?" one-vs-rest questions),
+    then an ipt-subspace job over them. Returns the subspace's name."""
+    from jobs.data import trec_rows
+
+    folder = Path(tempfile.mkdtemp())
+    rows = trec_rows()
+    tasks = [{"name": "movie_sentiment", "seed": s} for s in (0, 1, 2)]
+    for target in ("LOC", "NUM"):
+        path = folder / f"trec-is-{target.lower()}.jsonl"
+        path.write_text("".join(json.dumps({"text": q, "label": "yes" if y == target else "no"}) + "\n" for q, y in sorted(rows.items())))
+        tasks.append({"path": str(path), "seed": 0})
+    sources = []
+    for i, task in enumerate(tasks):
+        seed = task.pop("seed")
+        sources.append(client.submit({
+            "name": f"ipt-source-{i}", "base_model": "minilm", "task": "sequence-classification",
+            "dataset": {**task, "train_size": IPT_SOURCES}, "method": {"method": "prompt_tuning"}, "tags": ["ipt-table-source"],
+            "training": {"epochs": 1, "batch_size": BATCH, "lr": LR["prompt_tuning"], "eval_size": 500, "max_length": MAX_LEN, "seed": seed},
+            "resources": {"num_workers": 1, "cpus_per_worker": 2},
+        }))
+    for handle in sources:
+        job = handle.wait(progress=False)
+        print(f"IPT source {job.name} ({job.task_name}): {job.state}, eval_accuracy {handle.metrics('eval_accuracy')[-1].value:.3f}", flush=True)
+    fit = client.submit({"kind": "ipt-subspace", "name": "table-subspace", "base_model": "minilm", "sources": {"tag": "ipt-table-source"},
+                         "intrinsic_dim": 8, "resources": {"num_workers": 1, "cpus_per_worker": 2}})
+    job = fit.wait(progress=False)
+    if job.state.value != "SUCCEEDED":
+        raise RuntimeError(f"the IPT subspace job failed: {job.error}")
+    subspace = fit.subspace()
+    print(f"IPT subspace {subspace.name}: d={subspace.intrinsic_dim}, {len(subspace.sources)} sources, "
+          f"reconstruction error {subspace.metrics['reconstruction_relative_error']:.4f}", flush=True)
+    return subspace.name
+
+
 def through_jobs(methods: list[str]) -> list[dict]:
     import torch
 
@@ -95,7 +132,8 @@ def through_jobs(methods: list[str]) -> list[dict]:
     for method in methods:
         handle = client.submit({
             "name": f"table-{method.replace('_', '-')}", "base_model": "minilm", "task": "sequence-classification",
-            "dataset": {"name": "trec", "train_size": TRAIN}, "method": {"method": method},
+            "dataset": {"name": "trec", "train_size": TRAIN},
+            "method": {"method": "ipt", "subspace": ipt_subspace(client)} if method == "ipt" else {"method": method},
             "training": {"epochs": 1, "batch_size": BATCH, "lr": LR.get(method, 4e-3), "eval_size": EVAL, "max_length": MAX_LEN},
             "resources": {"num_workers": 1, "cpus_per_worker": 2},
         })

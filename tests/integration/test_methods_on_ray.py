@@ -9,6 +9,7 @@ import transformers
 import peft_methods
 from jobs.data import load_for_job
 from jobs.evaluation import evaluate_classifier
+from jobs.spec import JobSpecError
 from jobs.states import JobState
 from orchestrator import Client
 
@@ -38,13 +39,54 @@ def test_method_trains_as_a_job_and_its_adapter_reloads(submitted, tiny_bert_dir
     handle = handles[method]
     job = handle.wait(timeout=900, progress=False)
     assert job.state is JobState.SUCCEEDED, f"{method}: {job.error}\n{handle.logs()[-3000:]}"
-    adapter = handle.adapter()
-    assert adapter.method == method
-    spec = job.job_spec
+    assert handle.adapter().method == method
+    _reloads_with_the_recorded_accuracy(client, handle, tiny_bert_dir)
+
+
+def _reloads_with_the_recorded_accuracy(client, handle, tiny_bert_dir):
+    spec = handle.record().job_spec
     data = load_for_job(spec.dataset, spec.task, spec.training)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(data.labels))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert_dir)
-    model = client.adapters.load(adapter.name, base)
+    model = client.adapters.load(handle.adapter().name, base)
     reloaded = evaluate_classifier(model, tokenizer, data.eval, batch_size=8, max_length=32)
     recorded = handle.metrics("eval_accuracy")[-1].value
-    assert abs(reloaded - recorded) <= 1 / 128, f"{method}: reloaded {reloaded}, job recorded {recorded}"
+    assert abs(reloaded - recorded) <= 1 / 128, f"{spec.method.method}: reloaded {reloaded}, job recorded {recorded}"
+
+
+def test_ipt_fits_a_subspace_on_registered_prompt_adapters_then_trains_only_z_in_it(submitted, tiny_bert_dir):
+    """Both IPT steps as jobs: prompt-tuning adapters -> ipt-subspace job -> ipt job."""
+    client, handles = submitted
+    base = str(tiny_bert_dir)
+    job_count = client.store.count_jobs()
+    with pytest.raises(JobSpecError, match="method.subspace.*no subspace named 'nope'"):
+        client.submit({**_tiny(base, "ipt-early"), "method": {"method": "ipt", "subspace": "nope"}})
+    assert client.store.count_jobs() == job_count  # refused before anything was stored
+
+    second = client.submit({**_tiny(base, "pt-second", seed=1), "method": {"method": "prompt_tuning"}, "task_name": "trec-b"})
+    sources = [handles["prompt_tuning"], second]
+    for h in sources:
+        assert h.wait(timeout=900, progress=False).state is JobState.SUCCEEDED, h.logs()[-3000:]
+
+    fit = client.submit({"kind": "ipt-subspace", "name": "trec-sub", "base_model": base, "intrinsic_dim": 4, "inner_dim": 32, "steps": 200})
+    job = fit.wait(timeout=600, progress=False)
+    assert job.state is JobState.SUCCEEDED, f"{job.error}\n{fit.logs()[-3000:]}"
+    subspace = fit.subspace()
+    assert subspace.base_fingerprint == client.store.get_base_model(base).fingerprint
+    assert sorted(s["name"] for s in subspace.sources) == sorted(h.adapter().name for h in sources)
+    assert [e.to_state for e in client.store.events(job.id)] == ["PENDING", "QUEUED", "RUNNING", "SUCCEEDED"]
+
+    ipt = client.submit({**_tiny(base, "ipt"), "method": {"method": "ipt", "subspace": subspace.name}})
+    job = ipt.wait(timeout=900, progress=False)
+    assert job.state is JobState.SUCCEEDED, f"{job.error}\n{ipt.logs()[-3000:]}"
+    head = 32 * 6 + 6  # TREC's six classes on a 32-wide encoder
+    assert ipt.metrics("trainable_parameters")[-1].value == 4 + head
+    adapter = ipt.adapter()
+    lineage = peft_methods.read_manifest(client.adapters.local_folder(adapter.name))["metadata"]["subspace"]
+    assert lineage == {"id": subspace.id, "name": subspace.name, "sha256": subspace.sha256}
+    _reloads_with_the_recorded_accuracy(client, ipt, tiny_bert_dir)
+
+
+def _tiny(base: str, name: str, seed: int = 0) -> dict:
+    return {"name": name, "base_model": base, "task": "sequence-classification", "dataset": {"name": "trec", "train_size": 256},
+            "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 128, "max_length": 32, "seed": seed}}
