@@ -28,7 +28,9 @@ from pydantic import Field
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod, applied_config, check_state_keys
-from peft_methods.bottleneck import ACTIVATIONS, AdapterShapeConfig, adapted_sublayers, bottleneck_size, init_up_projection
+from peft_methods.bottleneck import (
+    ACTIVATIONS, AdapterShapeConfig, adapted_sublayers, bottleneck_size, init_up_projection, output_adapter_deltas,
+)
 from peft_methods.targeting import replace_module
 
 # Names of the averaged adapter's tensors, relative to the adapted layer: a bottleneck adapter's.
@@ -134,6 +136,10 @@ class AdaMix(PeftMethod):
 
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".adamix_experts." in name
+
+    def row_deltas(self, base: nn.Module, config: AdaMixConfig, state: dict[str, torch.Tensor]) -> list:
+        """The averaged adapter, served like a bottleneck adapter (kept experts are not needed)."""
+        return output_adapter_deltas(config, {k: v for k, v in state.items() if ".adamix_experts." not in k})
 
     def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
         terms = []

@@ -132,15 +132,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, base_fingerp
             f"adapter {directory} was trained on base {trained_on or '(unrecorded)'}, "
             f"but the model it is being loaded into is base {base_fingerprint}"
         )
+    config, state = _read_verified(directory, manifest)
+    method = get_method(config.method)
+    method.apply(model, config)
+    method.load_adapter_state_dict(model, state)
+    return model
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """An adapter folder's (config in its load form, tensors by parameter name, manifest), every
+    hash checked; for code that applies adapters its own way (mixed-batch serving)."""
+    manifest = read_manifest(directory)
+    return (*_read_verified(directory, manifest), manifest)
+
+
+def _read_verified(directory: str | os.PathLike, manifest: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     method = get_method(manifest["method"])
     config = method.Config.model_validate(manifest["config"])
     try:
         state = method.from_file_keys(load_file(Path(directory) / WEIGHTS_FILE))
     except ValueError as e:
         raise AdapterIntegrityError(f"{directory}: {e}") from None
-    method.apply(model, method.loading_config(config, state))
-    method.load_adapter_state_dict(model, state)
-    return model
+    return method.loading_config(config, state), state
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -111,6 +111,12 @@ class PeftMethod:
         returns a lighter config here; by default the saved config itself."""
         return config
 
+    def row_deltas(self, base: nn.Module, config: MethodConfig, state: dict[str, torch.Tensor]) -> list[Any]:
+        """A saved adapter as per-module changes of the plain ``base`` that a mixed batch applies to
+        the rows using it (see :mod:`peft_methods.mixed_batch`). ``state`` holds the saved tensors by
+        parameter name with the task heads taken out (those are served generically)."""
+        raise NotImplementedError(f"{self.name} does not describe its adapter as per-row deltas")
+
     def adapter_config(self, model: nn.Module, config: MethodConfig) -> dict[str, Any]:
         """The content of ``adapter_config.json``. Methods HF PEFT knows override this."""
         return {"peft_type": f"PEFTFLEET_{self.name.upper()}", **config.model_dump(mode="json")}

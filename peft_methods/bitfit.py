@@ -10,7 +10,7 @@ model *is* the merged model: merging costs nothing and serving has no overhead.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -63,3 +63,17 @@ class BitFit(PeftMethod):
 
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name == "bias" or name.endswith(".bias")
+
+    def row_deltas(self, base: nn.Module, config: BitFitConfig, state: dict[str, torch.Tensor]) -> list[Any]:
+        """Each trained bias as a shift from the base's (from zero where BitFit added the bias)."""
+        from peft_methods.mixed_batch import BiasShift
+
+        modules = dict(base.named_modules())
+        deltas = []
+        for key in sorted(state):
+            module = key.rsplit(".", 1)[0] if "." in key else ""
+            if module not in modules:
+                raise ValueError(f"bitfit: the adapter's {key} belongs to no module of this base")
+            own = getattr(modules[module], "bias", None)
+            deltas.append(BiasShift(module, state[key] - (own.detach().to(state[key].dtype) if own is not None else 0)))
+        return deltas

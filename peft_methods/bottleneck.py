@@ -83,6 +83,18 @@ def init_up_projection(weight: torch.Tensor, bias: torch.Tensor, scale: float) -
         bias.zero_()
 
 
+def output_adapter_deltas(config: AdapterShapeConfig, state: dict[str, torch.Tensor]) -> list:
+    """Saved bottleneck tensors (``<module>.adapter_down.weight`` ...) as mixed-batch deltas."""
+    from peft_methods.mixed_batch import OutputAdapter
+
+    act = ACTIVATIONS[config.nonlinearity]()
+    return [
+        OutputAdapter(m, state[f"{m}.adapter_down.weight"], state[f"{m}.adapter_down.bias"],
+                      state[f"{m}.adapter_up.weight"], state[f"{m}.adapter_up.bias"], act)
+        for m in sorted(k[: -len(".adapter_down.weight")] for k in state if k.endswith(".adapter_down.weight"))
+    ]
+
+
 class BottleneckConfig(AdapterShapeConfig):
     method: Literal["bottleneck"] = Field(default="bottleneck", description="Selects bottleneck adapters.")
 
@@ -123,3 +135,6 @@ class BottleneckAdapters(PeftMethod):
 
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".adapter_down." in name or ".adapter_up." in name
+
+    def row_deltas(self, base: nn.Module, config: BottleneckConfig, state: dict[str, torch.Tensor]) -> list:
+        return output_adapter_deltas(config, state)

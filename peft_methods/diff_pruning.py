@@ -136,6 +136,18 @@ class DiffPruning(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.endswith((".diff_delta", ".diff_log_alpha"))
 
+    def row_deltas(self, base: nn.Module, config: DiffPruningConfig, state: dict[str, torch.Tensor]) -> list:
+        """Each layer's kept entries as a sparse weight difference."""
+        from peft_methods.mixed_batch import SparseDelta
+
+        modules, deltas = dict(base.named_modules()), []
+        for m in sorted(k[: -len(_INDICES)] for k in state if k.endswith(_INDICES)):
+            out_features, in_features = modules[m].weight.shape
+            flat = state[m + _INDICES]
+            coords = torch.stack([flat // in_features, flat % in_features])
+            deltas.append(SparseDelta(m, torch.sparse_coo_tensor(coords, state[m + _VALUES], (out_features, in_features), check_invariants=True).coalesce()))
+        return deltas
+
     def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
         """``l0_weight`` × expected L0 norm, from the terms the last training forward recorded;
         without such a forward (outside ZeRO-3 only) it is computed from the parameters."""

@@ -132,6 +132,13 @@ class FAR(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.endswith((".far_weight", ".far_bias"))
 
+    def row_deltas(self, base: nn.Module, config: FARConfig, state: dict[str, torch.Tensor]) -> list:
+        """Each adapted layer's trained rows replace the base's rows for the adapter's requests."""
+        from peft_methods.mixed_batch import RowOverride
+
+        return [RowOverride(m, state[m + _ROWS], state[m + ".far_weight"], state.get(m + ".far_bias"))
+                for m in sorted(k[: -len(_ROWS)] for k in state if k.endswith(_ROWS))]
+
     def prime(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Pick each layer's units by accumulated L1 norm of their incoming-weight gradients."""
         layers = _far_layers(model)

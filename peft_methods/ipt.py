@@ -185,6 +185,11 @@ class IPT(PeftMethod):
             VECTOR_KEY: (tuple(module.intrinsic.shape), setter(module.intrinsic)),
         })
 
+    def row_deltas(self, base: nn.Module, config: IPTConfig, state: dict[str, torch.Tensor]) -> list[Any]:
+        from peft_methods.mixed_batch import Prompt
+
+        return [Prompt(state[PROMPT_KEY])]  # the decoded prompt: served like prompt tuning
+
     def to_file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return to_hf_keys(state)
 

@@ -90,6 +90,13 @@ class LoRA(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".lora_A." in name or ".lora_B." in name
 
+    def row_deltas(self, base: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor]) -> list[Any]:
+        from peft_methods.mixed_batch import LowRank
+
+        scale = config.alpha / config.r
+        return [LowRank(k[: -len(".lora_A.weight")], state[k], state[k.replace(".lora_A.", ".lora_B.")] * scale)
+                for k in sorted(state) if k.endswith(".lora_A.weight")]
+
     def adapter_config(self, model: nn.Module, config: LoRAConfig) -> dict[str, Any]:
         """HF PEFT's LoraConfig fields; targets listed by full name so both tools pick the same layers."""
         return {

@@ -91,6 +91,11 @@ class PromptTuning(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.startswith(_ATTR + ".")
 
+    def row_deltas(self, base: nn.Module, config: MethodConfig, state: dict[str, torch.Tensor]) -> list[Any]:
+        from peft_methods.mixed_batch import Prompt
+
+        return [Prompt(state[PROMPT_KEY])]
+
     # -- HF PEFT's layout: `prompt_embeddings` (num_virtual_tokens, hidden) plus the task head --
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().adapter_state_dict(model)
