@@ -238,11 +238,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
     if rank == 0:  # this worker's peak resident memory, for sizing (Linux reports KiB)
         store.record_metrics(job_id, step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-    adapter = _save_and_register(engine, method, spec, config, store, rank, metrics, lineage)
+    adapter = _save_and_register(engine, method, spec, config, store, rank, metrics, lineage, labels)
     ray.train.report({**metrics, "adapter": adapter or ""})
 
 
-def _save_and_register(engine, method, spec, config, store, rank: int, metrics: dict[str, float], lineage: dict) -> str | None:
+def _save_and_register(engine, method, spec, config, store, rank: int, metrics: dict[str, float], lineage: dict,
+                       labels: list | None) -> str | None:
     model = engine.module
     owned = [p for n, p in model.named_parameters() if method.owns(model, n)]
     gather = nullcontext()
@@ -259,6 +260,7 @@ def _save_and_register(engine, method, spec, config, store, rank: int, metrics: 
             with tempfile.TemporaryDirectory() as tmp:
                 folder = peft_methods.save_adapter(model, os.path.join(tmp, "adapter"), metadata={
                     "base_fingerprint": config["base_fingerprint"], "job_id": job_id, "metrics": scores, **lineage,
+                    **({"labels": list(labels)} if labels else {}),
                 })
                 store.adapters.register(
                     folder, name=name, base_fingerprint=config["base_fingerprint"], task=spec.task,

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.adapter_registry import AdapterRecord, AdapterRegistry
 from jobs.home import peftfleet_home
@@ -32,6 +32,9 @@ from jobs.subspace_registry import SubspaceRecord, SubspaceRegistry
 from jobs.subspaces import check_references
 from orchestrator.cluster import JOB_ENV, Cluster, connect
 from orchestrator.reconciler import settle_orphans
+
+if TYPE_CHECKING:
+    from orchestrator.serving.deployment import Serving
 
 RAY_TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
 
@@ -240,12 +243,52 @@ class Client:
             job = self.store.transition(job.id, JobState.CANCELLED, reason="Ray job stopped")
         return job
 
+    def serve(
+        self, base: str, *, adapters: list[str] | str = "all", task: str | None = None, capacity: int = 32,
+        num_replicas: int = 1, autoscaling: dict[str, Any] | None = None, api_key: str | None = None,
+        host: str = "127.0.0.1", port: int = 8000, name: str = "peftfleet", route_prefix: str = "/", max_batch_size: int = 32,
+        batch_wait_s: float = 0.01, cpus_per_replica: float = 1, gpus_per_replica: float = 0,
+    ) -> Serving:
+        """Serve ``adapters`` (names, or ``"all"`` registered for ``base``, now and later) from one copy
+        of ``base`` per replica, over an OpenAI-shaped HTTP API; prints and returns the URL.
+
+        ``task`` defaults to causal-lm for decoder bases and sequence-classification otherwise.
+        ``autoscaling`` is Ray Serve's autoscaling_config (min_replicas, max_replicas, ...)."""
+        from orchestrator.serving.deployment import ServeOptions, start
+
+        base_record = self.store.register_base_model(base)
+        task = task or default_task(base_record.path)
+        names = None if adapters == "all" else list(adapters)
+        for adapter in names or []:
+            record = self.adapters.get(adapter)  # AdapterNotFound names it
+            if record.base_fingerprint != base_record.fingerprint:
+                raise ValueError(f"adapter {adapter!r} was trained on another base than {base!r}")
+            if record.task != task:
+                raise ValueError(f"adapter {adapter!r} is a {record.task} adapter; this server serves {task}")
+        options = ServeOptions(base, task, names, capacity, max_batch_size, batch_wait_s, api_key,
+                               self.store.url, self.store.artifacts.url, str(self.home))
+        self.cluster  # noqa: B018 - connect (or start the local cluster) first
+        env = {**JOB_ENV, "PEFTFLEET_HOME": str(self.home), "OMP_NUM_THREADS": str(max(1, int(cpus_per_replica)))}
+        serving = start(options, name=name, host=host, port=port, route_prefix=route_prefix, num_replicas=num_replicas, autoscaling=autoscaling,
+                        cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, env=env)
+        print(f"serving {base} ({task}; adapters: {', '.join(names) if names is not None else 'all registered'}) at {serving.url}/v1", flush=True)
+        return serving
+
     def settle_orphans(self) -> list[JobRecord]:
         """Settle live jobs whose owner stopped heartbeating (see ``orchestrator.reconciler``)."""
         jobs_client = None
         if self._cluster is not None:
             jobs_client = self._cluster.jobs_client()
         return settle_orphans(self.store, timeout_s=self.heartbeat_timeout_s, jobs_client=jobs_client)
+
+
+def default_task(base_folder: str | os.PathLike) -> str:
+    """causal-lm for decoder-only bases (by their config's architectures), else sequence-classification."""
+    import json
+
+    config = json.loads((Path(base_folder) / "config.json").read_text())
+    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or []) or config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo")
+    return "causal-lm" if causal else "sequence-classification"
 
 
 __all__ = ["Client", "InfeasibleJob", "JobHandle", "JobSpecError"]

@@ -310,6 +310,11 @@ class AdapterBank:
     def num_labels(self, key: Hashable) -> int | None:
         return self.loaded[key].num_labels
 
+    def prompt_length(self, key: Hashable | None) -> int:
+        """Virtual tokens the adapter puts in front of every row (0 for the base and non-prompt methods)."""
+        prompt = None if key is None else self.loaded[key].prompt
+        return 0 if prompt is None else prompt.shape[0]
+
     def _mixed(self, name: str, modules: dict[str, nn.Module]) -> MixedModule:
         module = modules.get(name)
         if module is None:
@@ -391,7 +396,7 @@ class AdapterBank:
         keys = [r.adapter for r in requests]
         inputs = self.pack([r.prompt_ids for r in requests], keys)
         self.router.set(self.slots(keys))
-        eos = _eos_ids(self.model)
+        eos = eos_ids(self.model)
         done = [r.max_tokens == 0 for r in requests]
         out: list[list[int]] = [[] for _ in requests]
         generators = [torch.Generator().manual_seed(r.seed) for r in requests]
@@ -446,7 +451,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def _eos_ids(model: nn.Module) -> list[int]:
+def eos_ids(model: nn.Module) -> list[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)

@@ -1,0 +1,116 @@
+"""The HTTP API's shapes, following OpenAI's so existing clients work unchanged: request bodies,
+responses, server-sent-event chunks and the error object ``{"error": {"message", "type",
+"param", "code"}}``."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs...)
+
+    model: str = Field(min_length=1, description="An adapter name, a task name with a promoted adapter, or the base.")
+
+
+class _Sampling(_Request):
+    max_tokens: int = Field(default=16, ge=0, le=4096)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    stream: bool = False
+    seed: int | None = None
+    n: Literal[1] = 1
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ClassifyRequest(_Request):
+    input: str | list[str] = Field(description="One text or a list of texts.")
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("input must hold at least one text")
+        return v
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One line per bad field, and the first field's name as OpenAI's ``param``."""
+    lines, param = [], None
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = param or (".".join(loc) or None)
+        lines.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(lines) or "invalid request body", param
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string, and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _finish(tokens: int, max_tokens: int, stopped: bool) -> str:
+    return "stop" if stopped or tokens < max_tokens else "length"
+
+
+def completion_response(model: str, text: str, prompt_tokens: int, tokens: int, max_tokens: int, stopped: bool, chat: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(tokens, max_tokens, stopped), "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()), "model": model, "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
+    }
+
+
+def stream_chunk(stream_id: str, model: str, text: str | None, finish: str | None, chat: bool) -> str:
+    if chat:
+        delta = {} if text is None else {"content": text}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    body = {"id": stream_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice]}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def classify_response(model: str, rows: list[list[tuple[str, float]]]) -> dict[str, Any]:
+    return {
+        "object": "list", "model": model,
+        "data": [{"index": i, "label": max(scores, key=lambda s: s[1])[0], "scores": dict(scores)} for i, scores in enumerate(rows)],
+    }

@@ -1,0 +1,207 @@
+"""The Ray Serve deployment: each replica loads the base once and serves its adapters over an
+OpenAI-shaped HTTP API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/classify`).
+
+Replicas are independent: each has its own adapter bank (LRU), loads adapters on first use from
+artifact storage and reads the registry on every request, so adapters registered later are
+servable without a restart.
+"""
+
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from orchestrator.serving.api import (
+    ChatRequest, ClassifyRequest, CompletionRequest, classify_response, completion_response, cut_at_stop, error_body,
+    stream_chunk, validation_message,
+)
+from orchestrator.serving.engine import AdapterResolver, ApiError, Engine
+
+app = FastAPI(title="peftfleet", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
+    errors = e.errors()
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return JSONResponse(error_body("the request body is not valid JSON", code="invalid_json"), status_code=400)
+    message, param = validation_message(errors)
+    return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=422)
+
+
+@dataclass
+class ServeOptions:
+    """What a serving application runs: which base, which adapters, how it batches and scales."""
+
+    base: str
+    task: str = "causal-lm"
+    adapters: list[str] | None = None  # None = every adapter registered for the base
+    capacity: int = 32
+    max_batch_size: int = 32
+    batch_wait_s: float = 0.01
+    api_key: str | None = None
+    store_url: str | None = None
+    storage_url: str | None = None
+    home: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@serve.deployment
+@serve.ingress(app)
+class AdapterServer:
+    def __init__(self, options: dict[str, Any]):
+        import torch
+
+        from jobs.base_models import load_base_model
+        from jobs.store import JobStore
+        from peft_methods.mixed_batch import AdapterBank
+
+        opts = ServeOptions(**options)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.options = opts
+        store = JobStore(opts.store_url, storage_url=opts.storage_url, home=opts.home)
+        base = store.register_base_model(opts.base)
+        # The base's own head is a placeholder: classification adapters bring theirs.
+        model, self.tokenizer = load_base_model(opts.base, opts.task, num_labels=2 if opts.task == "sequence-classification" else None, home=opts.home)
+        self.bank = AdapterBank(model, capacity=opts.capacity)
+        self.tokenizer.padding_side = self.bank.padding_side
+        self.resolver = AdapterResolver(store, opts.base, base.fingerprint, set(opts.adapters) if opts.adapters is not None else None)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.engine = Engine(self.bank, self.tokenizer, self.resolver, max_batch_size=opts.max_batch_size,
+                             batch_wait_s=opts.batch_wait_s, max_positions=self.max_positions)
+
+    def _authorize(self, request: Request) -> None:
+        key = self.options.api_key
+        if key and request.headers.get("authorization", "") != f"Bearer {key}":
+            raise ApiError(401, "Incorrect API key provided", "invalid_request_error", None, "invalid_api_key")
+
+    def _causal(self) -> None:
+        if self.options.task != "causal-lm":
+            raise ApiError(400, f"this server serves {self.options.task} adapters; use /v1/classify", code="wrong_task")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "list", "data": self.resolver.models()}
+
+    @app.get("/v1/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        """What this replica holds now: loaded adapters (LRU order, oldest first) and recent batches."""
+        self._authorize(request)
+        return {"loaded": [str(k) for k in self.bank.loaded], "capacity": self.bank.capacity, "batches": self.engine.batches[-20:]}
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
+        self._causal()
+        ids = self.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        return await self._complete(body, ids, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest, request: Request):
+        self._authorize(request)
+        self._causal()
+        messages = [m.model_dump() for m in body.messages]
+        if self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = self.tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", add_special_tokens=False)["input_ids"]
+        return await self._complete(body, ids, chat=True)
+
+    @app.post("/v1/classify")
+    async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        if self.options.task != "sequence-classification":
+            raise ApiError(400, "this server serves causal-lm adapters; use /v1/completions", code="wrong_task")
+        adapter = self.resolver.resolve(body.model)
+        if adapter is None:
+            raise ApiError(400, "the base model has no trained classification head; name an adapter", param="model", code="no_head")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        rows = []
+        for text in texts:
+            ids = self.tokenizer(text, truncation=True, max_length=self.max_positions or 512)["input_ids"]
+            logits = await self.engine.classify(adapter, ids)
+            scores = logits.softmax(-1).tolist()
+            labels = self.engine.labels.get(adapter) or [f"LABEL_{i}" for i in range(len(scores))]
+            rows.append(list(zip(labels, scores)))
+        return classify_response(body.model, rows)
+
+    async def _complete(self, body, ids: list[int], *, chat: bool):
+        adapter = self.resolver.resolve(body.model)
+        if self.max_positions and len(ids) + body.max_tokens > self.max_positions:
+            raise ApiError(400, f"This model's maximum context length is {self.max_positions} tokens; the prompt has {len(ids)} "
+                           f"and max_tokens asks for {body.max_tokens} more", param="prompt", code="context_length_exceeded")
+        seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**31
+        queue = await self.engine.generate(adapter, ids, max_tokens=body.max_tokens, temperature=body.temperature,
+                                           top_p=body.top_p, seed=seed, stop=body.stop)
+        if body.stream:
+            return StreamingResponse(self._stream(queue, body, chat), media_type="text/event-stream")
+        tokens, stopped = [], False
+        while (token := await queue.get()) is not None:
+            if isinstance(token, ApiError):
+                raise token
+            tokens.append(token)
+        text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), body.stop)
+        return completion_response(body.model, text, len(ids), len(tokens), body.max_tokens, stopped or self.engine.ended(tokens), chat)
+
+    async def _stream(self, queue, body, chat: bool):
+        stream_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        tokens, sent, stopped = [], "", False
+        if chat:
+            yield stream_chunk(stream_id, body.model, "", None, chat)
+        while (token := await queue.get()) is not None:
+            if isinstance(token, ApiError):
+                yield f"data: {json.dumps(error_body(token.message, token.type, token.param, token.code))}\n\n"
+                return
+            if stopped:
+                continue  # drain what the batch still produced for this row
+            tokens.append(token)
+            text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), body.stop)
+            if len(text) > len(sent):
+                yield stream_chunk(stream_id, body.model, text[len(sent):], None, chat)
+                sent = text
+        finish = "stop" if stopped or self.engine.ended(tokens) or len(tokens) < body.max_tokens else "length"
+        yield stream_chunk(stream_id, body.model, None, finish, chat)
+        yield "data: [DONE]\n\n"
+
+
+def build_app(options: ServeOptions, *, num_replicas: int | str = 1, autoscaling: dict[str, Any] | None = None,
+              cpus_per_replica: float = 1, gpus_per_replica: float = 0, env: dict[str, str] | None = None):
+    """The Serve application for ``options`` (``num_replicas`` or ``autoscaling`` settings)."""
+    scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}
+    return AdapterServer.options(
+        **scaling, max_ongoing_requests=max(64, options.max_batch_size * 4),
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica, "runtime_env": {"env_vars": env or {}}},
+    ).bind(vars(options))
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A running serving application; ``url`` is the OpenAI base URL without ``/v1``."""
+
+    name: str
+    url: str
+
+    def stop(self) -> None:
+        serve.delete(self.name)
+
+
+def start(options: ServeOptions, *, name: str = "peftfleet", host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
+          **scaling: Any) -> Serving:
+    """Deploy (or update) the application on the connected Ray cluster; returns once replicas are ready."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(options, **scaling), name=name, route_prefix=route_prefix)
+    return Serving(name, f"http://{host}:{port}{route_prefix.rstrip('/')}")

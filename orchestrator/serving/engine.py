@@ -1,0 +1,233 @@
+"""The serving engine of one replica: which adapters a request may name, and the batching loop.
+
+Requests wait in one queue. A loop takes the first, gathers more for ``batch_wait_s`` (up to
+``max_batch_size``), loads the adapters the batch needs into the bank (hash- and base-checked,
+LRU), and runs the batch as one mixed forward in a worker thread, so the event loop keeps
+answering HTTP meanwhile. Generated tokens flow back to each request's own queue as they come,
+which is what streaming reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from jobs.adapter_registry import AdapterNotFound
+from jobs.store import JobStore
+from peft_methods.adapter_files import AdapterIntegrityError, BaseModelMismatch, read_adapter
+from peft_methods.mixed_batch import AdapterBank, GenerationRequest, NotServable, eos_ids
+
+
+class ApiError(Exception):
+    """An error for the client, in OpenAI's shape: HTTP status, type, message, optional param."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+class AdapterResolver:
+    """Maps a request's ``model`` to an adapter of this base: a registered adapter's name, or a task
+    name whose promoted adapter is used; the base's own name means no adapter."""
+
+    def __init__(self, store: JobStore, base_name: str, base_fingerprint: str, allowed: set[str] | None):
+        self.store, self.base_name, self.fingerprint, self.allowed = store, base_name, base_fingerprint, allowed
+
+    def resolve(self, model: str) -> str | None:
+        if model in (self.base_name, self.fingerprint):
+            return None
+        try:
+            record = self.store.adapters.get(model)
+        except AdapterNotFound:
+            record = self.store.adapters.promoted(self.fingerprint, model) if _is_name(model) else None
+            if record is None:
+                raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found") from None
+        if record.base_fingerprint != self.fingerprint:
+            raise ApiError(400, f"adapter '{record.name}' was trained on base {record.base_fingerprint[:19]}…; this server serves "
+                           f"{self.base_name} ({self.fingerprint[:19]}…)", "invalid_request_error", "model", "wrong_base_model")
+        if self.allowed is not None and record.name not in self.allowed:
+            raise ApiError(404, f"The model '{record.name}' is not served here", "invalid_request_error", "model", "model_not_found")
+        return record.name
+
+    def models(self) -> list[dict[str, Any]]:
+        adapters = [a for a in self.store.adapters.list(base=self.fingerprint) if self.allowed is None or a.name in self.allowed]
+        base = {"id": self.base_name, "object": "model", "owned_by": "peftfleet", "created": 0, "peftfleet": {"kind": "base", "fingerprint": self.fingerprint}}
+        return [base] + [
+            {"id": a.name, "object": "model", "owned_by": "peftfleet", "created": int(a.created_at), "parent": self.base_name,
+             "peftfleet": {"kind": "adapter", "method": a.method, "task": a.task, "task_name": a.task_name, "promoted": a.promoted}}
+            for a in adapters
+        ]
+
+    def read(self, name: str) -> tuple[Any, dict[str, torch.Tensor], list[str] | None]:
+        """An adapter's config, tensors and class labels (when recorded) from its verified artifact,
+        refusing another base."""
+        try:
+            config, state, manifest = read_adapter(self.store.adapters.local_folder(name))
+        except AdapterIntegrityError as e:
+            raise ApiError(500, f"adapter '{name}' failed its integrity check: {e}", "server_error", "model", "adapter_integrity_error") from None
+        if manifest.get("metadata", {}).get("base_fingerprint") != self.fingerprint:
+            raise ApiError(400, f"adapter '{name}' records another base", "invalid_request_error", "model", "wrong_base_model")
+        return config, state, manifest.get("metadata", {}).get("labels")
+
+
+def _is_name(value: str) -> bool:
+    return bool(value) and len(value) <= 64
+
+
+@dataclass
+class _Pending:
+    kind: str  # "generate" or "classify"
+    adapter: str | None
+    ids: list[int]
+    params: dict[str, Any] = field(default_factory=dict)
+    queue: asyncio.Queue | None = None  # generate: token ids, then None; errors as ApiError
+    future: asyncio.Future | None = None  # classify: the row's logits
+
+
+class Engine:
+    def __init__(self, bank: AdapterBank, tokenizer: Any, resolver: AdapterResolver, *, max_batch_size: int = 32,
+                 batch_wait_s: float = 0.01, max_positions: int | None = None):
+        self.bank, self.tokenizer, self.resolver, self.max_positions = bank, tokenizer, resolver, max_positions
+        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._lock = threading.Lock()  # the bank is used by one batch at a time
+        self._loop_task: asyncio.Task | None = None
+        self.batches: list[dict[str, Any]] = []  # recent batch sizes and adapters, for tests and metrics
+        self.labels: dict[str, list[str]] = {}  # class names of loaded classification adapters
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._batching_loop())
+
+    # -- the two kinds of work ---------------------------------------------------------------------
+    async def generate(self, adapter: str | None, ids: list[int], **params: Any) -> asyncio.Queue:
+        """Queue a completion; returns the queue its token ids arrive in (then None, or an ApiError)."""
+        self.start()
+        item = _Pending("generate", adapter, ids, params, queue=asyncio.Queue())
+        await self.queue.put(item)
+        return item.queue
+
+    async def classify(self, adapter: str, ids: list[int]) -> torch.Tensor:
+        self.start()
+        item = _Pending("classify", adapter, ids, future=asyncio.get_running_loop().create_future())
+        await self.queue.put(item)
+        return await item.future
+
+    def ended(self, tokens: list[int]) -> bool:
+        """Whether a generation ended with the model's end-of-sequence token."""
+        return bool(tokens) and tokens[-1] in eos_ids(self.bank.model)
+
+    # -- batching -----------------------------------------------------------------------------------
+    async def _batching_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            for kind in ("classify", "generate"):
+                group = [p for p in batch if p.kind == kind]
+                for chunk in self._fit_capacity(group):
+                    await asyncio.to_thread(self._run, kind, chunk, loop)
+
+    def _fit_capacity(self, group: list[_Pending]) -> list[list[_Pending]]:
+        """Split so no sub-batch needs more distinct adapters than the bank has slots."""
+        chunks, current, adapters = [], [], set()
+        for p in group:
+            extra = {p.adapter} - adapters - {None}
+            if current and len(adapters | extra) > self.bank.capacity:
+                chunks.append(current)
+                current, adapters = [], set()
+            current.append(p)
+            adapters |= {p.adapter} - {None}
+        return chunks + ([current] if current else [])
+
+    def _run(self, kind: str, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            ready = []
+            for p in batch:
+                try:
+                    self._ensure_loaded(p.adapter)
+                    self._check_length(p)
+                    ready.append(p)
+                except ApiError as e:
+                    self._fail(p, e, loop)
+            if not ready:
+                return
+            self.batches.append({"kind": kind, "size": len(ready), "adapters": sorted({str(p.adapter) for p in ready})})
+            del self.batches[:-100]
+            try:
+                if kind == "classify":
+                    logits = self.bank.forward_rows([p.ids for p in ready], [p.adapter for p in ready]).logits
+                    for p, row in zip(ready, logits):
+                        loop.call_soon_threadsafe(_set_result, p.future, row[: self.bank.num_labels(p.adapter)].float().cpu())
+                else:
+                    self._generate(ready, loop)
+            except Exception as e:  # noqa: BLE001 - one bad batch must not take the server down
+                for p in ready:
+                    self._fail(p, ApiError(500, f"{type(e).__name__}: {e}", "server_error"), loop)
+
+    def _generate(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        requests = [GenerationRequest(p.ids, p.adapter, p.params["max_tokens"], p.params["temperature"], p.params["top_p"], p.params["seed"])
+                    for p in batch]
+        texts = [[] for _ in batch]
+
+        def on_token(row: int, token: int) -> bool:
+            loop.call_soon_threadsafe(batch[row].queue.put_nowait, token)
+            stop = batch[row].params.get("stop") or []
+            if not stop:
+                return False
+            texts[row].append(token)
+            text = self.tokenizer.decode(texts[row], skip_special_tokens=True)
+            return any(s in text for s in stop)
+
+        self.bank.generate(requests, on_token)
+        for p in batch:
+            loop.call_soon_threadsafe(p.queue.put_nowait, None)
+
+    def _check_length(self, p: _Pending) -> None:
+        """With the adapter's virtual tokens counted, the row must fit the model's positions."""
+        if self.max_positions is None:
+            return
+        total = len(p.ids) + self.bank.prompt_length(p.adapter) + p.params.get("max_tokens", 0)
+        if total > self.max_positions:
+            raise ApiError(400, f"This model's maximum context length is {self.max_positions} tokens; the request needs {total} "
+                           "(prompt, the adapter's virtual tokens and max_tokens)", param="prompt", code="context_length_exceeded")
+
+    def _ensure_loaded(self, adapter: str | None) -> None:
+        if adapter is None or adapter in self.bank:
+            return
+        config, state, labels = self.resolver.read(adapter)
+        if labels:
+            self.labels[adapter] = list(labels)
+        try:
+            self.bank.load(adapter, config, state)
+        except (NotServable, BaseModelMismatch, ValueError) as e:
+            raise ApiError(400, f"adapter '{adapter}' cannot be served: {e}", "invalid_request_error", "model", "adapter_not_servable") from None
+
+    @staticmethod
+    def _fail(p: _Pending, error: ApiError, loop: asyncio.AbstractEventLoop) -> None:
+        if p.kind == "classify":
+            loop.call_soon_threadsafe(_set_exception, p.future, error)
+        else:
+            loop.call_soon_threadsafe(p.queue.put_nowait, error)
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
