@@ -3,6 +3,7 @@
     peftfleet submit job.yaml [--wait]      peftfleet jobs [--state RUNNING] [--json]
     peftfleet status JOB [--json]           peftfleet adapters [--base minilm] [--json]
     peftfleet logs JOB                      peftfleet cancel JOB
+    peftfleet subspaces [--base minilm]     peftfleet serve --base smollm2 [--adapters A B] [--port 8000]
 
 Every command takes --store-url, --storage-url, --address and --home (defaults from
 PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, RAY_ADDRESS and PEFTFLEET_HOME). Errors go to stderr:
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -149,6 +151,25 @@ def cmd_subspaces(client: Client, args) -> int:
     return 0
 
 
+def cmd_serve(client: Client, args) -> int:
+    serving = client.serve(
+        args.base, adapters=args.adapters or "all", task=args.task, capacity=args.capacity, num_replicas=args.replicas,
+        api_key=args.api_key or os.environ.get("PEFTFLEET_API_KEY"), host=args.host, port=args.port, name=args.name,
+        max_batch_size=args.max_batch_size, cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+    )
+    if args.json:
+        _print_json({"name": serving.name, "url": serving.url, "openai_base_url": f"{serving.url}/v1"})
+    if not client.cluster.started_here:
+        return 0  # the application lives on the cluster; `serve shutdown` or another deploy replaces it
+    print("serving until interrupted (Ctrl-C); the local Ray cluster ends with this command", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serving.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store-url", help="job store SQLAlchemy URL (default: SQLite under PEFTFLEET_HOME)")
@@ -177,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method")
     p.add_argument("--tag")
     p.set_defaults(run=cmd_adapters)
+    p = sub.add_parser("serve", parents=[common], help="serve adapters of one base over an OpenAI-shaped HTTP API")
+    p.add_argument("--base", required=True, help="base model name or folder")
+    p.add_argument("--adapters", nargs="+", help="adapter names (default: every adapter registered for the base, now and later)")
+    p.add_argument("--task", choices=["causal-lm", "sequence-classification"], help="default: from the base's architecture")
+    p.add_argument("--capacity", type=int, default=32, help="adapters kept loaded per replica (LRU)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--cpus-per-replica", type=float, default=1)
+    p.add_argument("--gpus-per-replica", type=float, default=0)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default="peftfleet", help="Ray Serve application name")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $PEFTFLEET_API_KEY, else none)")
+    p.set_defaults(run=cmd_serve)
     p = sub.add_parser("subspaces", parents=[common], help="list IPT subspaces (fitted by ipt-subspace jobs)")
     p.add_argument("--base", help="base model name or fingerprint")
     p.set_defaults(run=cmd_subspaces)
@@ -188,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = Client(address=args.address, store_url=args.store_url, storage_url=args.storage_url, home=args.home)
         return args.run(client, args)
-    except (JobSpecError, InfeasibleJob) as e:
+    except (JobSpecError, InfeasibleJob, ValueError) as e:
         print(f"peftfleet {args.command}: {e}", file=sys.stderr)
         return 2
     except (JobNotFound, AdapterNotFound, KeyError) as e:

@@ -1,8 +1,11 @@
-"""`make demo`: two PEFT jobs on one frozen base, through the client, Ray and DeepSpeed.
+"""`make demo`: two PEFT jobs on one frozen base, through the client, Ray and DeepSpeed, then
+both adapters served from one copy of that base.
 
 A local Ray cluster starts; a LoRA job and a BitFit job (MiniLM on TREC, 2 Ray Train workers
 each, ZeRO stage 2) are submitted through the Python client. They share the cluster's CPUs, so
 one queues while the other trains. Both register their adapters against the same base model.
+Then a Ray Serve application serves both adapters over HTTP, and each is asked about the same
+questions at once (one mixed batch).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the serving application")
     args = parser.parse_args(argv)
 
     specs = []
@@ -62,8 +66,35 @@ def main(argv: list[str] | None = None) -> dict:
                        ["adapter", "method", "base fingerprint", "params"]))
     if len(adapters) == 2 and adapters[0].base_fingerprint == adapters[1].base_fingerprint:
         print(f"both adapters share one frozen base: {adapters[0].base_fingerprint}")
+    answers = _serve_and_ask(client, adapters, args.port) if adapters else []
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
-    return {"results": results, "adapters": adapters, "majority": majority, "job_ids": [h.id for h in handles]}
+    return {"results": results, "adapters": adapters, "majority": majority, "job_ids": [h.id for h in handles], "answers": answers}
+
+
+QUESTIONS = ["How far is it from Denver to Aspen?", "Who wrote the Declaration of Independence?", "What does NASA stand for?"]
+
+
+def _serve_and_ask(client: Client, adapters, port: int) -> list[dict]:
+    """Serve both adapters from one MiniLM and classify the same questions with each, concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    serving = client.serve("minilm", adapters=[a.name for a in adapters], port=port, batch_wait_s=0.05, name="demo")
+    try:
+        def ask(adapter: str) -> list[dict]:
+            r = requests.post(f"{serving.url}/v1/classify", json={"model": adapter, "input": QUESTIONS}, timeout=300)
+            r.raise_for_status()
+            return [{"adapter": adapter, "question": q, "label": d["label"], "score": f"{d['scores'][d['label']]:.2f}"}
+                    for q, d in zip(QUESTIONS, r.json()["data"])]
+
+        with ThreadPoolExecutor(len(adapters)) as pool:
+            answers = [row for rows in pool.map(ask, [a.name for a in adapters]) for row in rows]
+    finally:
+        serving.stop()
+    print(f"\nserved at {serving.url}/v1 — POST /v1/classify, both adapters on one base:")
+    print(render_table(answers, ["adapter", "question", "label", "score"]))
+    return answers
 
 
 def _trec_majority_rate(spec) -> float:

@@ -101,10 +101,12 @@ class RowRouter:
     def __init__(self, base_slot: int):
         self.base_slot = base_slot
         self.slots: torch.Tensor | None = None
+        self.version = 0  # changes with every batch: modules cache per-batch gathers under it
         self._rows: dict[int, torch.Tensor] = {}
 
     def set(self, slots: torch.Tensor | None) -> None:
         self.slots = slots
+        self.version += 1
         self._rows = {}
         if slots is not None:
             for s in slots.unique().tolist():
@@ -133,6 +135,7 @@ class MixedModule(nn.Module):
         self.bias_slots: set[int] = set()
         self.grouped: dict[int, list[RowDelta]] = {}
         self.heads: dict[int, nn.Module] = {}
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (router version, down, up) of this batch
 
     @property
     def weight(self) -> torch.Tensor:
@@ -154,6 +157,7 @@ class MixedModule(nn.Module):
     def _add_lowrank(self, slot: int, delta: LowRank) -> None:
         r, (out_features, in_features) = delta.down.shape[0], (delta.up.shape[0], delta.down.shape[1])
         like = self.base_layer.weight
+        self._gathered = None
         if self.lora_down is None or self.lora_down.shape[1] < r:
             down = torch.zeros(self.capacity + 1, r, in_features, dtype=like.dtype, device=like.device)
             up = torch.zeros(self.capacity + 1, out_features, r, dtype=like.dtype, device=like.device)
@@ -171,6 +175,7 @@ class MixedModule(nn.Module):
         self.heads[slot] = head
 
     def remove(self, slot: int) -> None:
+        self._gathered = None
         if slot in self.lowrank_slots:
             self.lora_down[slot].zero_()
             self.lora_up[slot].zero_()
@@ -190,9 +195,13 @@ class MixedModule(nn.Module):
         slots, active = router.slots, router.active
         batch = x.shape[0]
         if self.lowrank_slots.intersection(active):
+            # Gathered once per batch: decoding steps of one batch reuse the rows' A and B.
+            if self._gathered is None or self._gathered[0] != router.version:
+                self._gathered = (router.version, self.lora_down[slots].transpose(1, 2).contiguous(),
+                                  self.lora_up[slots].transpose(1, 2).contiguous())
+            _, down, up = self._gathered
             flat = x.reshape(batch, -1, x.shape[-1])
-            low = torch.bmm(flat, self.lora_down[slots].transpose(1, 2))
-            y = y + torch.bmm(low, self.lora_up[slots].transpose(1, 2)).reshape(y.shape)
+            y = y + torch.bmm(torch.bmm(flat, down), up).reshape(y.shape)
         if self.bias_slots.intersection(active):
             y = y + self.bias_bank[slots].reshape(batch, *([1] * (y.dim() - 2)), -1)
         for slot in active:

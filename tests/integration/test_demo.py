@@ -20,3 +20,10 @@ def test_demo_trains_two_methods_on_one_base(ray_cluster, capsys):
     assert (a.method, b.method) == ("lora", "bitfit") and a.base_fingerprint == b.base_fingerprint
     assert f"both adapters share one frozen base: {a.base_fingerprint}" in out
     assert {x.name for x in client.adapters.list(base="minilm")} == {a.name, b.name}
+    # Both adapters answered over HTTP from one served base, with TREC's class names.
+    answers = result["answers"]
+    assert sorted({r["adapter"] for r in answers}) == sorted([a.name, b.name]) and len(answers) == 6
+    assert {r["label"] for r in answers} <= {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
+    lora_labels = [r["label"] for r in answers if r["adapter"] == a.name]
+    assert lora_labels.count("NUM") + lora_labels.count("HUM") >= 1  # "how far" is NUM, "who wrote" HUM
+    assert "served at http://" in out

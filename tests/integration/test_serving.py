@@ -165,6 +165,26 @@ def test_chat_completions_and_stop_strings(server):
         assert stop not in cut["text"] and cut["finish_reason"] == "stop" and text.startswith(cut["text"])
 
 
+def test_the_official_openai_client_works_unchanged(server):
+    import openai
+
+    _, serving, base = server
+    api = openai.OpenAI(base_url=f"{serving.url}/v1", api_key=KEY, max_retries=0)
+    assert {m.id for m in api.models.list()} >= {str(base), "lora", "prompt"}
+    done = api.completions.create(model="lora", prompt="hello there", max_tokens=5, temperature=0)
+    assert done.choices[0].text == _complete(serving.url, "lora").json()["choices"][0]["text"]
+    streamed = "".join(c.choices[0].text for c in api.completions.create(model="lora", prompt="hello there", max_tokens=5,
+                                                                          temperature=0, stream=True))
+    assert streamed == done.choices[0].text
+    chat = api.chat.completions.create(model="prompt", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 3
+    with pytest.raises(openai.NotFoundError) as err:
+        api.completions.create(model="nope", prompt="x", max_tokens=1)
+    assert err.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{serving.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
 def test_classification_adapters_and_two_replicas(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("classify")
     base = root / "bert"

@@ -69,3 +69,39 @@ def test_a_bad_spec_file_names_the_field_and_exits_2_before_touching_ray(store, 
     code, _, err = run(store, capsys, "submit", str(tmp_path / "missing.yaml"))
     assert code == 2 and "missing.yaml" in err
     assert store.count_jobs() == 0
+
+
+def test_subspaces_lists_each_subspace_with_its_sources(store, capsys, tmp_path):
+    import torch
+
+    from peft_methods.ipt import fit_subspace, save_subspace
+
+    base = tmp_path / "base"
+    TINY_BERT.fresh().save_pretrained(base)
+    fingerprint = store.register_base_model(str(base)).fingerprint
+    prompts = torch.randn(3, 2, 32)
+    tensors, init, stats = fit_subspace(prompts, intrinsic_dim=2, inner_dim=4, steps=5, lr=1e-2, seed=0)
+    folder = save_subspace(tmp_path / "s", tensors, init, num_virtual_tokens=2, hidden_size=32, metadata={"base_fingerprint": fingerprint})
+    store.subspaces.register(folder, name="cli-subspace", base_fingerprint=fingerprint, sources=[{"name": "pt-a"}, {"name": "pt-b"}], metrics=stats)
+    code, out, _ = run(store, capsys, "subspaces", "--base", str(base))
+    assert code == 0 and "cli-subspace" in out and "pt-a, pt-b" in out
+    code, out, _ = run(store, capsys, "subspaces", "--json")
+    [listed] = json.loads(out)
+    assert (listed["name"], listed["intrinsic_dim"], listed["num_virtual_tokens"]) == ("cli-subspace", 2, 2)
+
+
+def test_serve_refuses_an_adapter_of_another_base_before_starting_anything(store, capsys, tmp_path):
+    import ray
+
+    base, other = tmp_path / "base", tmp_path / "other"
+    TINY_BERT.fresh().save_pretrained(base)
+    TINY_BERT.build().save_pretrained(other)  # unseeded: other random weights, another fingerprint
+    fingerprint = store.register_base_model(str(other)).fingerprint
+    model = peft_methods.apply(TINY_BERT.fresh(), {"method": "lora"})
+    folder = peft_methods.save_adapter(model, tmp_path / "a", metadata={"base_fingerprint": fingerprint})
+    store.adapters.register(folder, name="elsewhere", base_fingerprint=fingerprint, task="sequence-classification", task_name="t")
+    code, _, err = run(store, capsys, "serve", "--base", str(base), "--adapters", "elsewhere")
+    assert code == 2 and "trained on another base" in err
+    code, _, err = run(store, capsys, "serve", "--base", str(base), "--adapters", "missing")
+    assert code == 1 and "no adapter named 'missing'" in err
+    assert not ray.is_initialized()  # refused before any cluster was started
