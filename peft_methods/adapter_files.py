@@ -94,28 +94,32 @@ def save_adapter(
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """peftfleet.json of an adapter folder, after checking every listed file's sha256."""
+    return read_hashed_json(directory, MANIFEST_FILE, "adapter", FORMAT_VERSION, (CONFIG_FILE, WEIGHTS_FILE))
+
+
+def read_hashed_json(directory: str | os.PathLike, name: str, kind: str, version: int, required: tuple[str, ...]) -> dict[str, Any]:
+    """A folder's JSON description (``name``) after checking its format version and that every file
+    it lists under ``files`` (at least ``required``) exists with the recorded sha256."""
     folder = Path(directory)
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        manifest = json.loads((folder / name).read_text())
     except FileNotFoundError:
-        raise AdapterIntegrityError(f"{folder} is not a peftfleet adapter: no {MANIFEST_FILE}") from None
+        raise AdapterIntegrityError(f"{folder} is not a peftfleet {kind}: no {name}") from None
     except json.JSONDecodeError as e:
-        raise AdapterIntegrityError(f"{folder / MANIFEST_FILE} is not valid JSON: {e}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise AdapterIntegrityError(
-            f"{folder}: adapter format {manifest.get('format_version')!r}, this peftfleet reads {FORMAT_VERSION}"
-        )
+        raise AdapterIntegrityError(f"{folder / name} is not valid JSON: {e}") from None
+    if manifest.get("format_version") != version:
+        raise AdapterIntegrityError(f"{folder}: {kind} format {manifest.get('format_version')!r}, this peftfleet reads {version}")
     files = manifest.get("files") or {}
-    for required in (CONFIG_FILE, WEIGHTS_FILE):
-        if required not in files:
-            raise AdapterIntegrityError(f"{folder}: manifest lists no hash for {required}")
-    for name, expected in files.items():
-        path = folder / name
+    for needed in required:
+        if needed not in files:
+            raise AdapterIntegrityError(f"{folder}: {name} lists no hash for {needed}")
+    for file, expected in files.items():
+        path = folder / file
         if not path.is_file():
-            raise AdapterIntegrityError(f"{folder}: {name} is missing")
+            raise AdapterIntegrityError(f"{folder}: {file} is missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise AdapterIntegrityError(f"{folder}: {name} sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…")
+            raise AdapterIntegrityError(f"{folder}: {file} sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…")
     return manifest
 
 

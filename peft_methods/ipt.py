@@ -300,22 +300,9 @@ def save_subspace(
 
 def read_subspace_info(folder: str | os.PathLike) -> dict[str, Any]:
     """subspace.json, after checking the tensors' sha256."""
-    from peft_methods.adapter_files import AdapterIntegrityError, sha256_file
+    from peft_methods.adapter_files import read_hashed_json
 
-    folder = Path(folder)
-    try:
-        info = json.loads((folder / SUBSPACE_JSON).read_text())
-    except FileNotFoundError:
-        raise AdapterIntegrityError(f"{folder} is not an IPT subspace: no {SUBSPACE_JSON}") from None
-    except json.JSONDecodeError as e:
-        raise AdapterIntegrityError(f"{folder / SUBSPACE_JSON} is not valid JSON: {e}") from None
-    if info.get("format_version") != SUBSPACE_FORMAT:
-        raise AdapterIntegrityError(f"{folder}: subspace format {info.get('format_version')!r}, this peftfleet reads {SUBSPACE_FORMAT}")
-    expected = (info.get("files") or {}).get(SUBSPACE_TENSORS)
-    path = folder / SUBSPACE_TENSORS
-    if not path.is_file() or sha256_file(path) != expected:
-        raise AdapterIntegrityError(f"{folder}: {SUBSPACE_TENSORS} is missing or does not match its sha256")
-    return info
+    return read_hashed_json(folder, SUBSPACE_JSON, "IPT subspace", SUBSPACE_FORMAT, (SUBSPACE_TENSORS,))
 
 
 def load_subspace(folder: str | os.PathLike, hidden_size: int) -> tuple[PromptDecoder, torch.Tensor]:

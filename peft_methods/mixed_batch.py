@@ -10,6 +10,8 @@ touch in :class:`MixedModule` s, which add each row's delta during the one share
 * ``OutputAdapter`` (bottleneck adapters, AdaMix's average), ``RowOverride`` (FAR),
   ``SparseDelta`` (diff pruning): applied to each adapter's rows as a group.
 * ``Prompt`` (prompt tuning, IPT): each row's virtual tokens in front of its own tokens.
+* ``PrefixKV`` (prefix tuning): each row's key/value prefix in a shared KV cache, padded to the
+  longest prefix and masked; the row's positions start after its own prefix, as when alone.
 * task heads (``modules_to_save``): each adapter's copy runs on its rows; outputs are padded to
   the widest head with ``-inf``.
 
@@ -31,7 +33,7 @@ from torch import nn
 
 from peft_methods.api import MethodConfig
 from peft_methods.registry import get_method
-from peft_methods.targeting import replace_module, task_head_names
+from peft_methods.targeting import ENCODER_FAMILIES, replace_module, task_head_names
 from peft_methods.virtual_tokens import cache_kwarg
 
 
@@ -90,7 +92,14 @@ class Prompt:
     module: str = ""
 
 
-RowDelta = LowRank | BiasShift | OutputAdapter | RowOverride | SparseDelta | Prompt
+@dataclass
+class PrefixKV:
+    """Key/value prefixes for every attention layer, HF PEFT's layout (n, layers * 2 * kv_dim)."""
+    table: torch.Tensor
+    module: str = ""
+
+
+RowDelta = LowRank | BiasShift | OutputAdapter | RowOverride | SparseDelta | Prompt | PrefixKV
 
 
 # -- which rows use which slot, for the forward in progress ---------------------------------------
@@ -135,7 +144,7 @@ class MixedModule(nn.Module):
         self.bias_slots: set[int] = set()
         self.grouped: dict[int, list[RowDelta]] = {}
         self.heads: dict[int, nn.Module] = {}
-        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (router version, down, up) of this batch
+        self._gathered: tuple[int, tuple | None] | None = None  # (router version, this batch's plan)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -143,6 +152,7 @@ class MixedModule(nn.Module):
 
     # -- loading -----------------------------------------------------------------------------
     def add(self, slot: int, delta: RowDelta) -> None:
+        self._gathered = None
         if isinstance(delta, LowRank):
             self._add_lowrank(slot, delta)
         elif isinstance(delta, BiasShift):
@@ -172,6 +182,7 @@ class MixedModule(nn.Module):
         self.lowrank_slots.add(slot)
 
     def set_head(self, slot: int, head: nn.Module) -> None:
+        self._gathered = None
         self.heads[slot] = head
 
     def remove(self, slot: int) -> None:
@@ -189,29 +200,41 @@ class MixedModule(nn.Module):
     # -- the forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        router = self.router
-        if router.slots is None or not router.active:
+        if self.router.slots is None:
             return y
-        slots, active = router.slots, router.active
+        plan = self._plan()
+        if plan is None:
+            return y
+        down, up, bias, grouped, heads = plan
         batch = x.shape[0]
-        if self.lowrank_slots.intersection(active):
-            # Gathered once per batch: decoding steps of one batch reuse the rows' A and B.
-            if self._gathered is None or self._gathered[0] != router.version:
-                self._gathered = (router.version, self.lora_down[slots].transpose(1, 2).contiguous(),
-                                  self.lora_up[slots].transpose(1, 2).contiguous())
-            _, down, up = self._gathered
-            flat = x.reshape(batch, -1, x.shape[-1])
-            y = y + torch.bmm(torch.bmm(flat, down), up).reshape(y.shape)
-        if self.bias_slots.intersection(active):
-            y = y + self.bias_bank[slots].reshape(batch, *([1] * (y.dim() - 2)), -1)
-        for slot in active:
-            for delta in self.grouped.get(slot, ()):
-                rows = router.rows(slot)
-                y = y.index_copy(0, rows, _apply_grouped(delta, x.index_select(0, rows), y.index_select(0, rows)))
-        heads = [s for s in active if s in self.heads]
+        if down is not None:
+            low = torch.bmm(x.reshape(batch, -1, x.shape[-1]), down)
+            y = torch.baddbmm(y.reshape(batch, -1, y.shape[-1]), low, up).reshape(y.shape)
+        if bias is not None:
+            y = y + bias.reshape(batch, *([1] * (y.dim() - 2)), -1)
+        for rows, delta in grouped:
+            y = y.index_copy(0, rows, _apply_grouped(delta, x.index_select(0, rows), y.index_select(0, rows)))
         if heads:
             y = self._heads(x, y, heads)
         return y
+
+    def _plan(self) -> tuple | None:
+        """What this module adds for the current batch, worked out once per batch: decoding steps
+        reuse the rows' gathered A, B and biases. None when no row of the batch touches it."""
+        router = self.router
+        if self._gathered is not None and self._gathered[0] == router.version:
+            return self._gathered[1]
+        slots, active = router.slots, router.active
+        down = up = bias = None
+        if self.lowrank_slots.intersection(active):
+            down, up = self.lora_down[slots].transpose(1, 2).contiguous(), self.lora_up[slots].transpose(1, 2).contiguous()
+        if self.bias_slots.intersection(active):
+            bias = self.bias_bank[slots]
+        grouped = [(router.rows(s), d) for s in active for d in self.grouped.get(s, ())]
+        heads = [s for s in active if s in self.heads]
+        plan = None if down is None and bias is None and not grouped and not heads else (down, up, bias, grouped, heads)
+        self._gathered = (router.version, plan)
+        return plan
 
     def _heads(self, x: torch.Tensor, y: torch.Tensor, slots: list[int]) -> torch.Tensor:
         outputs = {s: self.heads[s](x.index_select(0, self.router.rows(s))) for s in slots}
@@ -244,6 +267,7 @@ class _Loaded:
     slot: int
     method: str
     prompt: torch.Tensor | None
+    prefix: torch.Tensor | None = None
     modules: list[str] = field(default_factory=list)
     num_labels: int | None = None
 
@@ -265,8 +289,14 @@ class AdapterBank:
         self.capacity = capacity
         self.router = RowRouter(base_slot=capacity)
         self.loaded: OrderedDict[Hashable, _Loaded] = OrderedDict()
-        self.padding_side = padding_side or ("left" if getattr(model.config, "is_decoder", False) or _is_causal(model) else "right")
+        # Encoders pool the first position, decoders the last: padding goes where it is never pooled.
+        self.padding_side = padding_side or ("right" if getattr(model.config, "model_type", None) in ENCODER_FAMILIES else "left")
         self._heads = task_head_names(model)
+        # Prefill needs only the last position's logits (a 64-token prompt would otherwise pay the
+        # vocabulary projection 64 times), where the model supports asking for that.
+        import inspect
+
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     # -- adapters ------------------------------------------------------------------------------
     def __contains__(self, key: Hashable) -> bool:
@@ -301,6 +331,9 @@ class AdapterBank:
             if isinstance(delta, Prompt):
                 entry.prompt = delta.embeddings.to(self._embedding_weight())
                 continue
+            if isinstance(delta, PrefixKV):
+                entry.prefix = delta.table.to(self._embedding_weight())
+                continue
             self._mixed(delta.module, modules).add(slot, _to_device(delta, self._embedding_weight()))
             entry.modules.append(delta.module)
         for name, head in head_modules.items():
@@ -320,9 +353,11 @@ class AdapterBank:
         return self.loaded[key].num_labels
 
     def prompt_length(self, key: Hashable | None) -> int:
-        """Virtual tokens the adapter puts in front of every row (0 for the base and non-prompt methods)."""
-        prompt = None if key is None else self.loaded[key].prompt
-        return 0 if prompt is None else prompt.shape[0]
+        """Positions the adapter's virtual tokens (prompt or prefix) take before the row's own."""
+        if key is None:
+            return 0
+        entry = self.loaded[key]
+        return sum(t.shape[0] for t in (entry.prompt, entry.prefix) if t is not None)
 
     def _mixed(self, name: str, modules: dict[str, nn.Module]) -> MixedModule:
         module = modules.get(name)
@@ -377,7 +412,34 @@ class AdapterBank:
         for i, r in enumerate(rows):
             span = slice(width - r.shape[0], width) if self.padding_side == "left" else slice(0, r.shape[0])
             embeds[i, span], mask[i, span] = r, 1
-        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp_min(0)}
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        prefixes = [self.loaded[key].prefix if key is not None else None for key in keys]
+        if all(p is None for p in prefixes):
+            return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        cache, prefix_mask, lengths = self._prefix_cache(prefixes)
+        return {"inputs_embeds": embeds, "attention_mask": torch.cat([prefix_mask, mask], dim=1),
+                "position_ids": positions + lengths[:, None], cache_kwarg(self.model): cache}
+
+    def _prefix_cache(self, prefixes: list[torch.Tensor | None]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """A KV cache holding each row's prefix at the end of the longest one's span (masked before it)."""
+        from transformers import DynamicCache
+
+        from peft_methods.prefix_tuning import KVLayout
+
+        layout, like = KVLayout.of(self.model.config), self._embedding_weight()
+        width = max(p.shape[0] for p in prefixes if p is not None)
+        keys = torch.zeros(layout.layers, len(prefixes), layout.heads, width, layout.head_dim, dtype=like.dtype, device=like.device)
+        values = torch.zeros_like(keys)
+        mask = torch.zeros(len(prefixes), width, dtype=torch.long, device=like.device)
+        lengths = torch.zeros(len(prefixes), dtype=torch.long, device=like.device)
+        for row, table in enumerate(prefixes):
+            if table is None:
+                continue
+            n = table.shape[0]
+            kv = table.view(n, layout.layers, 2, layout.heads, layout.head_dim).permute(1, 2, 3, 0, 4)  # as prefix tuning lays it out
+            keys[:, row, :, width - n:], values[:, row, :, width - n:] = kv[:, 0], kv[:, 1]
+            mask[row, width - n:], lengths[row] = 1, n
+        return DynamicCache([(keys[i], values[i]) for i in range(layout.layers)]), mask, lengths
 
     def slots(self, keys: Sequence[Hashable | None]) -> torch.Tensor:
         for key in keys:
@@ -412,9 +474,10 @@ class AdapterBank:
         try:
             from transformers import DynamicCache
 
-            cache = DynamicCache()
+            key = cache_kwarg(self.model)
+            cache = inputs.pop(key, None) or DynamicCache()  # prefix tuning's rows bring theirs
             mask, positions = inputs["attention_mask"], inputs["position_ids"]
-            result = self.model(**inputs, **{cache_kwarg(self.model): cache}, use_cache=True)
+            result = self.model(**inputs, **{key: cache}, use_cache=True, **self._last_logits_only)
             while not all(done):
                 logits = result.logits[:, -1].float()
                 next_ids = []
@@ -467,10 +530,6 @@ def eos_ids(model: nn.Module) -> list[int]:
     if eos is None:
         return [-1]
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
-def _is_causal(model: nn.Module) -> bool:
-    return type(model).__name__.endswith("ForCausalLM")
 
 
 def _out_width(head: nn.Module) -> int | None:

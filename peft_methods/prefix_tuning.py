@@ -128,6 +128,11 @@ class PrefixTuning(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.startswith(_ATTR + ".")
 
+    def row_deltas(self, base: nn.Module, config: PrefixTuningConfig, state: dict[str, torch.Tensor]) -> list[Any]:
+        from peft_methods.mixed_batch import PrefixKV
+
+        return [PrefixKV(state[PROMPT_KEY])]
+
     # -- saved: the computed prefix (MLP folded away) plus the task head ---------------------
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = {k: v for k, v in super().adapter_state_dict(model).items() if not self.is_adapter_parameter(k, None)}

@@ -28,6 +28,7 @@ ALL_LINEAR_IN_BLOCKS = {
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
 }
 _HEAD_NAMES = ("classifier", "score")
+ENCODER_FAMILIES = frozenset(_BERT_LIKE) | {"distilbert"}  # pool at the first position; the rest pool at the last
 
 
 def model_family(model: nn.Module) -> str:

@@ -9,22 +9,34 @@ import torch
 import peft_methods
 from peft_methods.adapter_files import read_adapter
 from peft_methods.mixed_batch import AdapterBank, GenerationRequest, NotServable
-from tests.conftest import TINY_BERT, TINY_LLAMA, randomize_adapter
+import transformers
 
-SERVABLE = ["lora", "bitfit", "bottleneck", "adamix", "prompt_tuning", "ipt", "far", "diff_pruning"]
+from tests.conftest import TINY_BERT, TINY_LLAMA, ModelCase, randomize_adapter
+
+
+def _tiny_llama_classifier():
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, num_labels=3, pad_token_id=0)
+    return transformers.LlamaForSequenceClassification(cfg)
+
+
+TINY_LLAMA_CLS = ModelCase("tiny-llama-cls", _tiny_llama_classifier, 97, True)  # pools the last position
+
+SERVABLE = ["lora", "bitfit", "bottleneck", "adamix", "prompt_tuning", "ipt", "far", "diff_pruning", "prefix_tuning"]
 CONFIGS = {m: {"method": m} for m in SERVABLE} | {
     "lora-r2-all": {"method": "lora", "r": 2, "alpha": 4, "target_modules": ["*"]} ,
     "prompt-short": {"method": "prompt_tuning", "num_virtual_tokens": 3},
+    "prefix-short": {"method": "prefix_tuning", "num_virtual_tokens": 2},
 }
 
 
 def _targets_all_linears(case, config):
     if config.get("target_modules") == ["*"]:
-        return {**config, "target_modules": ["query", "key", "value", "dense"] if case.classification else ["*_proj"]}
+        return {**config, "target_modules": ["query", "key", "value", "dense"] if case is TINY_BERT else ["*_proj"]}
     return config
 
 
-@pytest.fixture(params=[TINY_BERT, TINY_LLAMA], ids=lambda c: c.name)
+@pytest.fixture(params=[TINY_BERT, TINY_LLAMA, TINY_LLAMA_CLS], ids=lambda c: c.name)
 def adapters(request, tmp_path):
     case = request.param
     folders = {}
@@ -125,10 +137,10 @@ def test_stop_callback_and_max_tokens_end_rows_independently():
 
 
 def test_methods_without_row_deltas_are_refused_by_name(tmp_path):
-    model = peft_methods.apply(TINY_LLAMA.fresh(), {"method": "prefix_tuning"})
+    model = peft_methods.apply(TINY_LLAMA.fresh(), {"method": "ia3"})  # the third-party example plugin
     folder = peft_methods.save_adapter(model, tmp_path / "p")
     config, state, _ = read_adapter(folder)
     bank = AdapterBank(TINY_LLAMA.fresh(), capacity=2)
-    with pytest.raises(NotServable, match="prefix_tuning"):
+    with pytest.raises(NotServable, match="ia3"):
         bank.load("p", config, state)
     assert "p" not in bank
