@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2  # 2: subspaces (IPT)
+SCHEMA_VERSION = 3  # 2: subspaces (IPT); 3: sweeps and their trials
 
 
 class Base(DeclarativeBase):
@@ -122,4 +122,37 @@ class SubspaceRow(Base):
     num_virtual_tokens: Mapped[int] = mapped_column(Integer)
     sources: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # the prompt adapters it was fitted on
     metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class SweepRow(Base):
+    """A hyper-parameter search: its base spec, search space, scheduler, state and best trial."""
+
+    __tablename__ = "sweeps"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # PENDING RUNNING SUCCEEDED FAILED INTERRUPTED
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # the whole sweep spec as submitted
+    metric: Mapped[str] = mapped_column(String(100))
+    mode: Mapped[str] = mapped_column(String(3))
+    scheduler: Mapped[str] = mapped_column(String(16))
+    experiment_path: Mapped[str | None] = mapped_column(Text)  # where Ray Tune keeps its state (for restore)
+    runtime: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    best_job_id: Mapped[str | None] = mapped_column(String(32))
+    best_adapter: Mapped[str | None] = mapped_column(String(64))
+    best_value: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+
+class SweepTrialRow(Base):
+    """One trial of a sweep: the job it ran as and the values it sampled."""
+
+    __tablename__ = "sweep_trials"
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    trial_id: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)

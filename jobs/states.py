@@ -3,7 +3,8 @@
     PENDING ──► QUEUED ──► RUNNING ──► SUCCEEDED
        │          │  ▲        │ ├────► FAILED
        │          │  └─ RETRYING ◄┤
-       │          │           └────► CANCELLING ──► CANCELLED
+       │          │           ├────► CANCELLING ──► CANCELLED
+       │          │           └────► STOPPED   (a sweep's scheduler ended it early: not a failure)
        └──────────┴──────────────────────────────► CANCELLED / FAILED
 
 A terminal state never changes. Every change goes through ``jobs.store.JobStore.transition``,
@@ -24,6 +25,7 @@ class JobState(str, Enum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    STOPPED = "STOPPED"  # a sweep trial its scheduler (ASHA, PBT) ended early: a result, not a failure
 
     @property
     def is_terminal(self) -> bool:
@@ -33,18 +35,19 @@ class JobState(str, Enum):
         return self.value
 
 
-TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.STOPPED})
 
 S = JobState
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.PENDING: frozenset({S.QUEUED, S.RUNNING, S.CANCELLED, S.FAILED}),
     S.QUEUED: frozenset({S.RUNNING, S.PENDING, S.CANCELLING, S.CANCELLED, S.FAILED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.RETRYING, S.CANCELLING, S.CANCELLED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.RETRYING, S.CANCELLING, S.CANCELLED, S.STOPPED}),
     S.RETRYING: frozenset({S.QUEUED, S.RUNNING, S.CANCELLING, S.CANCELLED, S.FAILED}),
     S.CANCELLING: frozenset({S.CANCELLED, S.FAILED, S.SUCCEEDED}),  # the work may finish first
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
+    S.STOPPED: frozenset(),
 }
 del S
 

@@ -37,6 +37,7 @@ from jobs.schema import SCHEMA_VERSION, Base, BaseModelRow, JobEventRow, JobRow,
 from jobs.spec import JobSpec, parse_job_spec
 from jobs.states import IllegalTransition, JobState, check_transition
 from jobs.subspace_registry import SubspaceRegistry
+from jobs.sweeps import SweepRegistry
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -153,6 +154,7 @@ class JobStore:
         self.artifacts = ArtifactStorage(storage_url or os.environ.get("PEFTFLEET_STORAGE_URL"), home=home)
         self.adapters = AdapterRegistry(self)
         self.subspaces = SubspaceRegistry(self)
+        self.sweeps = SweepRegistry(self)
 
     def close(self) -> None:
         self.engine.dispose()

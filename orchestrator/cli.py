@@ -4,6 +4,7 @@
     peftfleet status JOB [--json]           peftfleet adapters [--base minilm] [--json]
     peftfleet logs JOB                      peftfleet cancel JOB
     peftfleet subspaces [--base minilm]     peftfleet serve --base smollm2 [--adapters A B] [--port 8000]
+    peftfleet tune sweep.yaml [--wait]      peftfleet sweeps / sweep show|resume|cancel|plot SWEEP
 
 Every command takes --store-url, --storage-url, --address and --home (defaults from
 PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, RAY_ADDRESS and PEFTFLEET_HOME). Errors go to stderr:
@@ -170,6 +171,72 @@ def cmd_serve(client: Client, args) -> int:
     return 0
 
 
+def cmd_tune(client: Client, args) -> int:
+    sweep = client.submit_sweep(args.sweep)
+    record = sweep.record()
+    print(f"submitted sweep {record.id} ({record.name}: {record.sweep_spec.num_samples} trials, {record.scheduler})",
+          file=sys.stderr if args.json else sys.stdout)
+    wait = args.wait or client.cluster.started_here
+    if not wait:
+        return 0
+    record = sweep.wait()
+    return _show_sweep(client, sweep, args.json) if record.state == "SUCCEEDED" else (_show_sweep(client, sweep, args.json) or 1)
+
+
+def cmd_sweeps(client: Client, args) -> int:
+    sweeps = client.sweeps.list()
+    if args.json:
+        _print_json([asdict(s) for s in sweeps])
+        return 0
+    rows = [{"id": s.id[:12], "name": s.name, "state": s.state, "scheduler": s.scheduler, "metric": s.metric,
+             "best": f"{s.best_value:.4f}" if s.best_value is not None else "-", "best_adapter": s.best_adapter or "-", "created": _when(s.created_at)}
+            for s in sweeps]
+    print(render_table(rows, ["id", "name", "state", "scheduler", "metric", "best", "best_adapter", "created"]))
+    return 0
+
+
+def cmd_sweep(client: Client, args) -> int:
+    sweep = client.sweeps.get(args.sweep_id)
+    if args.action == "show":
+        return _show_sweep(client, sweep, args.json)
+    if args.action == "resume":
+        sweep.resume()
+        print(f"sweep {sweep.id[:12]} resumed")
+        if args.wait or client.cluster.started_here:
+            sweep.wait()
+            return _show_sweep(client, sweep, args.json)
+        return 0
+    if args.action == "cancel":
+        print(f"sweep {sweep.id[:12]} {sweep.cancel().state}")
+        return 0
+    print(sweep.plot(args.out))
+    return 0
+
+
+def _show_sweep(client: Client, sweep, as_json: bool) -> int:
+    record, trials = sweep.record(), sweep.trials()
+    if as_json:
+        _print_json({"sweep": asdict(record), "trials": trials})
+        return 0
+    print(f"sweep {record.id} {record.name}: {record.state}; {record.metric} ({record.mode}), {record.scheduler}"
+          + (f"; error: {record.error.splitlines()[0]}" if record.error else ""))
+    rows = [{"trial": t["name"].rsplit("-", 1)[-1], "job": t["job"][:12], "state": t["state"],
+             record.metric: f"{t[record.metric]:.4f}" if t[record.metric] is not None else "-", "evals": t["evaluations"],
+             "seconds": f"{t['seconds']:.0f}", "params": ", ".join(f"{k}={_short(v)}" for k, v in t["params"].items())} for t in trials]
+    print(render_table(rows, ["trial", "job", "state", record.metric, "evals", "seconds", "params"]))
+    if record.best_adapter:
+        print(f"best: {record.best_adapter} ({record.metric} {record.best_value:.4f}, job {record.best_job_id[:12]})")
+    return 0
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store-url", help="job store SQLAlchemy URL (default: SQLite under PEFTFLEET_HOME)")
@@ -212,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="peftfleet", help="Ray Serve application name")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $PEFTFLEET_API_KEY, else none)")
     p.set_defaults(run=cmd_serve)
+    p = sub.add_parser("tune", parents=[common], help="start a hyper-parameter sweep (a sweep YAML, see jobs/sweep_spec.py)")
+    p.add_argument("sweep")
+    p.add_argument("--wait", action="store_true", help="wait for the sweep and print its trials")
+    p.set_defaults(run=cmd_tune)
+    p = sub.add_parser("sweeps", parents=[common], help="list sweeps")
+    p.set_defaults(run=cmd_sweeps)
+    p = sub.add_parser("sweep", parents=[common], help="one sweep: show its trials, resume, cancel or plot it")
+    p.add_argument("action", choices=["show", "resume", "cancel", "plot"])
+    p.add_argument("sweep_id", help="sweep id, unique prefix or name")
+    p.add_argument("--out", help="plot: the PNG to write (default under PEFTFLEET_HOME/sweeps/)")
+    p.add_argument("--wait", action="store_true", help="resume: wait for the sweep")
+    p.set_defaults(run=cmd_sweep)
     p = sub.add_parser("subspaces", parents=[common], help="list IPT subspaces (fitted by ipt-subspace jobs)")
     p.add_argument("--base", help="base model name or fingerprint")
     p.set_defaults(run=cmd_subspaces)

@@ -35,6 +35,7 @@ from orchestrator.reconciler import settle_orphans
 
 if TYPE_CHECKING:
     from orchestrator.serving.deployment import Serving
+    from orchestrator.sweeps import SweepHandle
 
 RAY_TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
 
@@ -165,6 +166,9 @@ class Client:
         self.home = Path(peftfleet_home(home))
         self.store = JobStore(store_url, storage_url=storage_url, home=self.home)
         self.jobs = Jobs(self)
+        from orchestrator.sweeps import Sweeps
+
+        self.sweeps = Sweeps(self)
         self.adapters: AdapterRegistry = self.store.adapters
         self.subspaces: SubspaceRegistry = self.store.subspaces
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -188,29 +192,58 @@ class Client:
         if job.runtime.get("ray_submission_id"):
             return JobHandle(self, job.id)  # an idempotent resubmission: already scheduled
         submission_id = f"peftfleet-{job.id}"
+        self.store.set_runtime(job.id, ray_submission_id=submission_id, dashboard_url=self.cluster.dashboard_url)
+        try:
+            self._launch(f"orchestrator.runner {job.id} ray-job:{submission_id}", submission_id, spec.resources,
+                         {"peftfleet_job": job.id, "name": spec.name})
+        except Exception as e:
+            self.store.transition(job.id, JobState.FAILED, reason="could not hand the job to Ray", error=f"{type(e).__name__}: {e}")
+            raise
+        return JobHandle(self, job.id)
+
+    def _launch(self, module_args: str, submission_id: str, resources, metadata: dict[str, str]) -> None:
+        """Start ``python -m <module_args>`` as a Ray job with peftfleet's environment."""
         env = {
             **JOB_ENV,
             "PEFTFLEET_STORE_URL": self.store.url,
             "PEFTFLEET_STORAGE_URL": self.store.artifacts.url,
             "PEFTFLEET_HOME": str(self.home),
-            "DS_ACCELERATOR": "cuda" if spec.resources.gpus_per_worker else "cpu",
-            "OMP_NUM_THREADS": str(max(1, int(spec.resources.cpus_per_worker))),
+            "PEFTFLEET_SUBMISSION_ID": submission_id,
+            "DS_ACCELERATOR": "cuda" if resources.gpus_per_worker else "cpu",
+            "OMP_NUM_THREADS": str(max(1, int(resources.cpus_per_worker))),
         }
         for passthrough in ("PEFTFLEET_HEARTBEAT_INTERVAL_S", "PEFTFLEET_MAX_FAILURES", "PEFTFLEET_CHECKPOINT_URL", "RAY_AUTH_MODE"):
             if passthrough in os.environ:
                 env[passthrough] = os.environ[passthrough]
         python = os.environ.get("PEFTFLEET_RUNNER_PYTHON") or (sys.executable if self.cluster.started_here or self._address in (None, "auto") else "python")
-        self.store.set_runtime(job.id, ray_submission_id=submission_id, dashboard_url=self.cluster.dashboard_url)
-        try:
-            self.cluster.jobs_client().submit_job(
-                entrypoint=f"{python} -m orchestrator.runner {job.id} ray-job:{submission_id}",
-                submission_id=submission_id, runtime_env={"env_vars": env}, entrypoint_num_cpus=0,
-                metadata={"peftfleet_job": job.id, "name": spec.name},
-            )
-        except Exception as e:
-            self.store.transition(job.id, JobState.FAILED, reason="could not hand the job to Ray", error=f"{type(e).__name__}: {e}")
-            raise
-        return JobHandle(self, job.id)
+        self.cluster.jobs_client().submit_job(
+            entrypoint=f"{python} -m {module_args}", submission_id=submission_id, runtime_env={"env_vars": env},
+            entrypoint_num_cpus=0, metadata=metadata,
+        )
+
+    # -- sweeps ----------------------------------------------------------------------------
+    def tune(
+        self, spec: JobSpec | dict | str | os.PathLike, *, search_space: dict[str, Any], metric: str = "eval_accuracy",  # type: ignore[valid-type]
+        mode: str = "max", num_samples: int = 8, scheduler: str = "asha", max_concurrent: int | None = None,
+        name: str | None = None, seed: int = 0, promote: bool = False, scheduler_options: dict[str, float] | None = None,
+    ) -> SweepHandle:
+        """Search ``search_space`` (dotted spec paths -> distributions, see ``jobs.sweep_spec``) around the
+        job ``spec`` with Ray Tune; every trial is a job in the store. Returns at once with a handle.
+
+        Raises ``JobSpecError`` (an invalid space or any invalid trial spec) or ``InfeasibleJob``
+        before anything is stored or scheduled."""
+        job_spec = load_job_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_job_spec(spec)
+        return self.submit_sweep({
+            "name": name or f"{job_spec.name}-sweep", "spec": job_spec.model_dump(mode="json", exclude_defaults=True),
+            "search_space": search_space, "metric": metric, "mode": mode, "num_samples": num_samples, "scheduler": scheduler,
+            "max_concurrent": max_concurrent, "seed": seed, "promote": promote, "scheduler_options": scheduler_options or {},
+        })
+
+    def submit_sweep(self, sweep: dict | str | os.PathLike) -> SweepHandle:
+        """Validate, store and start a sweep (a mapping or a sweep YAML file); see :meth:`tune`."""
+        from orchestrator.sweeps import start_sweep
+
+        return start_sweep(self, sweep)
 
     def _check_feasible(self, spec) -> None:
         total = self.cluster.resources()

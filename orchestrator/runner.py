@@ -37,13 +37,14 @@ def _on_sigterm(signum, frame) -> None:
     raise _Stopped()
 
 
-def run(job_id: str, owner: str) -> JobState:
-    store = JobStore()
+def run(job_id: str, owner: str, *, store: JobStore | None = None) -> JobState:
+    """Run one job to a terminal state and return it; re-raises what made it fail. Any thread may call
+    this (a sweep's trial does); only ``main`` turns SIGTERM into a cancel."""
+    store = store or JobStore()
     job = store.get(job_id)
     spec = job.job_spec
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(store, job_id, owner, stop), daemon=True).start()
-    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if store.get(job_id).state in (JobState.PENDING, JobState.RETRYING):
             store.transition(job_id, JobState.QUEUED, owner=owner, reason=f"waiting for {spec.resources.num_workers} worker(s)")
@@ -112,6 +113,7 @@ def _settle(store: JobStore, job_id: str, to: JobState, reason: str, **fields) -
 
 def main() -> None:
     job_id, owner = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else f"runner-pid-{os.getpid()}"
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         state = run(job_id, owner)
     except BaseException:

@@ -17,6 +17,7 @@ EXPECTED_ALLOWED = {
     (S.PENDING, S.QUEUED), (S.PENDING, S.RUNNING), (S.PENDING, S.CANCELLED), (S.PENDING, S.FAILED),
     (S.QUEUED, S.RUNNING), (S.QUEUED, S.PENDING), (S.QUEUED, S.CANCELLING), (S.QUEUED, S.CANCELLED), (S.QUEUED, S.FAILED),
     (S.RUNNING, S.SUCCEEDED), (S.RUNNING, S.FAILED), (S.RUNNING, S.RETRYING), (S.RUNNING, S.CANCELLING), (S.RUNNING, S.CANCELLED),
+    (S.RUNNING, S.STOPPED),
     (S.RETRYING, S.QUEUED), (S.RETRYING, S.RUNNING), (S.RETRYING, S.CANCELLING), (S.RETRYING, S.CANCELLED), (S.RETRYING, S.FAILED),
     (S.CANCELLING, S.CANCELLED), (S.CANCELLING, S.FAILED), (S.CANCELLING, S.SUCCEEDED),
 }
@@ -39,7 +40,7 @@ def path_to(target: JobState) -> list[JobState]:
 
 def test_the_table_is_the_one_documented():
     assert {(a, b) for a, targets in ALLOWED.items() for b in targets} == EXPECTED_ALLOWED
-    assert TERMINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
+    assert TERMINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED, S.STOPPED}
     assert all(not ALLOWED[t] for t in TERMINAL)
     assert [s.is_terminal for s in JobState] == [s in TERMINAL for s in JobState]
 

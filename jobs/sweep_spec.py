@@ -1,0 +1,200 @@
+"""`SweepSpec`: a hyper-parameter search over job specs, validated before any trial runs.
+
+    name: trec-sweep
+    spec: examples/trec-lora.yaml            # a job spec (inline mapping, or a file next to the sweep)
+    search_space:
+      training.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      training.batch_size: {choice: [8, 16]}
+      method:
+        choice:
+          - {method: lora, r: {randint: [4, 17]}}
+          - {method: bitfit}
+    metric: eval_accuracy
+    mode: max
+    num_samples: 8
+    scheduler: asha                          # asha | fifo
+    max_concurrent: 2
+
+Search-space keys are dotted paths into the job spec; values are a distribution — ``choice``
+(a list; options may hold distributions of their own), ``uniform`` / ``loguniform`` (``[low,
+high]``), ``randint`` (``[low, high)``) — or a constant. The trials' values are drawn up front
+from ``seed``; every trial's job spec, and the spec at every bound and every choice, is validated
+as a :data:`jobs.spec.JobSpec` before the sweep is stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobs.spec import JobSpecError, parse_job_spec, validate_name
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Sweep name; trials are jobs named <name>-t<index>.")
+    spec: dict[str, Any] = Field(description="The job spec every trial starts from (validated like any job spec).")
+    search_space: dict[str, Any] = Field(min_length=1, description="Dotted spec paths -> distribution or constant.")
+    metric: str = Field(default="eval_accuracy", min_length=1, description="What trials report and the search optimises.")
+    mode: Literal["max", "min"] = Field(default="max", description="Whether larger or smaller `metric` is better.")
+    num_samples: int = Field(default=8, ge=1, le=10_000, description="How many configurations to try.")
+    scheduler: Literal["asha", "fifo", "pbt"] = Field(default="asha", description="asha stops weak trials early; fifo runs every trial to the end.")
+    scheduler_options: dict[str, float] = Field(default_factory=dict, description="asha: grace_period, reduction_factor (in evaluations).")
+    max_concurrent: int | None = Field(default=None, ge=1, description="Trials at once (default: as many as resources allow).")
+    seed: int = Field(default=0, ge=0, description="Seeds the draw of configurations.")
+    promote: bool = Field(default=False, description="Promote the best trial's adapter for its task.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_name(v, "sweep name")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _supported(cls, v: str) -> str:
+        if v == "pbt":
+            raise ValueError("pbt is not supported yet: a PBT exploit must hand one trial's DeepSpeed checkpoint to another "
+                             "with new hyper-parameters, which peftfleet's trials (whole jobs) do not do yet; use asha or fifo")
+        return v
+
+    @field_validator("scheduler_options")
+    @classmethod
+    def _options(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - {"grace_period", "reduction_factor"}
+        if unknown:
+            raise ValueError(f"unknown scheduler options {sorted(unknown)}")
+        return v
+
+
+def load_sweep_spec(path: str | Path) -> SweepSpec:
+    """A sweep from YAML/JSON; ``spec:`` may name a job-spec file relative to the sweep file."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and isinstance(data.get("spec"), str):
+        data = {**data, "spec": yaml.safe_load((path.parent / data["spec"]).read_text(encoding="utf-8"))}
+    return parse_sweep_spec(data)
+
+
+def parse_sweep_spec(data: Any) -> SweepSpec:
+    """Validate a sweep and every configuration it can produce; raises JobSpecError naming the path."""
+    if isinstance(data, SweepSpec):
+        return data
+    from pydantic import ValidationError
+
+    try:
+        sweep = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise JobSpecError([(".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]) from None
+    for path, value in sweep.search_space.items():
+        _check_distribution(value, f"search_space.{path}")
+    for label, params in validation_configs(sweep):
+        trial_spec(sweep, params, 0, label=label)
+    return sweep
+
+
+def _check_distribution(value: Any, where: str) -> None:
+    if not _is_distribution(value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_distribution(v, f"{where}.{k}")
+        return
+    (kind, arg), = value.items()
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise JobSpecError([(where, "choice takes a non-empty list")])
+        for i, option in enumerate(arg):
+            _check_distribution(option, f"{where}.choice[{i}]")
+        return
+    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)):
+        raise JobSpecError([(where, f"{kind} takes [low, high]")])
+    low, high = arg
+    if not low < high:
+        raise JobSpecError([(where, f"{kind} needs low < high, got [{low}, {high}]")])
+    if kind == "loguniform" and low <= 0:
+        raise JobSpecError([(where, "loguniform needs low > 0")])
+    if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
+        raise JobSpecError([(where, "randint takes integers")])
+
+
+def _is_distribution(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
+
+
+def sample(value: Any, rng: random.Random) -> Any:
+    """A concrete value: distributions drawn (recursively inside choices and mappings), constants kept."""
+    if _is_distribution(value):
+        (kind, arg), = value.items()
+        if kind == "choice":
+            return sample(rng.choice(arg), rng)
+        low, high = arg
+        if kind == "uniform":
+            return rng.uniform(low, high)
+        if kind == "loguniform":
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
+        return rng.randrange(int(low), int(high))
+    if isinstance(value, dict):
+        return {k: sample(v, rng) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+def draw(sweep: SweepSpec) -> list[dict[str, Any]]:
+    """The ``num_samples`` configurations the sweep will run, drawn from its seed."""
+    rng = random.Random(sweep.seed)
+    return [{path: sample(value, rng) for path, value in sweep.search_space.items()} for _ in range(sweep.num_samples)]
+
+
+def validation_configs(sweep: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
+    """The drawn configurations plus, per distribution, its bounds and each choice option."""
+    drawn = draw(sweep)
+    out = [(f"sample {i}", params) for i, params in enumerate(drawn)]
+    rng = random.Random(sweep.seed + 1)
+    for path, value in sweep.search_space.items():
+        for label, extreme in _extremes(value, rng):
+            out.append((f"{path} = {label}", {**drawn[0], path: extreme}))
+    return out
+
+
+def _extremes(value: Any, rng: random.Random) -> list[tuple[str, Any]]:
+    if not _is_distribution(value):
+        return []
+    (kind, arg), = value.items()
+    if kind == "choice":
+        return [(f"choice[{i}]", sample(option, rng)) for i, option in enumerate(arg)]
+    low, high = arg
+    return [("low", int(low) if kind == "randint" else low), ("high", int(high) - 1 if kind == "randint" else high)]
+
+
+def trial_spec(sweep: SweepSpec, params: dict[str, Any], index: int, *, label: str | None = None, sweep_id: str | None = None):
+    """The job spec of one trial: the sweep's spec with ``params`` set at their paths."""
+    data = copy.deepcopy(sweep.spec)
+    for path, value in params.items():
+        _set_path(data, path.split("."), value, path)
+    data["name"] = validate_name(f"{sweep.name}-t{index:03d}"[:64], "trial name")
+    if sweep_id is not None:
+        data["idempotency_key"] = f"sweep-{sweep_id}-{index}"
+        data["tags"] = sorted(set(data.get("tags") or []) | {f"sweep-{sweep_id[:12]}"})
+    try:
+        return parse_job_spec(data)
+    except JobSpecError as e:
+        where = f"search_space ({label})" if label else "spec"
+        raise JobSpecError([(f"{where}: {p}" if p else where, m) for p, m in e.problems]) from None
+
+
+def _set_path(data: dict[str, Any], parts: list[str], value: Any, path: str) -> None:
+    head, rest = parts[0], parts[1:]
+    if not rest:
+        data[head] = value
+        return
+    child = data.setdefault(head, {})
+    if not isinstance(child, dict):
+        raise JobSpecError([(f"search_space.{path}", f"{head!r} is not a mapping in the job spec")])
+    _set_path(child, rest, value, path)

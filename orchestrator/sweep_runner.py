@@ -1,0 +1,210 @@
+"""The process that owns one sweep on the cluster (a Ray job entrypoint):
+`python -m orchestrator.sweep_runner SWEEP_ID [--resume]`.
+
+It runs Ray Tune over the sweep's drawn configurations. Each trial is a job in the store, run by
+the same code as any job (:func:`orchestrator.runner.run`: Ray Train workers, DeepSpeed, the
+recipe), while the trial reports that job's evaluation metrics to Tune as they reach the store,
+so ASHA can stop weak trials early. A trial the scheduler stopped
+is recorded STOPPED, not FAILED. At the end the best finished trial's adapter is recorded on the
+sweep (and promoted if asked). ``--resume`` continues a sweep whose driver died with
+``Tuner.restore``: finished trials stay finished, interrupted ones start again (their jobs resume
+from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from ray.tune import Callback
+
+from jobs.states import TERMINAL, IllegalTransition, JobState
+from jobs.store import JobStore
+from jobs.sweep_spec import SweepSpec, draw, trial_spec
+from jobs.sweeps import SweepRecord
+
+TRIAL_CPU = 0.1  # what a trial's own process reserves; its Ray Train workers reserve the rest
+POLL_S = 1.0
+
+
+def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> None:
+    """One Tune trial: submit (or find again, after a restore) its job, run it, and report the job's
+    evaluation metrics to Tune while it trains."""
+    from ray import tune
+
+    from orchestrator.runner import run
+
+    store = JobStore()
+    sweep = store.sweeps.get(sweep_id)
+    spec: SweepSpec = sweep.sweep_spec
+    index, params = config["trial"]["index"], config["trial"]["params"]
+    trial_id = tune.get_context().get_trial_id()
+    job = _job_for(store, spec, params, index, sweep_id)
+    store.sweeps.add_trial(sweep_id, job.id, trial_id, params)
+    store.set_runtime(job.id, ray_submission_id=submission_id, sweep_id=sweep_id, trial_id=trial_id)
+
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["state"] = run(job.id, f"sweep-{sweep_id[:8]}:{trial_id}", store=store)
+        except BaseException as e:  # noqa: BLE001 - reported to Tune below
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, daemon=True)
+    if not store.get(job.id).state.is_terminal:
+        worker.start()
+    reported = 0
+    while True:
+        alive = worker.is_alive()
+        rows = store.metrics(job.id, spec.metric)
+        for m in rows[reported:]:
+            tune.report({spec.metric: m.value, "step": m.step, "job_id": job.id})
+        reported = len(rows)
+        if not alive:
+            break
+        time.sleep(POLL_S)
+    final = store.get(job.id)
+    if final.state is not JobState.SUCCEEDED:
+        raise RuntimeError(f"trial job {job.id[:12]} ended {final.state}: {final.error or outcome.get('error')}")
+    adapter = store.adapters.list(job_id=job.id)
+    last = rows[-1].value if rows else float("nan")
+    tune.report({spec.metric: last, "step": rows[-1].step if rows else 0, "job_id": job.id,
+                 "adapter": adapter[0].name if adapter else "", "finished": 1})
+
+
+def _job_for(store: JobStore, spec: SweepSpec, params: dict[str, Any], index: int, sweep_id: str):
+    """The trial's job: new, or the one an earlier driver started (continued from its checkpoint)."""
+    for attempt in range(100):
+        job_spec = trial_spec(spec, params, index, sweep_id=sweep_id)
+        if attempt:
+            job_spec = job_spec.model_copy(update={"idempotency_key": f"{job_spec.idempotency_key}-r{attempt}"})
+        job = store.submit(job_spec)
+        if job.state is JobState.PENDING or job.state is JobState.SUCCEEDED:
+            return job
+        if job.state in (JobState.RUNNING, JobState.QUEUED, JobState.RETRYING):  # its old driver died
+            target = JobState.RETRYING if job.state is JobState.RUNNING else JobState.PENDING
+            try:
+                if job.state is not JobState.RETRYING:
+                    store.transition(job.id, target, reason="sweep restored: the trial runs again from its last checkpoint")
+                return store.get(job.id)
+            except IllegalTransition:
+                continue
+        # FAILED / CANCELLED / STOPPED: a fresh job for the retried trial
+    raise RuntimeError(f"trial {index}: could not find or create its job")
+
+
+class RecordTrialEnds(Callback):
+    """Tune callback in the sweep's driver: a trial that ends without finishing training was stopped
+    by the scheduler (STOPPED); one that errored before its job settled is FAILED."""
+
+    def __init__(self, store: JobStore, scheduler: str):
+        self.store, self.scheduler = store, scheduler
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        job_id = last.get("job_id")
+        if job_id and not last.get("finished"):
+            evaluations = last.get("training_iteration", 0)
+            self._settle(job_id, JobState.STOPPED, f"stopped early by {self.scheduler.upper()} after {evaluations} evaluation(s)")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        job_id = (trial.last_result or {}).get("job_id")
+        if job_id:
+            self._settle(job_id, JobState.FAILED, "the trial errored")
+
+    def _settle(self, job_id: str, to: JobState, reason: str) -> None:
+        job = self.store.get(job_id)
+        if job.state in TERMINAL:
+            return
+        try:
+            if to is JobState.STOPPED and job.state is not JobState.RUNNING:
+                to = JobState.CANCELLED  # stopped before it trained: nothing to keep
+            self.store.transition(job_id, to, reason=reason)
+        except IllegalTransition:
+            pass  # the trial's own runner settled it first
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler == "asha":
+        opts = spec.scheduler_options
+        # Rungs at grace_period × reduction_factor^k evaluations; trials that finish sooner just finish.
+        return ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=int(opts.get("grace_period", 1)),
+                             reduction_factor=opts.get("reduction_factor", 2))
+    return FIFOScheduler()
+
+
+def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
+    from ray import tune
+
+    store = JobStore()
+    record = store.sweeps.get(sweep_id)
+    spec = record.sweep_spec
+    submission_id = os.environ.get("PEFTFLEET_SUBMISSION_ID")
+    storage = os.path.join(store.artifacts.url, "sweeps")
+    name = f"sweep-{sweep_id}"
+    trainable = tune.with_resources(tune.with_parameters(trial, sweep_id=sweep_id, submission_id=submission_id), {"CPU": TRIAL_CPU})
+    callbacks = [RecordTrialEnds(store, spec.scheduler)]
+    store.sweeps.update(sweep_id, state="RUNNING", experiment_path=os.path.join(storage, name), error=None)
+    try:
+        if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
+            tuner = tune.Tuner.restore(os.path.join(storage, name), trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=_param_space(spec))
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=_param_space(spec),
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec), num_samples=1,
+                                            max_concurrent_trials=spec.max_concurrent),
+                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1),
+            )
+        tuner.fit()
+        return _finish(store, sweep_id, spec)
+    except BaseException as e:
+        state = "INTERRUPTED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        store.sweeps.update(sweep_id, state=state, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"[:20000])
+        raise
+
+
+def _param_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    return {"trial": tune.grid_search([{"index": i, "params": p} for i, p in enumerate(draw(spec))])}
+
+
+def _finish(store: JobStore, sweep_id: str, spec: SweepSpec) -> SweepRecord:
+    """The best finished trial by its last reported metric; its adapter is the sweep's result."""
+    best = None
+    for t in store.sweeps.trials(sweep_id):
+        if t.job.state is not JobState.SUCCEEDED:
+            continue
+        values = store.metrics(t.job.id, spec.metric)
+        adapters = store.adapters.list(job_id=t.job.id)
+        if not values or not adapters:
+            continue
+        value = values[-1].value
+        if best is None or (value > best[0] if spec.mode == "max" else value < best[0]):
+            best = (value, t.job.id, adapters[0].name)
+    if best is None:
+        return store.sweeps.update(sweep_id, state="FAILED", error="no trial finished with an adapter")
+    if spec.promote:
+        store.adapters.promote(best[2])
+    return store.sweeps.update(sweep_id, state="SUCCEEDED", best_value=best[0], best_job_id=best[1], best_adapter=best[2])
+
+
+def main() -> None:
+    sweep_id = sys.argv[1]
+    try:
+        record = run_sweep(sweep_id, resume="--resume" in sys.argv[2:])
+    except BaseException:
+        sys.exit(1)
+    sys.exit(0 if record.state == "SUCCEEDED" else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Sweep specs: drawing configurations, and refusing a bad search space before anything exists."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from jobs.spec import JobSpecError
+from jobs.sweep_spec import draw, parse_sweep_spec, trial_spec
+from tests.jobs.conftest import minilm_spec
+
+
+def sweep(**overrides) -> dict:
+    data = {
+        "name": "s", "spec": minilm_spec(),
+        "search_space": {
+            "training.lr": {"loguniform": [1e-4, 1e-2]},
+            "training.batch_size": {"choice": [8, 16]},
+            "method": {"choice": [{"method": "lora", "r": {"randint": [2, 5]}}, {"method": "bitfit"}]},
+        },
+        "num_samples": 20,
+    }
+    data.update(overrides)
+    return data
+
+
+def test_draws_are_reproducible_within_bounds_and_resolve_nested_choices():
+    spec = parse_sweep_spec(sweep())
+    first, again, other = draw(spec), draw(spec), draw(parse_sweep_spec(sweep(seed=1)))
+    assert first == again and first != other and len(first) == 20
+    for params in first:
+        assert 1e-4 <= params["training.lr"] <= 1e-2 and params["training.batch_size"] in (8, 16)
+        method = params["method"]
+        assert method == {"method": "bitfit"} or (method["method"] == "lora" and method["r"] in (2, 3, 4))
+    assert {p["method"]["method"] for p in first} == {"lora", "bitfit"}
+    logs = [math.log10(p["training.lr"]) for p in first]
+    assert min(logs) < -3 < max(logs)  # spread over the decades, not bunched at the top
+    job = trial_spec(spec, first[0], 7, sweep_id="f" * 32)
+    assert job.name == "s-t007" and job.idempotency_key == f"sweep-{'f' * 32}-7" and "sweep-ffffffffffff" in job.tags
+    assert job.training.lr == first[0]["training.lr"]
+
+
+@pytest.mark.parametrize("space,where,message", [
+    ({"training.lr": {"loguniform": [0, 1e-2]}}, "search_space.training.lr", "low > 0"),
+    ({"training.lr": {"uniform": [0.1, 0.01]}}, "search_space.training.lr", "low < high"),
+    ({"training.batch_size": {"randint": [1.5, 4]}}, "search_space.training.batch_size", "integers"),
+    ({"training.batch_size": {"choice": []}}, "search_space.training.batch_size", "non-empty"),
+    ({"training.lr": {"uniform": [0.5, 2.0]}}, "search_space (training.lr = high): training.lr", "less than or equal to 1"),
+    ({"method.r": {"choice": [4, 8]}}, "", "r"),  # fine for LoRA (the spec's method): accepted below
+    ({"method": {"choice": [{"method": "bitfit", "r": 4}]}}, "search_space (", "Extra inputs are not permitted"),
+    ({"training.nonsense": {"choice": [1, 2]}}, "training.nonsense", "Extra inputs are not permitted"),
+    ({"name.part": {"choice": [1]}}, "search_space.name.part", "not a mapping"),
+])
+def test_a_bad_search_space_is_refused_naming_where(space, where, message):
+    if space == {"method.r": {"choice": [4, 8]}}:
+        parse_sweep_spec(sweep(search_space=space))
+        with pytest.raises(JobSpecError, match="Extra inputs are not permitted"):  # ...but not for BitFit
+            parse_sweep_spec(sweep(spec={**minilm_spec(), "method": {"method": "bitfit"}}, search_space=space))
+        return
+    with pytest.raises(JobSpecError) as err:
+        parse_sweep_spec(sweep(search_space=space))
+    path, text = err.value.problems[0]
+    assert path.startswith(where) or where in path, err.value.problems
+    assert message in text or message in path, err.value.problems
+
+
+def test_sweep_level_fields_are_checked():
+    for bad, field in [({"mode": "maximise"}, "mode"), ({"num_samples": 0}, "num_samples"), ({"name": "a/b"}, "name"),
+                       ({"scheduler_options": {"patience": 3}}, "scheduler_options"), ({"search_space": {}}, "search_space")]:
+        with pytest.raises(JobSpecError) as err:
+            parse_sweep_spec(sweep(**bad))
+        assert err.value.problems[0][0] == field
+    with pytest.raises(JobSpecError, match="pbt is not supported yet"):
+        parse_sweep_spec(sweep(scheduler="pbt"))
+
+
+def test_sweeps_and_their_trials_are_recorded_in_the_store(store):
+    spec = parse_sweep_spec(sweep(num_samples=2))
+    record = store.sweeps.create(spec)
+    assert record.state == "PENDING" and record.sweep_spec == spec
+    assert store.sweeps.get(record.id[:8]).id == record.id and store.sweeps.get("s").id == record.id
+    params = draw(spec)
+    jobs = [store.submit(trial_spec(spec, p, i, sweep_id=record.id)) for i, p in enumerate(params)]
+    for i, (job, p) in enumerate(zip(jobs, params)):
+        store.sweeps.add_trial(record.id, job.id, f"trial_{i}", p)
+        store.sweeps.add_trial(record.id, job.id, f"trial_{i}", p)  # again after a restore: no duplicate
+    trials = store.sweeps.trials(record.id)
+    assert [t.job.id for t in trials] == [j.id for j in jobs] and [t.params for t in trials] == params
+    done = store.sweeps.update(record.id, state="SUCCEEDED", best_job_id=jobs[0].id, best_value=0.5, best_adapter="a")
+    assert done.finished_at is not None and store.sweeps.list()[0].best_value == 0.5
+    with pytest.raises(ValueError, match="unknown sweep state"):
+        store.sweeps.update(record.id, state="DONE")
