@@ -234,7 +234,7 @@ class Client:
         before anything is stored or scheduled."""
         job_spec = load_job_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_job_spec(spec)
         return self.submit_sweep({
-            "name": name or f"{job_spec.name}-sweep", "spec": job_spec.model_dump(mode="json", exclude_defaults=True),
+            "name": name or f"{job_spec.name}-sweep", "spec": job_spec.model_dump(mode="json"),
             "search_space": search_space, "metric": metric, "mode": mode, "num_samples": num_samples, "scheduler": scheduler,
             "max_concurrent": max_concurrent, "seed": seed, "promote": promote, "scheduler_options": scheduler_options or {},
         })

@@ -14,6 +14,7 @@ from their last checkpoint).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -102,8 +103,18 @@ class RecordTrialEnds(Callback):
     """Tune callback in the sweep's driver: a trial that ends without finishing training was stopped
     by the scheduler (STOPPED); one that errored before its job settled is FAILED."""
 
-    def __init__(self, store: JobStore, scheduler: str):
-        self.store, self.scheduler = store, scheduler
+    def __init__(self, scheduler: str):
+        self.scheduler = scheduler
+        self._store: JobStore | None = None  # opened where it runs; Tune pickles its callbacks
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            self._store = JobStore()
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler, "_store": None}
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
@@ -147,10 +158,10 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
     record = store.sweeps.get(sweep_id)
     spec = record.sweep_spec
     submission_id = os.environ.get("PEFTFLEET_SUBMISSION_ID")
-    storage = os.path.join(store.artifacts.url, "sweeps")
+    storage = store.artifacts.uri_for("sweeps")
     name = f"sweep-{sweep_id}"
     trainable = tune.with_resources(tune.with_parameters(trial, sweep_id=sweep_id, submission_id=submission_id), {"CPU": TRIAL_CPU})
-    callbacks = [RecordTrialEnds(store, spec.scheduler)]
+    callbacks = [RecordTrialEnds(spec.scheduler)]
     store.sweeps.update(sweep_id, state="RUNNING", experiment_path=os.path.join(storage, name), error=None)
     try:
         if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
@@ -166,7 +177,8 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
         tuner.fit()
         return _finish(store, sweep_id, spec)
     except BaseException as e:
-        state = "INTERRUPTED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        # Tune turns SIGTERM during fit into SystemExit: the driver was stopped, the sweep can resume.
+        state = "INTERRUPTED" if isinstance(e, (KeyboardInterrupt, Interrupted, SystemExit)) else "FAILED"
         store.sweeps.update(sweep_id, state=state, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"[:20000])
         raise
 
@@ -197,8 +209,17 @@ def _finish(store: JobStore, sweep_id: str, spec: SweepSpec) -> SweepRecord:
     return store.sweeps.update(sweep_id, state="SUCCEEDED", best_value=best[0], best_job_id=best[1], best_adapter=best[2])
 
 
+class Interrupted(BaseException):
+    """SIGTERM (`ray job stop`, a node going away): the sweep stops, resumable."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Interrupted()
+
+
 def main() -> None:
     sweep_id = sys.argv[1]
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         record = run_sweep(sweep_id, resume="--resume" in sys.argv[2:])
     except BaseException:

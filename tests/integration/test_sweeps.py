@@ -1,0 +1,95 @@
+"""Hyper-parameter sweeps on the local Ray cluster: every trial a job, ASHA stopping weak ones early
+(recorded STOPPED), the best adapter registered and promoted, bad spaces refused up front, and a
+sweep whose driver died resumed with its finished trials kept."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import transformers
+
+from jobs.spec import JobSpecError
+from jobs.states import JobState
+from jobs.sweep_spec import draw, parse_sweep_spec
+from orchestrator.cli import main as cli
+
+GOOD, BAD = 0.05, 1e-7  # a learning rate that learns in a few steps, and one that cannot
+
+
+def _spec(tiny_spec):
+    return tiny_spec(training={"eval_every_steps": 8, "epochs": 1}, resources={"num_workers": 1, "cpus_per_worker": 0.9})
+
+
+def _seed_with(order: list[float], space: dict, base: dict, n: int) -> int:
+    """A seed whose first draws come in ``order`` (so the test knows which trial runs first)."""
+    for seed in range(500):
+        drawn = draw(parse_sweep_spec({"name": "probe", "spec": base, "search_space": space, "num_samples": n, "seed": seed}))
+        if [d["training.lr"] for d in drawn[: len(order)]] == order:
+            return seed
+    raise AssertionError("no seed gives that order")
+
+
+def test_asha_sweep_records_every_trial_stops_weak_ones_and_promotes_the_best(client, tiny_spec, tiny_bert_dir, tmp_path, capsys):
+    base = _spec(tiny_spec)
+    space = {"training.lr": {"choice": [GOOD, BAD]}}
+    seed = _seed_with([GOOD, BAD, BAD], space, base, 3)
+    sweep = client.tune(base, search_space=space, metric="eval_loss", mode="min", num_samples=3, scheduler="asha",
+                        max_concurrent=1, seed=seed, promote=True, name="asha-sweep",
+                        scheduler_options={"grace_period": 1, "reduction_factor": 2})
+    record = sweep.wait(timeout=900)
+    trials = sweep.trials()
+    assert record.state == "SUCCEEDED", (record.error, trials)
+    assert len(trials) == 3 and {t["job"] for t in trials} == {t.job.id for t in client.store.sweeps.trials(sweep.id)}
+    states = {t["params"]["training.lr"]: t["state"] for t in trials if t["params"]["training.lr"] == GOOD}
+    assert states == {GOOD: "SUCCEEDED"}
+    stopped = [t for t in trials if t["state"] == "STOPPED"]
+    assert stopped and all(t["params"]["training.lr"] == BAD for t in stopped), trials
+    for t in stopped:  # early-stopped: no adapter, and said so, not a failure
+        assert client.adapters.list(job_id=t["job"]) == []
+        assert "stopped early by ASHA" in client.store.events(t["job"])[-1].reason
+    assert not [t for t in trials if t["state"] == "FAILED"]
+
+    good = next(t for t in trials if t["params"]["training.lr"] == GOOD)
+    assert record.best_job_id == good["job"] and record.best_value == good["eval_loss"]
+    adapter = client.adapters.get(record.best_adapter)
+    assert adapter.job_id == good["job"] and adapter.promoted
+    base_model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=6)
+    client.adapters.load(adapter.name, base_model)  # hash- and base-checked
+
+    png = sweep.plot(tmp_path / "sweep.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli(["sweep", "show", sweep.id[:8], "--home", str(client.home)]) == 0
+    out = capsys.readouterr().out
+    assert "STOPPED" in out and f"best: {adapter.name}" in out
+
+
+def test_an_invalid_search_space_is_refused_before_any_trial(client, tiny_spec):
+    jobs_before, ray_jobs_before = client.store.count_jobs(), len(client.cluster.jobs_client().list_jobs())
+    for space, message in [({"training.lr": {"loguniform": [0, 0.1]}}, "low > 0"),
+                           ({"method.rank": {"choice": [4]}}, "Extra inputs are not permitted")]:
+        with pytest.raises(JobSpecError, match=message):
+            client.tune(_spec(tiny_spec), search_space=space, num_samples=2)
+    assert client.store.sweeps.list() == [] and client.store.count_jobs() == jobs_before
+    assert len(client.cluster.jobs_client().list_jobs()) == ray_jobs_before
+
+
+def test_a_sweep_whose_driver_died_resumes_keeping_finished_trials(client, tiny_spec):
+    sweep = client.tune(_spec(tiny_spec), search_space={"training.lr": {"loguniform": [0.01, 0.05]}}, num_samples=3,
+                        scheduler="fifo", max_concurrent=1, name="resumable")
+    deadline = time.monotonic() + 600
+    while not any(t["state"] == "SUCCEEDED" for t in sweep.trials()):
+        assert time.monotonic() < deadline, sweep.trials()
+        time.sleep(1)
+    first = next(t for t in sweep.trials() if t["state"] == "SUCCEEDED")
+    jobs_client = client.cluster.jobs_client()
+    jobs_client.stop_job(sweep.record().runtime["ray_submission_id"])  # the driver dies mid-sweep
+    assert sweep.wait(timeout=300).state == "INTERRUPTED"
+
+    record = sweep.resume().wait(timeout=900)
+    trials = sweep.trials()
+    assert record.state == "SUCCEEDED", (record.error, trials)
+    assert len(trials) == 3 and all(t["state"] == "SUCCEEDED" for t in trials), trials
+    events = [e.to_state for e in client.store.events(first["job"])]
+    assert events.count(JobState.SUCCEEDED) == 1 and events.count(JobState.RUNNING) == 1  # not run again
+    assert record.best_adapter in {a.name for a in client.adapters.list()}
