@@ -109,6 +109,8 @@ class ResourcesSpec(_Spec):
     num_workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(default=1, gt=0, le=1024, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(default=0, ge=0, le=16, description="GPUs reserved per worker (0 = CPU training).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="How workers are placed on nodes (Ray placement groups): STRICT_SPREAD = one per node.")
 
 
 class _Submission(_Spec):

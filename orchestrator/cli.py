@@ -25,6 +25,7 @@ from jobs.adapter_registry import AdapterNotFound
 from jobs.spec import JobSpecError
 from jobs.states import JobState
 from jobs.store import JobNotFound
+from jobs.subspaces import check_references
 from orchestrator.client import Client, InfeasibleJob
 
 
@@ -86,6 +87,26 @@ def cmd_submit(client: Client, args) -> int:
         kind = "subspace" if job.method == "ipt-subspace" else "adapter"
         print(f"job {job.id[:12]} {job.state}" + (f"; {kind} {made.name}" if made else "") + (f"; error: {job.error}" if job.error else ""))
     return 0 if job.state is JobState.SUCCEEDED else 1
+
+
+def cmd_run(client: Client, args) -> int:
+    """Validate, record and run a job in this process, as its owner: the entrypoint of a KubeRay
+    RayJob (or any Ray job), where the driver is already on the cluster."""
+    from jobs.spec import load_job_spec
+    from orchestrator.runner import run
+
+    spec = load_job_spec(args.spec)
+    check_references(client.store, spec)
+    job = client.store.submit(spec, idempotency_key=args.idempotency_key)
+    print(f"running job {job.id} ({job.name})", flush=True)
+    try:
+        state = run(job.id, f"peftfleet-run-pid-{os.getpid()}", store=client.store)
+    except Exception as e:  # noqa: BLE001 - recorded in the store by run(); say it and exit non-zero
+        print(f"job {job.id[:12]} failed: {e}", file=sys.stderr)
+        return 1
+    adapter = client.adapters.list(job_id=job.id)
+    print(f"job {job.id[:12]} {state}" + (f"; adapter {adapter[0].name}" if adapter else ""))
+    return 0 if state is JobState.SUCCEEDED else 1
 
 
 def cmd_status(client: Client, args) -> int:
@@ -251,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for the job, with progress")
     p.add_argument("--idempotency-key")
     p.set_defaults(run=cmd_submit)
+    p = sub.add_parser("run", parents=[common], help="run a job spec in this process (a RayJob's entrypoint on the cluster)")
+    p.add_argument("spec")
+    p.add_argument("--idempotency-key")
+    p.set_defaults(run=cmd_run)
     for name, fn, text in (("status", cmd_status, "one job: state, metrics, events"), ("logs", cmd_logs, "a job's logs"), ("cancel", cmd_cancel, "stop a job")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("job", help="job id or unique prefix")

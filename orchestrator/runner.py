@@ -80,7 +80,7 @@ def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> 
         train_worker,
         train_loop_config={**shared, "spec": raw_spec},
         scaling_config=ScalingConfig(
-            num_workers=res.num_workers, use_gpu=gpus > 0,
+            num_workers=res.num_workers, use_gpu=gpus > 0, placement_strategy=res.placement_strategy,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
         ),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),

@@ -188,6 +188,19 @@ def build_app(options: ServeOptions, *, num_replicas: int | str = 1, autoscaling
     ).bind(vars(options))
 
 
+def build(args: dict[str, Any]):
+    """Serve's application builder, for config files and KubeRay's RayService (``import_path:
+    orchestrator.serving.deployment:build``): ``args`` are ServeOptions fields plus num_replicas,
+    autoscaling, cpus_per_replica, gpus_per_replica; the store and storage come from the
+    environment (PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, PEFTFLEET_API_KEY)."""
+    args = dict(args)
+    scaling = {k: args.pop(k) for k in ("num_replicas", "autoscaling", "cpus_per_replica", "gpus_per_replica") if k in args}
+    options = ServeOptions(**{"store_url": os.environ.get("PEFTFLEET_STORE_URL"), "storage_url": os.environ.get("PEFTFLEET_STORAGE_URL"),
+                              "api_key": os.environ.get("PEFTFLEET_API_KEY") or None, **args})
+    env = {k: v for k, v in os.environ.items() if k.startswith("PEFTFLEET_") or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return build_app(options, env=env, **scaling)
+
+
 @dataclass(frozen=True)
 class Serving:
     """A running serving application; ``url`` is the OpenAI base URL without ``/v1``."""

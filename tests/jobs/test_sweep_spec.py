@@ -91,3 +91,13 @@ def test_sweeps_and_their_trials_are_recorded_in_the_store(store):
     assert done.finished_at is not None and store.sweeps.list()[0].best_value == 0.5
     with pytest.raises(ValueError, match="unknown sweep state"):
         store.sweeps.update(record.id, state="DONE")
+
+
+def test_the_example_sweep_validates_with_its_spec_inline():
+    from pathlib import Path
+
+    from jobs.sweep_spec import load_sweep_spec
+
+    spec = load_sweep_spec(Path(__file__).resolve().parents[2] / "examples" / "trec-sweep.yaml")
+    assert spec.scheduler == "asha" and spec.num_samples == 6 and spec.promote
+    assert {d["method"]["method"] for d in draw(spec)} == {"lora", "bitfit"}

@@ -105,3 +105,14 @@ def test_serve_refuses_an_adapter_of_another_base_before_starting_anything(store
     code, _, err = run(store, capsys, "serve", "--base", str(base), "--adapters", "missing")
     assert code == 1 and "no adapter named 'missing'" in err
     assert not ray.is_initialized()  # refused before any cluster was started
+
+
+def test_tune_refuses_a_bad_sweep_file_naming_the_path_before_touching_ray(store, capsys, tmp_path):
+    import ray
+    import yaml
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "spec": SPEC, "search_space": {"training.lr": {"uniform": [0.1, 0.01]}}}))
+    code, _, err = run(store, capsys, "tune", str(sweep))
+    assert code == 2 and "search_space.training.lr: uniform needs low < high" in err
+    assert store.sweeps.list() == [] and not ray.is_initialized()
