@@ -23,7 +23,8 @@ demo: $(VENV)/.installed
 	$(PY) -m orchestrator.demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/cluster
+	$(PY) -m pytest -q tests/cluster  # its own process: a multi-node Ray cluster of its own
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/training_memory.py

@@ -190,10 +190,18 @@ def train_worker(config: dict[str, Any]) -> None:
         step = int(client_state["step"])
         print(f"[rank {rank}] resumed from checkpoint at step {step}", flush=True)
 
+    nodes = _worker_nodes(world)
     if rank == 0:
         current = store.get(job_id).state
+        resumed = f"; resumed from the checkpoint at step {step}" if checkpoint is not None else ""
+        if current is JobState.RUNNING and checkpoint is not None:  # Ray Train restarted the worker group
+            store.transition(job_id, JobState.RETRYING, reason=f"worker group restarted after a failure{resumed}")
+            current = JobState.RETRYING
         if current is not JobState.RUNNING:
-            store.transition(job_id, JobState.RUNNING, reason=f"{world} worker(s) training", expected=[JobState.QUEUED, JobState.RETRYING])
+            store.transition(job_id, JobState.RUNNING, reason=f"{world} worker(s) training{resumed}", expected=[JobState.QUEUED, JobState.RETRYING])
+        store.set_runtime(job_id, worker_nodes=nodes)
+        if checkpoint is not None:
+            store.record_metrics(job_id, step, {"resumed_from_step": step})
         store.record_metrics(job_id, step, {"total_steps": total_steps, "world_size": world, **counts})
         print(f"job {job_id[:8]}: {counts['trainable_parameters']:,} trainable parameters, "
               f"{total_steps} steps of {global_batch} examples, ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s)", flush=True)
@@ -240,6 +248,18 @@ def train_worker(config: dict[str, Any]) -> None:
         store.record_metrics(job_id, step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     adapter = _save_and_register(engine, method, spec, config, store, rank, metrics, lineage, labels)
     ray.train.report({**metrics, "adapter": adapter or ""})
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (where the workers were placed)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized() or world == 1:
+        return [mine]
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, mine)
+    return [str(n) for n in nodes]
 
 
 def _save_and_register(engine, method, spec, config, store, rank: int, metrics: dict[str, float], lineage: dict,

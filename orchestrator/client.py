@@ -157,11 +157,14 @@ class Client:
         home: peftfleet's local folder (default ``$PEFTFLEET_HOME`` or ``~/.peftfleet``).
         num_cpus: CPUs of a local cluster started here (default: all).
         heartbeat_timeout_s: a live job whose owner was silent this long is settled as FAILED.
+        resubmit_orphans: instead of FAILED, give such a job up to this many new owners, each resuming
+            from its last checkpoint (default ``$PEFTFLEET_RESUBMIT_ORPHANS`` or 0).
     """
 
     def __init__(
         self, *, address: str | None = None, store_url: str | None = None, storage_url: str | None = None,
         home: str | os.PathLike | None = None, num_cpus: int | None = None, heartbeat_timeout_s: float = 120,
+        resubmit_orphans: int | None = None,
     ):
         self.home = Path(peftfleet_home(home))
         self.store = JobStore(store_url, storage_url=storage_url, home=self.home)
@@ -172,6 +175,7 @@ class Client:
         self.adapters: AdapterRegistry = self.store.adapters
         self.subspaces: SubspaceRegistry = self.store.subspaces
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.resubmit_orphans = int(os.environ.get("PEFTFLEET_RESUBMIT_ORPHANS", "0")) if resubmit_orphans is None else resubmit_orphans
         self._address, self._num_cpus, self._cluster = address, num_cpus, None
 
     @property
@@ -312,7 +316,21 @@ class Client:
         jobs_client = None
         if self._cluster is not None:
             jobs_client = self._cluster.jobs_client()
-        return settle_orphans(self.store, timeout_s=self.heartbeat_timeout_s, jobs_client=jobs_client)
+        resubmit = self._resubmit if self.resubmit_orphans and self._cluster is not None else None
+        return settle_orphans(self.store, timeout_s=self.heartbeat_timeout_s, jobs_client=jobs_client, resubmit=resubmit,
+                              max_attempts=self.resubmit_orphans)
+
+    def _resubmit(self, job_id: str) -> None:
+        """A new owner (runner) for a job whose owner died; Ray Train resumes it from its last checkpoint."""
+        job = self.store.get(job_id)
+        submission_id = f"peftfleet-{job.id}-a{job.attempt}-{int(time.time())}"
+        self.store.set_runtime(job.id, ray_submission_id=submission_id)
+        try:
+            self._launch(f"orchestrator.runner {job.id} ray-job:{submission_id}", submission_id, job.job_spec.resources,
+                         {"peftfleet_job": job.id, "name": job.name})
+        except Exception as e:
+            self.store.transition(job.id, JobState.FAILED, reason="could not hand the job back to Ray", error=f"{type(e).__name__}: {e}")
+            raise
 
 
 def default_task(base_folder: str | os.PathLike) -> str:

@@ -5,19 +5,26 @@ seconds. A job in QUEUED, RUNNING, RETRYING or CANCELLING (or PENDING after it w
 whose last sign of life is older than the timeout is checked against Ray when Ray is reachable —
 a Ray job still PENDING/RUNNING is left alone — and otherwise settled: FAILED, or CANCELLED if a
 cancel was already requested. Clients run this while they wait; any process may run it.
+
+With ``resubmit`` (a callable taking a job id) and ``max_attempts``, an orphan that was queued or
+training is instead handed back for another run — RUNNING → RETRYING, QUEUED → PENDING — and
+``resubmit`` starts a new owner for it, which resumes from the job's last checkpoint.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from jobs.states import IllegalTransition, JobState
 from jobs.store import JobRecord, JobStore
 
 LIVE = (JobState.PENDING, JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.CANCELLING)
+RESUBMITTABLE = {JobState.RUNNING: JobState.RETRYING, JobState.QUEUED: JobState.PENDING, JobState.RETRYING: JobState.RETRYING}
 
 
-def settle_orphans(store: JobStore, *, timeout_s: float, jobs_client=None) -> list[JobRecord]:
+def settle_orphans(store: JobStore, *, timeout_s: float, jobs_client=None, resubmit: Callable[[str], None] | None = None,
+                   max_attempts: int = 0) -> list[JobRecord]:
     settled = []
     now = time.time()
     for job in store.list_jobs(state=LIVE, limit=None):
@@ -29,8 +36,18 @@ def settle_orphans(store: JobStore, *, timeout_s: float, jobs_client=None) -> li
             continue
         if jobs_client is not None and submission and _ray_says_alive(jobs_client, submission):
             continue
-        to = JobState.CANCELLED if job.state is JobState.CANCELLING else JobState.FAILED
         reason = f"owner {job.owner or '(none)'} silent for {now - last_sign:.0f} s (timeout {timeout_s:.0f} s)"
+        if resubmit is not None and job.attempt < max_attempts and job.state in RESUBMITTABLE:
+            try:
+                back = RESUBMITTABLE[job.state]
+                if back is not job.state:
+                    store.transition(job.id, back, reason=f"{reason}; resubmitted (attempt {job.attempt + 1} of {max_attempts})", expected=[job.state])
+                resubmit(job.id)
+                settled.append(store.get(job.id))
+            except IllegalTransition:
+                pass
+            continue
+        to = JobState.CANCELLED if job.state is JobState.CANCELLING else JobState.FAILED
         try:
             settled.append(store.transition(job.id, to, reason=reason, error=f"orphaned: {reason}" if to is JobState.FAILED else None, expected=[job.state]))
         except IllegalTransition:

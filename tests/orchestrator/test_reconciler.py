@@ -34,3 +34,21 @@ def test_a_silent_owner_gets_its_job_failed_and_a_cancel_completed(tmp_path):
     assert store.get(fresh.id).state is JobState.QUEUED
     assert store.get(never_handed_over.id).state is JobState.PENDING
     assert settle_orphans(store, timeout_s=0.2) == []  # settling twice changes nothing
+
+
+def test_with_resubmission_an_orphan_gets_new_owners_until_its_attempts_run_out(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}", home=tmp_path)
+    running, queued = store.submit(SPEC), store.submit(SPEC)
+    store.transition(running.id, JobState.RUNNING, owner="runner-1")
+    store.transition(queued.id, JobState.QUEUED, owner="runner-2")
+    resubmitted: list[str] = []
+    time.sleep(0.3)
+    settle_orphans(store, timeout_s=0.2, resubmit=resubmitted.append, max_attempts=1)
+    assert sorted(resubmitted) == sorted([running.id, queued.id])
+    assert store.get(running.id).state is JobState.RETRYING and store.get(running.id).attempt == 1
+    assert store.get(queued.id).state is JobState.PENDING  # its new runner queues it again
+    assert "resubmitted (attempt 1 of 1)" in store.events(running.id)[-1].reason
+
+    time.sleep(0.3)  # the new owner of `running` died too: no attempts left
+    settle_orphans(store, timeout_s=0.2, resubmit=resubmitted.append, max_attempts=1)
+    assert store.get(running.id).state is JobState.FAILED and len(resubmitted) == 2
