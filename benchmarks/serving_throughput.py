@@ -110,7 +110,7 @@ def main() -> None:
     results["peftfleet"] = throughputs(lambda n: bank.generate([GenerationRequest(r, k, n) for r, k in zip(rows, names)]), args.repeats)
     plain = AdapterBank(load_base(), capacity=1)
     results["base"] = throughputs(lambda n: plain.generate([GenerationRequest(r, None, n) for r in rows]), args.repeats)
-    del plain
+    plain = None  # free it before the next model loads
 
     # HF PEFT: all 32 adapters in one PeftModel.
     hf = PeftModel.from_pretrained(load_base(), folders[0], adapter_name=names[0])
@@ -134,7 +134,7 @@ def main() -> None:
 
     results["hf-mixed"] = throughputs(hf_mixed, args.repeats)
     results["swap"] = throughputs(swap, max(1, args.repeats - 2))
-    del hf
+    hf = None
 
     if not args.no_http:
         results["http"] = http_end_to_end(base_folder, folders, names, rows, tokenizer)

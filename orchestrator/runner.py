@@ -51,7 +51,7 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None) -> JobState:
         base = store.register_base_model(spec.base_model)
         shared = {
             "job_id": job_id, "store_url": store.url, "storage_url": store.artifacts.url,
-            "home": os.environ.get("PEFTFLEET_HOME"), "base_fingerprint": base.fingerprint,
+            "home": str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME"), "base_fingerprint": base.fingerprint,
         }
         outcome = _fit_subspace(spec, shared) if spec.kind == "ipt-subspace" else _train(job_id, job.spec, spec, shared, store)
         store.transition(job_id, JobState.SUCCEEDED, reason=outcome)

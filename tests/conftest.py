@@ -51,6 +51,19 @@ def tiny_bert() -> nn.Module:
     return transformers.BertForSequenceClassification(cfg)
 
 
+def save_tiny_bert(folder: Path) -> Path:
+    """A 2-layer BERT base without dropout (so data-parallel runs can match exactly) and MiniLM's
+    tokenizer, saved as a model folder jobs can name as their base."""
+    from jobs.base_models import resolve_base_model
+
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(resolve_base_model("minilm")).save_pretrained(folder)
+    return folder
+
+
 def tiny_llama() -> nn.Module:
     cfg = transformers.LlamaConfig(
         vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -8,6 +8,8 @@ SQLite file; artifacts and checkpoints are a folder every node of this machine r
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -15,13 +17,11 @@ os.environ.setdefault("PEFTFLEET_HEARTBEAT_INTERVAL_S", "1")
 
 import pytest
 import ray
-import torch
-import transformers
 from ray.cluster_utils import Cluster
 from sqlalchemy import create_engine
 
-from jobs.base_models import resolve_base_model
 from orchestrator import Client
+from tests.conftest import save_tiny_bert
 
 NODE_MEMORY = 150 * 2**20
 
@@ -29,14 +29,46 @@ NODE_MEMORY = 150 * 2**20
 @pytest.fixture(scope="session")
 def cluster():
     c = Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "object_store_memory": NODE_MEMORY,
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),
+        "dashboard_agent_listen_port": _free_port(), "object_store_memory": NODE_MEMORY,
     })
     for _ in range(2):
-        c.add_node(num_cpus=1, object_store_memory=NODE_MEMORY)
+        add_worker_node(c)
     c.wait_for_nodes()
+    _wait_for_job_agents()
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+def _wait_for_job_agents(timeout: float = 120) -> None:
+    """Ray accepts job submissions once the nodes' dashboard agents have registered."""
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(f"http://{ray._private.worker.get_dashboard_url()}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            submission = jobs.submit_job(entrypoint="python -c pass", entrypoint_num_cpus=0)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    while str(jobs.get_job_status(submission)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        time.sleep(0.5)
+
+
+def _free_port() -> int:
+    """Another Ray on this machine may hold the default dashboard port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def add_worker_node(c: Cluster):
+    """One more worker node: its own raylet and object store, one CPU, its own agent port."""
+    return c.add_node(num_cpus=1, object_store_memory=NODE_MEMORY, dashboard_agent_listen_port=_free_port())
 
 
 def worker_nodes() -> set[str]:
@@ -65,13 +97,7 @@ def client(cluster, store_url, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(resolve_base_model("minilm")).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import signal
 import time
 
 from jobs.states import JobState
-from tests.cluster.conftest import worker_nodes
+from tests.cluster.conftest import add_worker_node, worker_nodes
 
 
 def _wait_for_step(client, job_id: str, step: int, timeout: float = 300) -> None:
@@ -59,7 +59,7 @@ def test_losing_a_worker_node_mid_job_resumes_on_the_remaining_node(cluster, cli
     handle = client.submit(spec("survivor", epochs=12, checkpoint_every_steps=8))
     _wait_for_step(client, handle.id, 24)
     [node_id] = handle.record().runtime["worker_nodes"]
-    lost = next(n for n in cluster.worker_nodes if n.unique_id == node_id)
+    lost = next(n for n in cluster.worker_nodes if n.node_id == node_id)
     try:
         cluster.remove_node(lost)
         job = handle.wait(timeout=600, progress=False)
@@ -71,7 +71,7 @@ def test_losing_a_worker_node_mid_job_resumes_on_the_remaining_node(cluster, cli
         assert handle.metrics("resumed_from_step")[-1].value >= 8
         assert handle.adapter() is not None
     finally:
-        cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)  # restore capacity
+        add_worker_node(cluster)  # restore capacity
         cluster.wait_for_nodes()
 
 

@@ -10,11 +10,9 @@ os.environ.setdefault("PEFTFLEET_HEARTBEAT_INTERVAL_S", "1")
 
 import pytest
 import ray
-import torch
-import transformers
 
-from jobs.base_models import resolve_base_model
 from orchestrator import Client
+from tests.conftest import save_tiny_bert
 
 CLUSTER_CPUS = 2
 
@@ -29,14 +27,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
-    """A 2-layer BERT without dropout (so data-parallel runs can match exactly) and MiniLM's tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(resolve_base_model("minilm")).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture
