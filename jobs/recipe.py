@@ -199,7 +199,7 @@ def train_worker(config: dict[str, Any]) -> None:
             current = JobState.RETRYING
         if current is not JobState.RUNNING:
             store.transition(job_id, JobState.RUNNING, reason=f"{world} worker(s) training{resumed}", expected=[JobState.QUEUED, JobState.RETRYING])
-        store.set_runtime(job_id, worker_nodes=nodes)
+        store.set_runtime(job_id, worker_nodes=nodes, placement_group=_placement_group())
         if checkpoint is not None:
             store.record_metrics(job_id, step, {"resumed_from_step": step})
         store.record_metrics(job_id, step, {"total_steps": total_steps, "world_size": world, **counts})
@@ -248,6 +248,15 @@ def train_worker(config: dict[str, Any]) -> None:
         store.record_metrics(job_id, step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     adapter = _save_and_register(engine, method, spec, config, store, rank, metrics, lineage, labels)
     ray.train.report({**metrics, "adapter": adapter or ""})
+
+
+def _placement_group() -> str | None:
+    """The id of the placement group holding this job's workers (so whoever stops the job abruptly,
+    e.g. a sweep's scheduler, can give its resources back)."""
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    return None if pg is None else pg.id.hex()
 
 
 def _worker_nodes(world: int) -> list[str]:

@@ -130,6 +130,7 @@ class RecordTrialEnds(Callback):
 
     def _settle(self, job_id: str, to: JobState, reason: str) -> None:
         job = self.store.get(job_id)
+        _release_workers(job.runtime.get("placement_group"))
         if job.state in TERMINAL:
             return
         try:
@@ -138,6 +139,21 @@ class RecordTrialEnds(Callback):
             self.store.transition(job_id, to, reason=reason)
         except IllegalTransition:
             pass  # the trial's own runner settled it first
+
+
+def _release_workers(placement_group: str | None) -> None:
+    """Remove the placement group of a trial's Ray Train workers. Tune kills a stopped trial's actor
+    at once; the Train controller it owned dies with it, but its workers' placement group can stay
+    reserved (seen with Ray 2.60), starving every later trial. Removing it kills what is left."""
+    if not placement_group:
+        return
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(placement_group)))
+    except Exception:  # noqa: BLE001 - already gone
+        pass
 
 
 def _scheduler(spec: SweepSpec):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import ray
 import transformers
 
 from jobs.spec import JobSpecError
@@ -45,9 +46,12 @@ def test_asha_sweep_records_every_trial_stops_weak_ones_and_promotes_the_best(cl
     assert states == {GOOD: "SUCCEEDED"}
     stopped = [t for t in trials if t["state"] == "STOPPED"]
     assert stopped and all(t["params"]["training.lr"] == BAD for t in stopped), trials
-    for t in stopped:  # early-stopped: no adapter, and said so, not a failure
+    groups = ray.util.placement_group_table()
+    for t in stopped:  # early-stopped: no adapter, said so (not a failure), and its workers' resources given back
         assert client.adapters.list(job_id=t["job"]) == []
         assert "stopped early by ASHA" in client.store.events(t["job"])[-1].reason
+        pg = client.store.get(t["job"]).runtime.get("placement_group")
+        assert pg is None or groups[pg]["state"] == "REMOVED"
     assert not [t for t in trials if t["state"] == "FAILED"]
 
     good = next(t for t in trials if t["params"]["training.lr"] == GOOD)
