@@ -15,6 +15,7 @@ Rank 0 is the job's voice: it moves the job to RUNNING, records metrics and regi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -35,6 +36,7 @@ from jobs.store import JobStore
 from jobs.subspaces import resolve_method_config
 
 CHECKPOINT_TAG = "peftfleet"
+STEP_FILE = "peftfleet_step.json"  # in every checkpoint folder: the step it holds
 
 
 def deepspeed_config(spec, world_size: int) -> dict[str, Any]:
@@ -189,18 +191,27 @@ def train_worker(config: dict[str, Any]) -> None:
             _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_module_strict=False)
         step = int(client_state["step"])
         print(f"[rank {rank}] resumed from checkpoint at step {step}", flush=True)
+    elif config.get("init_checkpoint"):
+        # Another job's state, continued with this job's hyper-parameters (a PBT exploit): the adapter
+        # and optimizer state come from there, the learning-rate schedule is this job's at that step.
+        _, client_state = engine.load_checkpoint(config["init_checkpoint"], tag=CHECKPOINT_TAG, load_module_strict=False,
+                                                 load_lr_scheduler_states=False)
+        step = int(client_state["step"])
+        scheduler.last_epoch = step
+        print(f"[rank {rank}] started from {config['init_checkpoint']} at step {step}", flush=True)
 
     nodes = _worker_nodes(world)
     if rank == 0:
         current = store.get(job_id).state
-        resumed = f"; resumed from the checkpoint at step {step}" if checkpoint is not None else ""
+        resumed = f"; resumed from the checkpoint at step {step}" if checkpoint is not None else (
+            f"; continuing another job's checkpoint at step {step}" if step else "")
         if current is JobState.RUNNING and checkpoint is not None:  # Ray Train restarted the worker group
             store.transition(job_id, JobState.RETRYING, reason=f"worker group restarted after a failure{resumed}")
             current = JobState.RETRYING
         if current is not JobState.RUNNING:
             store.transition(job_id, JobState.RUNNING, reason=f"{world} worker(s) training{resumed}", expected=[JobState.QUEUED, JobState.RETRYING])
         store.set_runtime(job_id, worker_nodes=nodes, placement_group=_placement_group())
-        if checkpoint is not None:
+        if step:  # resumed (own checkpoint) or continuing another job's (PBT)
             store.record_metrics(job_id, step, {"resumed_from_step": step})
         store.record_metrics(job_id, step, {"total_steps": total_steps, "world_size": world, **counts})
         print(f"job {job_id[:8]}: {counts['trainable_parameters']:,} trainable parameters, "
@@ -240,7 +251,11 @@ def train_worker(config: dict[str, Any]) -> None:
         if (step % ckpt_every == 0 or step == total_steps) and step < total_steps:
             with tempfile.TemporaryDirectory() as folder:
                 engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"step": step}, exclude_frozen_parameters=True)
+                with open(os.path.join(folder, STEP_FILE), "w") as f:  # readable without unpickling anything
+                    json.dump({"step": step}, f)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            if rank == 0:  # persisted once report returns: a sweep may hand it to another trial
+                store.record_metrics(job_id, step, {"checkpoint_step": step})
         elif len(metrics) > 1:
             ray.train.report(metrics)
 

@@ -12,7 +12,7 @@
     metric: eval_accuracy
     mode: max
     num_samples: 8
-    scheduler: asha                          # asha | fifo
+    scheduler: asha                          # asha | pbt | fifo
     max_concurrent: 2
 
 Search-space keys are dotted paths into the job spec; values are a distribution — ``choice``
@@ -47,8 +47,11 @@ class SweepSpec(BaseModel):
     metric: str = Field(default="eval_accuracy", min_length=1, description="What trials report and the search optimises.")
     mode: Literal["max", "min"] = Field(default="max", description="Whether larger or smaller `metric` is better.")
     num_samples: int = Field(default=8, ge=1, le=10_000, description="How many configurations to try.")
-    scheduler: Literal["asha", "fifo", "pbt"] = Field(default="asha", description="asha stops weak trials early; fifo runs every trial to the end.")
-    scheduler_options: dict[str, float] = Field(default_factory=dict, description="asha: grace_period, reduction_factor (in evaluations).")
+    scheduler: Literal["asha", "fifo", "pbt"] = Field(
+        default="asha", description="asha stops weak trials early; pbt has weak trials continue from strong ones' checkpoints with "
+        "perturbed hyper-parameters; fifo runs every trial to the end.")
+    scheduler_options: dict[str, float] = Field(
+        default_factory=dict, description="asha: grace_period, reduction_factor; pbt: perturbation_interval (all in evaluations).")
     max_concurrent: int | None = Field(default=None, ge=1, description="Trials at once (default: as many as resources allow).")
     seed: int = Field(default=0, ge=0, description="Seeds the draw of configurations.")
     promote: bool = Field(default=False, description="Promote the best trial's adapter for its task.")
@@ -58,18 +61,10 @@ class SweepSpec(BaseModel):
     def _name(cls, v: str) -> str:
         return validate_name(v, "sweep name")
 
-    @field_validator("scheduler")
-    @classmethod
-    def _supported(cls, v: str) -> str:
-        if v == "pbt":
-            raise ValueError("pbt is not supported yet: a PBT exploit must hand one trial's DeepSpeed checkpoint to another "
-                             "with new hyper-parameters, which peftfleet's trials (whole jobs) do not do yet; use asha or fifo")
-        return v
-
     @field_validator("scheduler_options")
     @classmethod
     def _options(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = set(v) - {"grace_period", "reduction_factor"}
+        unknown = set(v) - {"grace_period", "reduction_factor", "perturbation_interval"}
         if unknown:
             raise ValueError(f"unknown scheduler options {sorted(unknown)}")
         return v
@@ -96,6 +91,8 @@ def parse_sweep_spec(data: Any) -> SweepSpec:
         raise JobSpecError([(".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]) from None
     for path, value in sweep.search_space.items():
         _check_distribution(value, f"search_space.{path}")
+    if sweep.scheduler == "pbt" and not mutable(sweep):
+        raise JobSpecError([("search_space", "pbt perturbs continuous parameters: give at least one uniform or loguniform")])
     for label, params in validation_configs(sweep):
         trial_spec(sweep, params, 0, label=label)
     return sweep
@@ -123,6 +120,17 @@ def _check_distribution(value: Any, where: str) -> None:
         raise JobSpecError([(where, "loguniform needs low > 0")])
     if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
         raise JobSpecError([(where, "randint takes integers")])
+
+
+def mutable(sweep: SweepSpec) -> dict[str, tuple[str, float, float]]:
+    """The parameters PBT perturbs: top-level uniform / loguniform paths -> (kind, low, high)."""
+    out = {}
+    for path, value in sweep.search_space.items():
+        if _is_distribution(value):
+            (kind, arg), = value.items()
+            if kind in ("uniform", "loguniform"):
+                out[path] = (kind, float(arg[0]), float(arg[1]))
+    return out
 
 
 def _is_distribution(value: Any) -> bool:
@@ -179,6 +187,9 @@ def trial_spec(sweep: SweepSpec, params: dict[str, Any], index: int, *, label: s
     for path, value in params.items():
         _set_path(data, path.split("."), value, path)
     data["name"] = validate_name(f"{sweep.name}-t{index:03d}"[:64], "trial name")
+    if sweep.scheduler == "pbt":  # every evaluation PBT sees must come with a checkpoint to continue from
+        training = data.setdefault("training", {})
+        training["checkpoint_every_steps"] = training.get("eval_every_steps")
     if sweep_id is not None:
         data["idempotency_key"] = f"sweep-{sweep_id}-{index}"
         data["tags"] = sorted(set(data.get("tags") or []) | {f"sweep-{sweep_id[:12]}"})

@@ -37,9 +37,10 @@ def _on_sigterm(signum, frame) -> None:
     raise _Stopped()
 
 
-def run(job_id: str, owner: str, *, store: JobStore | None = None) -> JobState:
+def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoint: str | None = None) -> JobState:
     """Run one job to a terminal state and return it; re-raises what made it fail. Any thread may call
-    this (a sweep's trial does); only ``main`` turns SIGTERM into a cancel."""
+    this (a sweep's trial does); only ``main`` turns SIGTERM into a cancel. ``init_checkpoint``: a Ray Train
+    checkpoint folder of another job to start from (PBT)."""
     store = store or JobStore()
     job = store.get(job_id)
     spec = job.job_spec
@@ -53,6 +54,8 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None) -> JobState:
             "job_id": job_id, "store_url": store.url, "storage_url": store.artifacts.url,
             "home": str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME"), "base_fingerprint": base.fingerprint,
         }
+        if init_checkpoint:
+            shared["init_checkpoint"] = init_checkpoint
         outcome = _fit_subspace(spec, shared) if spec.kind == "ipt-subspace" else _train(job_id, job.spec, spec, shared, store)
         store.transition(job_id, JobState.SUCCEEDED, reason=outcome)
         return JobState.SUCCEEDED
@@ -60,7 +63,14 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None) -> JobState:
         _settle(store, job_id, JobState.CANCELLED, "stopped on request")
         return JobState.CANCELLED
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, then re-raised
-        cancelling = store.get(job_id).state is JobState.CANCELLING
+        current = store.get(job_id)
+        if current.runtime.get("sweep_id") and _owner_stopped(e):
+            # A sweep trial's scheduler paused or stopped it: Tune ended the trial's actor, and the Ray
+            # Train controller it owned died with it. A scheduling decision, not a failure.
+            _settle(store, job_id, JobState.STOPPED if current.state is JobState.RUNNING else JobState.CANCELLED,
+                    "ended by the sweep's scheduler (trial paused or stopped)")
+            raise
+        cancelling = current.state is JobState.CANCELLING
         _settle(store, job_id, JobState.CANCELLED if cancelling else JobState.FAILED, "stopped on request" if cancelling else "training failed",
                 error=f"{type(e).__name__}: {e}"[:20000], traceback=traceback.format_exc())
         raise
@@ -86,13 +96,18 @@ def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> 
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         run_config=RunConfig(
             name=f"peftfleet-{job_id}",
-            storage_path=os.environ.get("PEFTFLEET_CHECKPOINT_URL") or os.path.join(store.artifacts.url, "checkpoints"),
+            storage_path=checkpoint_root(store),
             failure_config=FailureConfig(max_failures=int(os.environ.get("PEFTFLEET_MAX_FAILURES", "0"))),
         ),
     )
     trainer.fit()
     adapters = store.adapters.list(job_id=job_id)
     return f"adapter {adapters[0].name} registered" if adapters else "finished"
+
+
+def checkpoint_root(store: JobStore) -> str:
+    """Where Ray Train keeps jobs' checkpoints: ``<root>/peftfleet-<job id>/checkpoint_*``."""
+    return os.environ.get("PEFTFLEET_CHECKPOINT_URL") or os.path.join(store.artifacts.url, "checkpoints")
 
 
 def _fit_subspace(spec, shared: dict) -> str:
@@ -104,6 +119,13 @@ def _fit_subspace(spec, shared: dict) -> str:
     res = spec.resources
     task = ray.remote(fit_subspace_job).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_retries=0)
     return f"subspace {ray.get(task.remote(shared))} registered"
+
+
+def _owner_stopped(e: BaseException) -> bool:
+    """The Train controller died because the process owning it is being stopped (not a crash of its own)."""
+    from ray.exceptions import ActorDiedError
+
+    return isinstance(e, ActorDiedError) and "TrainController" in str(e) and "INTENDED" in str(e)
 
 
 def _settle(store: JobStore, job_id: str, to: JobState, reason: str, **fields) -> None:

@@ -4,7 +4,9 @@
 It runs Ray Tune over the sweep's drawn configurations. Each trial is a job in the store, run by
 the same code as any job (:func:`orchestrator.runner.run`: Ray Train workers, DeepSpeed, the
 recipe), while the trial reports that job's evaluation metrics to Tune as they reach the store,
-so ASHA can stop weak trials early. A trial the scheduler stopped
+so ASHA can stop weak trials early. Under PBT every reported evaluation comes with a pointer to
+that step's checkpoint in shared storage; a trial PBT restarts from another's checkpoint becomes a
+new job starting from it with the perturbed values. A trial the scheduler stopped or paused
 is recorded STOPPED, not FAILED. At the end the best finished trial's adapter is recorded on the
 sweep (and promoted if asked). ``--resume`` continues a sweep whose driver died with
 ``Tuner.restore``: finished trials stay finished, interrupted ones start again (their jobs resume
@@ -19,13 +21,14 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from jobs.states import TERMINAL, IllegalTransition, JobState
 from jobs.store import JobStore
-from jobs.sweep_spec import SweepSpec, draw, trial_spec
+from jobs.sweep_spec import SweepSpec, draw, mutable, trial_spec
 from jobs.sweeps import SweepRecord
 
 TRIAL_CPU = 0.1  # what a trial's own process reserves; its Ray Train workers reserve the rest
@@ -44,15 +47,22 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
     spec: SweepSpec = sweep.sweep_spec
     index, params = config["trial"]["index"], config["trial"]["params"]
     trial_id = tune.get_context().get_trial_id()
-    job = _job_for(store, spec, params, index, sweep_id)
+    start = _pbt_start(store, sweep_id, trial_id) if spec.scheduler == "pbt" else None
+    if start is not None:  # a PBT exploit: this trial continues a better trial's job with perturbed values
+        index = int(trial_id.rsplit("_", 1)[-1])
+        job = _job_for(store, spec, params, index, sweep_id, lineage=f"{start['job_id'][:8]}-s{start['step']}")
+    else:
+        job = _job_for(store, spec, params, index, sweep_id)
     store.sweeps.add_trial(sweep_id, job.id, trial_id, params)
-    store.set_runtime(job.id, ray_submission_id=submission_id, sweep_id=sweep_id, trial_id=trial_id)
+    store.set_runtime(job.id, ray_submission_id=submission_id, sweep_id=sweep_id, trial_id=trial_id,
+                      **({"continues": start} if start else {}))
 
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            outcome["state"] = run(job.id, f"sweep-{sweep_id[:8]}:{trial_id}", store=store)
+            outcome["state"] = run(job.id, f"sweep-{sweep_id[:8]}:{trial_id}", store=store,
+                                   init_checkpoint=start["path"] if start else None)
         except BaseException as e:  # noqa: BLE001 - reported to Tune below
             outcome["error"] = e
 
@@ -60,15 +70,24 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
     if not store.get(job.id).state.is_terminal:
         worker.start()
     reported = 0
+    key = "checkpoint_step" if spec.scheduler == "pbt" else spec.metric  # PBT: report only evaluations it can continue from
     while True:
         alive = worker.is_alive()
-        rows = store.metrics(job.id, spec.metric)
+        rows = store.metrics(job.id, key)
         for m in rows[reported:]:
-            tune.report({spec.metric: m.value, "step": m.step, "job_id": job.id})
+            value = next((v.value for v in reversed(store.metrics(job.id, spec.metric)) if v.step == m.step), None)
+            if value is None:
+                continue
+            result = {spec.metric: value, "step": m.step, "job_id": job.id}
+            if spec.scheduler == "pbt":
+                tune.report(result, checkpoint=_pointer(store, job.id, m.step))
+            else:
+                tune.report(result)
         reported = len(rows)
         if not alive:
             break
         time.sleep(POLL_S)
+    rows = store.metrics(job.id, spec.metric)
     final = store.get(job.id)
     if final.state is not JobState.SUCCEEDED:
         raise RuntimeError(f"trial job {job.id[:12]} ended {final.state}: {final.error or outcome.get('error')}")
@@ -78,10 +97,57 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
                  "adapter": adapter[0].name if adapter else "", "finished": 1})
 
 
-def _job_for(store: JobStore, spec: SweepSpec, params: dict[str, Any], index: int, sweep_id: str):
+def _pointer(store: JobStore, job_id: str, step: int):
+    """A Tune checkpoint that points at the job's Ray Train checkpoint for ``step`` in shared storage
+    (PBT copies checkpoints between trials: a pointer is all it needs to move)."""
+    import json
+    import tempfile
+
+    from ray import tune
+
+    from orchestrator.runner import checkpoint_root
+
+    from jobs.recipe import STEP_FILE
+
+    run_dir = Path(checkpoint_root(store)) / f"peftfleet-{job_id}"
+    match = next((p for p in sorted(run_dir.glob("checkpoint_*")) if (p / STEP_FILE).is_file()
+                  and json.loads((p / STEP_FILE).read_text())["step"] == step), None)
+    folder = tempfile.mkdtemp(prefix="peftfleet-pbt-")
+    Path(folder, "pointer.json").write_text(json.dumps({"job_id": job_id, "step": step, "path": str(match) if match else None}))
+    return tune.Checkpoint.from_directory(folder)
+
+
+def _pbt_start(store: JobStore, sweep_id: str, trial_id: str) -> dict[str, Any] | None:
+    """The checkpoint PBT restarted this trial from (another trial's job at some step), if any; the
+    trial's previous job, cut short by the exploit, is recorded STOPPED."""
+    import json
+
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        start = json.loads(Path(folder, "pointer.json").read_text())
+    if not start.get("path"):
+        return None
+    for t in store.sweeps.trials(sweep_id):
+        if t.trial_id == trial_id and not t.job.state.is_terminal:
+            _release_workers(t.job.runtime.get("placement_group"))
+            try:
+                store.transition(t.job.id, JobState.STOPPED if t.job.state is JobState.RUNNING else JobState.CANCELLED,
+                                 reason=f"PBT exploit: continues from job {start['job_id'][:12]} at step {start['step']} with perturbed values")
+            except IllegalTransition:
+                pass
+    return start
+
+
+def _job_for(store: JobStore, spec: SweepSpec, params: dict[str, Any], index: int, sweep_id: str, lineage: str | None = None):
     """The trial's job: new, or the one an earlier driver started (continued from its checkpoint)."""
     for attempt in range(100):
         job_spec = trial_spec(spec, params, index, sweep_id=sweep_id)
+        if lineage:  # a PBT continuation is its own job
+            job_spec = job_spec.model_copy(update={"name": f"{job_spec.name}-{lineage}"[:64], "idempotency_key": f"{job_spec.idempotency_key}-{lineage}"})
         if attempt:
             job_spec = job_spec.model_copy(update={"idempotency_key": f"{job_spec.idempotency_key}-r{attempt}"})
         job = store.submit(job_spec)
@@ -157,10 +223,15 @@ def _release_workers(placement_group: str | None) -> None:
 
 
 def _scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
+    opts = spec.scheduler_options
+    if spec.scheduler == "pbt":
+        space = {path: (tune.loguniform if kind == "loguniform" else tune.uniform)(low, high) for path, (kind, low, high) in mutable(spec).items()}
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=int(opts.get("perturbation_interval", 2)),
+                                       hyperparam_mutations={"trial": {"params": space}}, quantile_fraction=0.25)
     if spec.scheduler == "asha":
-        opts = spec.scheduler_options
         # Rungs at grace_period × reduction_factor^k evaluations; trials that finish sooner just finish.
         return ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=int(opts.get("grace_period", 1)),
                              reduction_factor=opts.get("reduction_factor", 2))

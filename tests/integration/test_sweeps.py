@@ -97,3 +97,22 @@ def test_a_sweep_whose_driver_died_resumes_keeping_finished_trials(client, tiny_
     events = [e.to_state for e in client.store.events(first["job"])]
     assert events.count(JobState.SUCCEEDED) == 1 and events.count(JobState.RUNNING) == 1  # not run again
     assert record.best_adapter in {a.name for a in client.adapters.list()}
+
+
+def test_pbt_continues_weak_trials_from_strong_ones_checkpoints(client, tiny_spec):
+    space = {"training.lr": {"loguniform": [1e-6, 0.05]}}
+    sweep = client.tune(_spec(tiny_spec), search_space=space, metric="eval_loss", mode="min", num_samples=4, scheduler="pbt",
+                        max_concurrent=2, seed=1, name="pbt-sweep", scheduler_options={"perturbation_interval": 1})
+    record = sweep.wait(timeout=900)
+    trials = sweep.trials()
+    assert record.state == "SUCCEEDED", (record.error, trials)
+    continued = [t for t in trials if client.store.get(t["job"]).runtime.get("continues")]
+    assert continued, f"PBT exploited nothing: {trials}"
+    for t in continued:
+        job = client.store.get(t["job"])
+        donor = job.runtime["continues"]
+        assert donor["job_id"] in {x["job"] for x in trials} and donor["step"] > 0
+        assert client.store.metrics(job.id, "resumed_from_step")[0].value == donor["step"]  # not from scratch
+    replaced = [t for t in trials if any("PBT exploit" in e.reason for e in client.store.events(t["job"]))]
+    assert replaced and all(t["state"] in ("STOPPED", "CANCELLED") for t in replaced)
+    assert record.best_adapter and not [t for t in trials if t["state"] == "FAILED"]

@@ -71,8 +71,10 @@ def test_sweep_level_fields_are_checked():
         with pytest.raises(JobSpecError) as err:
             parse_sweep_spec(sweep(**bad))
         assert err.value.problems[0][0] == field
-    with pytest.raises(JobSpecError, match="pbt is not supported yet"):
-        parse_sweep_spec(sweep(scheduler="pbt"))
+    with pytest.raises(JobSpecError, match="pbt perturbs continuous parameters"):
+        parse_sweep_spec(sweep(scheduler="pbt", search_space={"training.batch_size": {"choice": [8, 16]}}))
+    pbt = parse_sweep_spec(sweep(scheduler="pbt", spec={**minilm_spec(), "training": {"eval_every_steps": 10}}))
+    assert trial_spec(pbt, draw(pbt)[0], 0).training.checkpoint_every_steps == 10  # PBT continues from evaluations
 
 
 def test_sweeps_and_their_trials_are_recorded_in_the_store(store):
