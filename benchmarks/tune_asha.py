@@ -71,8 +71,9 @@ def main() -> None:
         done = sum(t["state"] == "SUCCEEDED" for t in r["trials"])
         stopped = sum(t["state"] == "STOPPED" for t in r["trials"])
         lines.append(f"| {r['scheduler']} | {r['best_accuracy']:.3f} | {r['cpu_seconds']:.0f} | {r['wall_seconds']:.0f} | {done} / {stopped} |")
-    lines += ["", f"ASHA's best is {100 * abs(gap):.1f} points {'below' if gap > 0 else 'above' if gap < 0 else 'equal to'} the "
-              f"full-budget best (target: within 1 point), for {100 * share:.0f}% of its compute (target: ≤ 50%).", "", "| trial | lr | r | fifo accuracy | asha accuracy | asha state | asha evaluations |",
+    relation = "equals" if abs(gap) < 5e-4 else f"is {100 * abs(gap):.1f} points {'below' if gap > 0 else 'above'}"
+    lines += ["", f"ASHA's best {relation} the full-budget best (target: within 1 point), for {100 * share:.0f}% of its "
+              "compute (target: ≤ 50%).", "", "| trial | lr | r | fifo accuracy | asha accuracy | asha state | asha evaluations |",
               "|---|---:|---:|---:|---:|---|---:|"]
     for f, a in zip(full["trials"], asha["trials"]):
         lines.append(f"| {f['name'].rsplit('-', 1)[-1]} | {f['params']['training.lr']:.2g} | {f['params']['method.r']} | "

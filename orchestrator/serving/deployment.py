@@ -100,7 +100,8 @@ class AdapterServer:
     async def stats(self, request: Request) -> dict[str, Any]:
         """What this replica holds now: loaded adapters (LRU order, oldest first) and recent batches."""
         self._authorize(request)
-        return {"loaded": [str(k) for k in self.bank.loaded], "capacity": self.bank.capacity, "batches": self.engine.batches[-20:]}
+        names = self.resolver.names
+        return {"loaded": [names.get(k, str(k)) for k in self.bank.loaded], "capacity": self.bank.capacity, "batches": self.engine.batches[-20:]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):

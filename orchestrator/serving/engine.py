@@ -36,8 +36,11 @@ class AdapterResolver:
 
     def __init__(self, store: JobStore, base_name: str, base_fingerprint: str, allowed: set[str] | None):
         self.store, self.base_name, self.fingerprint, self.allowed = store, base_name, base_fingerprint, allowed
+        self.names: dict[str, str] = {}  # adapter id -> name, for messages and stats
 
     def resolve(self, model: str) -> str | None:
+        """The adapter's id (what the bank keys on, so an adapter deleted and registered again under the
+        same name is loaded afresh), or None for the base."""
         if model in (self.base_name, self.fingerprint):
             return None
         try:
@@ -51,7 +54,8 @@ class AdapterResolver:
                            f"{self.base_name} ({self.fingerprint[:19]}…)", "invalid_request_error", "model", "wrong_base_model")
         if self.allowed is not None and record.name not in self.allowed:
             raise ApiError(404, f"The model '{record.name}' is not served here", "invalid_request_error", "model", "model_not_found")
-        return record.name
+        self.names[record.id] = record.name
+        return record.id
 
     def models(self) -> list[dict[str, Any]]:
         adapters = [a for a in self.store.adapters.list(base=self.fingerprint) if self.allowed is None or a.name in self.allowed]
@@ -68,9 +72,9 @@ class AdapterResolver:
         try:
             config, state, manifest = read_adapter(self.store.adapters.local_folder(name))
         except AdapterIntegrityError as e:
-            raise ApiError(500, f"adapter '{name}' failed its integrity check: {e}", "server_error", "model", "adapter_integrity_error") from None
+            raise ApiError(500, f"adapter '{self.names.get(name, name)}' failed its integrity check: {e}", "server_error", "model", "adapter_integrity_error") from None
         if manifest.get("metadata", {}).get("base_fingerprint") != self.fingerprint:
-            raise ApiError(400, f"adapter '{name}' records another base", "invalid_request_error", "model", "wrong_base_model")
+            raise ApiError(400, f"adapter '{self.names.get(name, name)}' records another base", "invalid_request_error", "model", "wrong_base_model")
         return config, state, manifest.get("metadata", {}).get("labels")
 
 
@@ -164,7 +168,8 @@ class Engine:
                     self._fail(p, e, loop)
             if not ready:
                 return
-            self.batches.append({"kind": kind, "size": len(ready), "adapters": sorted({str(p.adapter) for p in ready})})
+            names = self.resolver.names
+            self.batches.append({"kind": kind, "size": len(ready), "adapters": sorted({names.get(p.adapter, str(p.adapter)) for p in ready})})
             del self.batches[:-100]
             try:
                 if kind == "classify":
@@ -213,7 +218,8 @@ class Engine:
         try:
             self.bank.load(adapter, config, state)
         except (NotServable, BaseModelMismatch, ValueError) as e:
-            raise ApiError(400, f"adapter '{adapter}' cannot be served: {e}", "invalid_request_error", "model", "adapter_not_servable") from None
+            raise ApiError(400, f"adapter '{self.resolver.names.get(adapter, adapter)}' cannot be served: {e}", "invalid_request_error",
+                           "model", "adapter_not_servable") from None
 
     @staticmethod
     def _fail(p: _Pending, error: ApiError, loop: asyncio.AbstractEventLoop) -> None:

@@ -103,6 +103,9 @@ def test_task_names_reach_the_promoted_adapter_and_new_adapters_need_no_restart(
     _register(client, base, "late", {"method": "lora", "r": 2}, seed=9)
     r = _complete(serving.url, "late")
     assert r.status_code == 200 and r.json()["model"] == "late"
+    client.adapters.delete("late")  # replaced under the same name: the server must not keep the old weights
+    _register(client, base, "late", {"method": "lora", "r": 2}, seed=10)
+    assert _complete(serving.url, "late").json()["choices"][0]["text"] != r.json()["choices"][0]["text"]
 
 
 def test_errors_come_back_in_openai_shape_and_the_server_stays_up(server):
