@@ -38,7 +38,7 @@ def _register(client, base_folder, name, config, *, task="causal-lm", task_name=
     model = peft_methods.apply(loader.from_pretrained(base_folder, **kwargs).eval(), config)
     torch.manual_seed(seed)
     randomize_adapter(model, scale=0.5)
-    folder = peft_methods.save_adapter(model, base_folder.parent / f"out-{name}",
+    folder = peft_methods.save_adapter(model, base_folder.parent / f"out-{name}-{seed}",
                                        metadata={"base_fingerprint": fingerprint, **({"labels": labels} if labels else {})})
     return client.adapters.register(folder, name=name, base_fingerprint=fingerprint, task=task, task_name=task_name)
 
