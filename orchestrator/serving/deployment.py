@@ -215,7 +215,16 @@ class Serving:
 
 def start(options: ServeOptions, *, name: str = "peftfleet", host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
           **scaling: Any) -> Serving:
-    """Deploy (or update) the application on the connected Ray cluster; returns once replicas are ready."""
+    """Deploy (or update) the application on the connected Ray cluster; returns once replicas are ready.
+
+    Serve's HTTP proxy is per cluster: if it already runs (another application, an earlier call),
+    its host and port stay and the returned URL says which they are."""
+    import ray
+    from ray.serve.context import _get_global_client
+
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(options, **scaling), name=name, route_prefix=route_prefix)
-    return Serving(name, f"http://{host}:{port}{route_prefix.rstrip('/')}")
+    http = ray.get(_get_global_client()._controller.get_http_config.remote())
+    if (http.host, http.port) != (host, port):
+        print(f"Serve already listens on {http.host}:{http.port} in this cluster; {name!r} is served there", flush=True)
+    return Serving(name, f"http://{http.host}:{http.port}{route_prefix.rstrip('/')}")
