@@ -90,9 +90,16 @@ def test_subspaces_lists_each_subspace_with_its_sources(store, capsys, tmp_path)
     assert (listed["name"], listed["intrinsic_dim"], listed["num_virtual_tokens"]) == ("cli-subspace", 2, 2)
 
 
-def test_serve_refuses_an_adapter_of_another_base_before_starting_anything(store, capsys, tmp_path):
-    import ray
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """Fails the test if the command reaches for a Ray cluster (it must refuse before that)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command connected to Ray before refusing")
 
+    monkeypatch.setattr("orchestrator.client.connect", refuse)
+
+
+def test_serve_refuses_an_adapter_of_another_base_before_starting_anything(store, capsys, tmp_path, no_cluster):
     base, other = tmp_path / "base", tmp_path / "other"
     TINY_BERT.fresh().save_pretrained(base)
     TINY_BERT.build().save_pretrained(other)  # unseeded: other random weights, another fingerprint
@@ -104,15 +111,13 @@ def test_serve_refuses_an_adapter_of_another_base_before_starting_anything(store
     assert code == 2 and "trained on another base" in err
     code, _, err = run(store, capsys, "serve", "--base", str(base), "--adapters", "missing")
     assert code == 1 and "no adapter named 'missing'" in err
-    assert not ray.is_initialized()  # refused before any cluster was started
 
 
-def test_tune_refuses_a_bad_sweep_file_naming_the_path_before_touching_ray(store, capsys, tmp_path):
-    import ray
+def test_tune_refuses_a_bad_sweep_file_naming_the_path_before_touching_ray(store, capsys, tmp_path, no_cluster):
     import yaml
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"name": "s", "spec": SPEC, "search_space": {"training.lr": {"uniform": [0.1, 0.01]}}}))
     code, _, err = run(store, capsys, "tune", str(sweep))
     assert code == 2 and "search_space.training.lr: uniform needs low < high" in err
-    assert store.sweeps.list() == [] and not ray.is_initialized()
+    assert store.sweeps.list() == []
