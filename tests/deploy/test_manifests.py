@@ -16,6 +16,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from jobs.spec import JobSpecError, parse_job_spec
+from orchestrator.serving.deployment import ServeOptions
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SHARED_CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -68,6 +71,11 @@ def validate(doc: dict) -> None:
             for app in config["applications"]:
                 module, _, attr = app["import_path"].partition(":")
                 assert (ROOT / (module.replace(".", "/") + ".py")).is_file() and attr, app["import_path"]
+                scaling = {"num_replicas", "autoscaling", "cpus_per_replica", "gpus_per_replica"}
+                ServeOptions(**{k: v for k, v in app["args"].items() if k not in scaling})  # unknown or missing fields raise
+    elif doc.get("kind") == "ConfigMap" and "job.yaml" in doc.get("data", {}):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        parse_job_spec(yaml.safe_load(doc["data"]["job.yaml"]))  # the RayJob's job spec is a valid JobSpec
     else:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -120,3 +128,15 @@ def test_a_broken_manifest_fails(name, breaks, word):
     with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)) as err:
         validate(broken)
     assert word in str(err.value)
+
+
+def test_a_broken_job_spec_or_serve_config_fails():
+    docs = documents(DEPLOY / "kuberay" / "rayjob.yaml")
+    config_map = copy.deepcopy(next(d for d in docs if d["kind"] == "ConfigMap"))
+    config_map["data"]["job.yaml"] = config_map["data"]["job.yaml"].replace("r: 8", "r: 0")
+    with pytest.raises(JobSpecError, match="method.r"):
+        validate(config_map)
+    service = copy.deepcopy(documents(DEPLOY / "kuberay" / "rayservice.yaml")[0])
+    service["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace("capacity: 64", "capacty: 64")
+    with pytest.raises(TypeError, match="capacty"):
+        validate(service)
