@@ -27,15 +27,16 @@ def _first(events, state: JobState) -> float:
 
 def test_a_spread_job_uses_both_worker_nodes_and_a_job_that_does_not_fit_waits(client, spec):
     spread = client.submit(spec("spread", workers=2, epochs=4))  # both CPUs of the cluster, one per node
-    waiting = client.submit(spec("waiting"))  # one more CPU: must wait for the first to finish
+    waiting = client.submit(spec("waiting"))  # one more CPU: the two cannot run at once
     a, b = spread.wait(timeout=600, progress=False), waiting.wait(timeout=600, progress=False)
     assert a.state is JobState.SUCCEEDED and b.state is JobState.SUCCEEDED, (a.error, b.error)
     nodes = a.runtime["worker_nodes"]
     assert len(nodes) == 2 and set(nodes) == worker_nodes(), nodes  # one worker on each worker node
     assert spread.adapter() is not None and waiting.adapter() is not None
     events_a, events_b = client.store.events(a.id), client.store.events(b.id)
-    assert JobState.QUEUED in [e.to_state for e in events_b]
-    assert _first(events_b, JobState.RUNNING) >= _first(events_a, JobState.SUCCEEDED) - 1.0  # it ran only once the first was done
+    (ra, sa), (rb, sb) = ((_first(ev, JobState.RUNNING), _first(ev, JobState.SUCCEEDED)) for ev in (events_a, events_b))
+    # Never both training: whichever Ray scheduled second waited in the queue until the other was done.
+    assert rb >= sa - 1.0 or ra >= sb - 1.0, (ra, sa, rb, sb)
 
 
 def test_a_job_whose_driver_is_killed_is_resubmitted_and_resumes_from_its_checkpoint(client, spec):
