@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
-from peft_methods.prompt_tuning import PromptEmbeddings, install_prompt
+from peft_methods.prompt_tuning import PromptEmbeddings, input_embedding_table, install_prompt
 from peft_methods.virtual_tokens import PROMPT_KEY, from_hf_keys, hf_prompt_learning_config, load_prompt_state, to_hf_keys
 
 _ATTR = "peft_prompt"
@@ -131,10 +131,7 @@ class IPT(PeftMethod):
     paper = "Qin et al. 2021, arXiv:2110.07867"
 
     def _inject(self, model: nn.Module, config: IPTConfig) -> None:
-        embeddings = model.get_input_embeddings()
-        if embeddings is None or not hasattr(embeddings, "weight"):
-            raise ValueError(f"ipt: {type(model).__name__} exposes no input embeddings")
-        table = embeddings.weight
+        table = input_embedding_table(model, self.name)
         hidden = table.shape[1]
         like = {"device": table.device, "dtype": table.dtype}
         if config.decoded:

@@ -83,10 +83,8 @@ class PromptTuning(PeftMethod):
     paper = "Lester et al. 2021, arXiv:2104.08691"
 
     def _inject(self, model: nn.Module, config: PromptTuningConfig) -> None:
-        embeddings = model.get_input_embeddings()
-        if embeddings is None or not hasattr(embeddings, "weight"):
-            raise ValueError(f"prompt_tuning: {type(model).__name__} exposes no input embeddings")
-        install_prompt(model, PromptEmbeddings(_initial_prompt(model, embeddings.weight, config)), config.num_virtual_tokens)
+        table = input_embedding_table(model, self.name)
+        install_prompt(model, PromptEmbeddings(_initial_prompt(model, table, config)), config.num_virtual_tokens)
 
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.startswith(_ATTR + ".")
@@ -128,6 +126,14 @@ class PromptTuning(PeftMethod):
             "tokenizer_name_or_path": None,
             "tokenizer_kwargs": None,
         }
+
+
+def input_embedding_table(model: nn.Module, method: str) -> torch.Tensor:
+    """The token-embedding matrix a soft prompt lives beside; a clear error if the model has none."""
+    embeddings = model.get_input_embeddings()
+    if embeddings is None or not hasattr(embeddings, "weight"):
+        raise ValueError(f"{method}: {type(model).__name__} exposes no input embeddings")
+    return embeddings.weight
 
 
 def install_prompt(model: nn.Module, prompt: nn.Module, n: int) -> None:
