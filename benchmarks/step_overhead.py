@@ -30,7 +30,7 @@ def plain_hf_peft_loop() -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from jobs.base_models import resolve_base_model
-    from jobs.data import load_trec
+    from jobs.training.data import load_trec
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -38,7 +38,9 @@ def plain_hf_peft_loop() -> float:
     path = resolve_base_model("minilm")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=6)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=4e-3)
     model.train()
     times = []
@@ -66,7 +68,9 @@ def through_peftfleet() -> dict[str, float]:
         "resources": {"num_workers": 1, "cpus_per_worker": THREADS},
     }
     client = Client(home=tempfile.mkdtemp(), num_cpus=2)
-    client.submit({**spec, "name": "warm-up", "training": {**spec["training"], "max_steps": 2}}).wait(progress=False)  # warm cluster and caches
+    client.submit({**spec, "name": "warm-up", "training": {**spec["training"], "max_steps": 2}}).wait(
+        progress=False
+    )  # warm cluster and caches
     submitted = time.time()
     handle = client.submit(spec)
     job = handle.wait(progress=False)
@@ -82,7 +86,11 @@ def through_peftfleet() -> dict[str, float]:
 
 def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-    plain = float(subprocess.run([sys.executable, __file__, "--plain"], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+    plain = float(
+        subprocess.run(
+            [sys.executable, __file__, "--plain"], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()[-1]
+    )
     ours = through_peftfleet()
     ratio = ours["seconds_per_step"] / plain
     rows = {"plain_hf_peft_seconds_per_step": plain, **ours, "ratio": ratio}
@@ -90,18 +98,19 @@ def main() -> None:
     (RESULTS / "step_overhead.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = f"""# peftfleet step overhead vs a plain HF PEFT loop (CPU, fp32)
 
-Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs ({platform.machine()}), `python benchmarks/step_overhead.py`.
-MiniLM + LoRA r=8 (query, value, classifier), TREC, batch {BATCH} × ≤{MAX_LEN} tokens, {THREADS} thread, {STEPS} steps; median step time after warm-up.
+Measured {time.strftime("%Y-%m-%d")} on {os.cpu_count()} CPUs ({platform.machine()}),
+`python benchmarks/step_overhead.py`. MiniLM + LoRA r=8 (query, value, classifier), TREC,
+batch {BATCH} × ≤{MAX_LEN} tokens, {THREADS} thread, {STEPS} steps; median step time after warm-up.
 peftfleet = 1 Ray Train worker, DeepSpeed ZeRO-0, metrics written to the SQLite store every few steps.
 
 | measure | value | target |
 |---|---:|---|
 | plain HF PEFT + torch loop, s/step | {plain:.4f} | |
-| peftfleet (client → Ray → DeepSpeed), s/step | {ours['seconds_per_step']:.4f} | |
+| peftfleet (client → Ray → DeepSpeed), s/step | {ours["seconds_per_step"]:.4f} | |
 | ratio peftfleet / plain | {ratio:.3f}× | ≤ 1.05× |
-| submit → job QUEUED (Ray job started, runner process up), warm cluster | {ours['submit_to_queued_s']:.1f} s | |
-| submit → job RUNNING (Train controller and workers up, model loaded, engine built) | {ours['submit_to_running_s']:.1f} s | |
-| submit → first training step, warm cluster | {ours['submit_to_first_step_s']:.1f} s | ≤ 10 s |
+| submit → job QUEUED (Ray job started, runner process up), warm cluster | {ours["submit_to_queued_s"]:.1f} s | |
+| submit → job RUNNING (Train controller, workers, model, engine up) | {ours["submit_to_running_s"]:.1f} s | |
+| submit → first training step, warm cluster | {ours["submit_to_first_step_s"]:.1f} s | ≤ 10 s |
 """
     (RESULTS / "step_overhead.md").write_text(text)
     print(text)

@@ -46,7 +46,7 @@ def one_run(model_name: str, method: str) -> dict:
 
     import peft_methods
     from jobs.base_models import load_base_model
-    from jobs.data import DATASETS
+    from jobs.training.data import DATASETS
 
     torch.manual_seed(0)
     task, dataset, batch_size, max_length = MODELS[model_name]
@@ -66,10 +66,18 @@ def one_run(model_name: str, method: str) -> dict:
     for step in range(STEPS):
         chunk = data.train[step * batch_size : (step + 1) * batch_size]
         if labels:
-            batch = tokenizer([t for t, _ in chunk], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+            batch = tokenizer(
+                [t for t, _ in chunk], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+            )
             batch["labels"] = torch.tensor([y for _, y in chunk])
         else:
-            batch = tokenizer([f"{q}\n{a}" for q, a in chunk], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+            batch = tokenizer(
+                [f"{q}\n{a}" for q, a in chunk],
+                padding="max_length",
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         model(**batch).loss.backward()
         optimizer.step()
@@ -98,7 +106,9 @@ def main() -> None:
     for model_name in args.models:
         resolve_base_model(model_name)  # convert SmolLM2's GGUF once, outside the measured runs
         for method in METHODS:
-            out = subprocess.run([sys.executable, __file__, "--one", model_name, method], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", model_name, method], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
@@ -106,22 +116,29 @@ def main() -> None:
     lines = [
         "# Training memory: full fine-tuning vs LoRA vs BitFit (CPU, fp32)",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}), "
         f"torch threads default, {STEPS} AdamW steps. `python benchmarks/training_memory.py`.",
         "`peak RSS` is the peak while training (reset after loading, so load-time copies are not counted);",
         "`model+training` = that peak − RSS before loading the model (interpreter, libraries and data excluded);",
         "its ratio to the fp32 weights' size is what the seed's \"12–20× the weights\" claim is about.",
         "",
-        "| model | method | trainable | share | weights MB | peak RSS MB | model+training MB | ÷ weights | s/step | batch |",
+        "| model | method | trainable | share | weights MB | peak RSS MB | model+training MB | ÷ weights | s/step | "
+        "batch |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f}% | {r['weights_mb']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['model_and_training_mb']:.0f} | {r['model_and_training_mb'] / r['weights_mb']:.1f}× | "
+            f"| {r['model']} | {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f}% | "
+            f"{r['weights_mb']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['model_and_training_mb']:.0f} | "
+            f"{r['model_and_training_mb'] / r['weights_mb']:.1f}× | "
             f"{r['seconds_per_step']:.2f} | {r['batch']} |"
         )
-    lines += ["", "What full fine-tuning costs beyond PEFT (fp32 gradients plus AdamW's two moments predict 3× the weights):"]
+    lines += [
+        "",
+        "What full fine-tuning costs beyond PEFT (fp32 gradients plus AdamW's two moments predict 3× the weights):",
+    ]
     by = {(r["model"], r["method"]): r for r in rows}
     for model_name in args.models:
         full, lora = by[(model_name, "full")], by[(model_name, "lora")]

@@ -33,8 +33,18 @@ SAMPLES, SEED = 8, 3
 
 def run(client, scheduler: str) -> dict:
     started = time.perf_counter()
-    sweep = client.tune(SPEC, search_space=SPACE, metric="eval_loss", mode="min", num_samples=SAMPLES, scheduler=scheduler, max_concurrent=2, seed=SEED,
-                        name=f"bench-{scheduler}", scheduler_options={"grace_period": 1, "reduction_factor": 2} if scheduler == "asha" else {})
+    sweep = client.tune(
+        SPEC,
+        search_space=SPACE,
+        metric="eval_loss",
+        mode="min",
+        num_samples=SAMPLES,
+        scheduler=scheduler,
+        max_concurrent=2,
+        seed=SEED,
+        name=f"bench-{scheduler}",
+        scheduler_options={"grace_period": 1, "reduction_factor": 2} if scheduler == "asha" else {},
+    )
     record = sweep.wait()
     wall = time.perf_counter() - started
     trials = sweep.trials()
@@ -43,9 +53,19 @@ def run(client, scheduler: str) -> dict:
         t["eval_accuracy"] = accuracy[-1].value if accuracy else None
     cpu_seconds = sum(t["seconds"] * 0.9 for t in trials)
     finished = [t["eval_accuracy"] for t in trials if t["state"] == "SUCCEEDED" and t["eval_accuracy"] is not None]
-    return {"scheduler": scheduler, "state": record.state, "best_accuracy": max(finished), "best_loss": record.best_value,
-            "best_adapter": record.best_adapter, "cpu_seconds": cpu_seconds, "wall_seconds": wall,
-            "trials": [{k: t[k] for k in ("name", "state", "eval_accuracy", "eval_loss", "evaluations", "seconds", "params")} for t in trials]}
+    return {
+        "scheduler": scheduler,
+        "state": record.state,
+        "best_accuracy": max(finished),
+        "best_loss": record.best_value,
+        "best_adapter": record.best_adapter,
+        "cpu_seconds": cpu_seconds,
+        "wall_seconds": wall,
+        "trials": [
+            {k: t[k] for k in ("name", "state", "eval_accuracy", "eval_loss", "evaluations", "seconds", "params")}
+            for t in trials
+        ],
+    }
 
 
 def main() -> None:
@@ -56,29 +76,59 @@ def main() -> None:
     gap = full["best_accuracy"] - asha["best_accuracy"]
     share = asha["cpu_seconds"] / full["cpu_seconds"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tune_asha.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "fifo": full,
-                                                         "asha": asha, "gap_points": 100 * gap, "compute_share": share}, indent=2) + "\n")
+    (RESULTS / "tune_asha.json").write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "cpus": os.cpu_count(),
+                "fifo": full,
+                "asha": asha,
+                "gap_points": 100 * gap,
+                "compute_share": share,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     lines = [
-        "# ASHA vs the full budget: TREC / MiniLM, 8 LoRA configurations", "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs, `python benchmarks/tune_asha.py`. Search space: "
-        "`training.lr` loguniform [1e-4, 3e-2], `method.r` choice [4, 8, 16]; 8 configurations from seed 3, the same in both "
-        "sweeps. Each trial: 1,000 training questions, 3 epochs (186 steps), held-out loss and accuracy on 500 every 31 steps "
-        "(ASHA ranks by loss); 1 Ray Train worker × 0.9 CPU, 2 trials at a time. CPU-seconds = Σ trial job wall time × 0.9. "
-        "Best accuracy = the best finished trial's final held-out accuracy.", "",
-        "| sweep | best accuracy | CPU-seconds | wall seconds | trials finished / stopped early |", "|---|---:|---:|---:|---:|",
+        "# ASHA vs the full budget: TREC / MiniLM, 8 LoRA configurations",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs, `python benchmarks/tune_asha.py`. Search "
+        "space: "
+        "`training.lr` loguniform [1e-4, 3e-2], `method.r` choice [4, 8, 16]; 8 configurations from seed 3, the same "
+        "in both "
+        "sweeps. Each trial: 1,000 training questions, 3 epochs (186 steps), held-out loss and accuracy on 500 every "
+        "31 steps "
+        "(ASHA ranks by loss); 1 Ray Train worker × 0.9 CPU, 2 trials at a time. CPU-seconds = Σ trial job wall time "
+        "× 0.9. "
+        "Best accuracy = the best finished trial's final held-out accuracy.",
+        "",
+        "| sweep | best accuracy | CPU-seconds | wall seconds | trials finished / stopped early |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in (full, asha):
         done = sum(t["state"] == "SUCCEEDED" for t in r["trials"])
         stopped = sum(t["state"] == "STOPPED" for t in r["trials"])
-        lines.append(f"| {r['scheduler']} | {r['best_accuracy']:.3f} | {r['cpu_seconds']:.0f} | {r['wall_seconds']:.0f} | {done} / {stopped} |")
+        lines.append(
+            f"| {r['scheduler']} | {r['best_accuracy']:.3f} | {r['cpu_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+            f"{done} / {stopped} |"
+        )
     relation = "equals" if abs(gap) < 5e-4 else f"is {100 * abs(gap):.1f} points {'below' if gap > 0 else 'above'}"
-    lines += ["", f"ASHA's best {relation} the full-budget best (target: within 1 point), for {100 * share:.0f}% of its "
-              "compute (target: ≤ 50%).", "", "| trial | lr | r | fifo accuracy | asha accuracy | asha state | asha evaluations |",
-              "|---|---:|---:|---:|---:|---|---:|"]
+    lines += [
+        "",
+        f"ASHA's best {relation} the full-budget best (target: within 1 point), for {100 * share:.0f}% of its "
+        "compute (target: ≤ 50%).",
+        "",
+        "| trial | lr | r | fifo accuracy | asha accuracy | asha state | asha evaluations |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
     for f, a in zip(full["trials"], asha["trials"]):
-        lines.append(f"| {f['name'].rsplit('-', 1)[-1]} | {f['params']['training.lr']:.2g} | {f['params']['method.r']} | "
-                     f"{f['eval_accuracy']:.3f} | {a['eval_accuracy'] if a['eval_accuracy'] is None else round(a['eval_accuracy'], 3)} | "
-                     f"{a['state']} | {a['evaluations']} |")
+        lines.append(
+            f"| {f['name'].rsplit('-', 1)[-1]} | {f['params']['training.lr']:.2g} | {f['params']['method.r']} | "
+            f"{f['eval_accuracy']:.3f} | "
+            f"{a['eval_accuracy'] if a['eval_accuracy'] is None else round(a['eval_accuracy'], 3)} | "
+            f"{a['state']} | {a['evaluations']} |"
+        )
     (RESULTS / "tune_asha.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -44,7 +44,9 @@ def resolve_base_model(ref: str, *, home: str | os.PathLike | None = None) -> Pa
         return _converted_smollm2(peftfleet_home(home) / "models")
     path = Path(ref).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"base model {ref!r} is neither a named model {BUILTIN_MODELS} nor a folder with config.json")
+        raise FileNotFoundError(
+            f"base model {ref!r} is neither a named model {BUILTIN_MODELS} nor a folder with config.json"
+        )
     return path.resolve()
 
 

@@ -24,8 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import peft_methods
-from jobs.base_models import BUILTIN_MODELS, TASKS
-from jobs.data import DATASET_TASKS
+from jobs.base_models import BUILTIN_MODELS
+from jobs.training.data import DATASET_TASKS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_MAX = 64
@@ -36,7 +36,10 @@ def validate_name(value: str, what: str = "name") -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= NAME_MAX:
         raise ValueError(f"{what} must be 1–{NAME_MAX} characters")
     if ".." in value or not _NAME.match(value):
-        raise ValueError(f"{what} {value!r} may hold only letters, digits, '.', '_' and '-', starting with a letter or digit (no path separators, no '..')")
+        raise ValueError(
+            f"{what} {value!r} may hold only letters, digits, '.', '_' and '-', starting with a letter or digit (no "
+            "path separators, no '..')"
+        )
     return value
 
 
@@ -83,7 +86,9 @@ class DatasetSpec(_Spec):
 
 class TrainingSpec(_Spec):
     epochs: int = Field(default=1, ge=1, le=1000, description="Passes over the training data.")
-    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(
+        default=None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."
+    )
     batch_size: int = Field(default=16, gt=0, le=4096, description="Micro-batch size per worker.")
     grad_accum_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(default=1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
@@ -92,15 +97,23 @@ class TrainingSpec(_Spec):
     weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
     seed: int = Field(default=0, ge=0, description="Seeds data order, initialisation and the split.")
     eval_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of the data held out for evaluation.")
-    eval_size: int | None = Field(default=None, gt=0, description="Held-out examples by count (overrides eval_fraction).")
+    eval_size: int | None = Field(
+        default=None, gt=0, description="Held-out examples by count (overrides eval_fraction)."
+    )
     max_length: int = Field(default=128, ge=8, le=32768, description="Tokens per example after truncation.")
-    eval_every_steps: int | None = Field(default=None, gt=0, description="Evaluate every N steps (default: each epoch).")
-    checkpoint_every_steps: int | None = Field(default=None, gt=0, description="Checkpoint every N steps (default: each epoch).")
+    eval_every_steps: int | None = Field(
+        default=None, gt=0, description="Evaluate every N steps (default: each epoch)."
+    )
+    checkpoint_every_steps: int | None = Field(
+        default=None, gt=0, description="Checkpoint every N steps (default: each epoch)."
+    )
 
 
 class DeepSpeedSpec(_Spec):
     zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="ZeRO stage 0–3.")
-    offload_optimizer: bool = Field(default=False, description="Keep optimizer state in CPU memory (ZeRO ≥ 1, GPU jobs).")
+    offload_optimizer: bool = Field(
+        default=False, description="Keep optimizer state in CPU memory (ZeRO ≥ 1, GPU jobs)."
+    )
     offload_params: bool = Field(default=False, description="Keep parameters in CPU memory (ZeRO 3, GPU jobs).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fp32 on CPU; bf16/fp16 need GPUs.")
 
@@ -110,7 +123,9 @@ class ResourcesSpec(_Spec):
     cpus_per_worker: float = Field(default=1, gt=0, le=1024, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(default=0, ge=0, le=16, description="GPUs reserved per worker (0 = CPU training).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        default="PACK", description="How workers are placed on nodes (Ray placement groups): STRICT_SPREAD = one per node.")
+        default="PACK",
+        description="How workers are placed on nodes (Ray placement groups): STRICT_SPREAD = one per node.",
+    )
 
 
 class _Submission(_Spec):
@@ -120,7 +135,9 @@ class _Submission(_Spec):
     base_model: str = Field(description=f"A named model {list(BUILTIN_MODELS)} or a local folder with config.json.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="What each job reserves on Ray.")
     tags: list[str] = Field(default_factory=list, max_length=32, description="Free-form labels for queries.")
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200, description="Resubmitting with the same key returns the same job.")
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, description="Resubmitting with the same key returns the same job."
+    )
 
     @field_validator("name")
     @classmethod
@@ -145,8 +162,12 @@ class _Submission(_Spec):
 
 
 class SubspaceSourcesSpec(_Spec):
-    adapters: list[str] | None = Field(default=None, min_length=2, description="Registered prompt-tuning adapters, by name.")
-    task_names: list[str] | None = Field(default=None, min_length=1, description="Every prompt-tuning adapter of these tasks.")
+    adapters: list[str] | None = Field(
+        default=None, min_length=2, description="Registered prompt-tuning adapters, by name."
+    )
+    task_names: list[str] | None = Field(
+        default=None, min_length=1, description="Every prompt-tuning adapter of these tasks."
+    )
     tag: str | None = Field(default=None, description="Every prompt-tuning adapter with this tag.")
 
 
@@ -157,9 +178,13 @@ class SubspaceSpec(_Submission):
     kind: Literal["ipt-subspace"] = Field(description="Selects this kind of job.")
     sources: SubspaceSourcesSpec = Field(
         default_factory=SubspaceSourcesSpec,
-        description="Which adapters to learn from (filters combine); none given = every prompt-tuning adapter of the base.",
+        description=(
+            "Which adapters to learn from (filters combine); none given = every prompt-tuning adapter of the base."
+        ),
     )
-    intrinsic_dim: int = Field(default=8, gt=0, le=1024, description="Size of the code, i.e. of what an IPT job trains.")
+    intrinsic_dim: int = Field(
+        default=8, gt=0, le=1024, description="Size of the code, i.e. of what an IPT job trains."
+    )
     inner_dim: int = Field(default=256, gt=0, le=16384, description="Width of the autoencoder's hidden layer.")
     steps: int = Field(default=2000, gt=0, le=1_000_000, description="Optimizer steps of the fit (full batch, Adam).")
     lr: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate of the fit.")
@@ -193,7 +218,9 @@ def _build_job_spec() -> type[BaseModel]:
         method: method_type = Field(description="The PEFT method and its settings; `method` picks the plugin.")  # type: ignore[valid-type]
         training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
         deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine settings.")
-        task_name: str | None = Field(default=None, description="Groups adapters for promotion (default: dataset name).")
+        task_name: str | None = Field(
+            default=None, description="Groups adapters for promotion (default: dataset name)."
+        )
 
         @field_validator("task_name")
         @classmethod
@@ -207,30 +234,44 @@ def _build_job_spec() -> type[BaseModel]:
         @model_validator(mode="after")
         def _consistent(self) -> JobSpec:
             if self.dataset.name is not None and DATASET_TASKS[self.dataset.name] != self.task:
-                raise _At("dataset.name", f"dataset {self.dataset.name!r} is for {DATASET_TASKS[self.dataset.name]}, not {self.task}")
+                raise _At(
+                    "dataset.name",
+                    f"dataset {self.dataset.name!r} is for {DATASET_TASKS[self.dataset.name]}, not {self.task}",
+                )
             if self.dataset.path is not None:
                 try:
                     _check_columns(Path(self.dataset.path).expanduser(), self.dataset.columns_for(self.task))
                 except ValueError as e:
                     raise _At("dataset.path", str(e)) from None
             if getattr(self.method, "decoded", False):
-                raise _At("method.decoded", "is the form a trained IPT adapter loads in; a job trains z inside the subspace")
+                raise _At(
+                    "method.decoded", "is the form a trained IPT adapter loads in; a job trains z inside the subspace"
+                )
             ds, gpus = self.deepspeed, self.resources.gpus_per_worker
             if ds.precision != "fp32" and gpus == 0:
-                raise _At("deepspeed.precision", f"{ds.precision} needs GPUs (resources.gpus_per_worker > 0); CPU training runs in fp32")
+                raise _At(
+                    "deepspeed.precision",
+                    f"{ds.precision} needs GPUs (resources.gpus_per_worker > 0); CPU training runs in fp32",
+                )
             if ds.offload_params and ds.zero_stage != 3:
                 raise _At("deepspeed.offload_params", "needs zero_stage 3")
             if ds.offload_optimizer and ds.zero_stage == 0:
                 raise _At("deepspeed.offload_optimizer", "needs zero_stage 1, 2 or 3")
             if (ds.offload_optimizer or ds.offload_params) and gpus == 0:
-                raise _At("deepspeed", "offload moves GPU memory to the CPU; a CPU job (resources.gpus_per_worker 0) has nothing to offload")
+                raise _At(
+                    "deepspeed",
+                    "offload moves GPU memory to the CPU; a CPU job (resources.gpus_per_worker 0) has nothing to "
+                    "offload",
+                )
             return self
 
         @property
         def effective_task_name(self) -> str:
             if self.task_name:
                 return self.task_name
-            return self.dataset.name or validate_name(re.sub(r"[^A-Za-z0-9._-]", "-", Path(self.dataset.path).stem)[:NAME_MAX] or "data", "task name")
+            return self.dataset.name or validate_name(
+                re.sub(r"[^A-Za-z0-9._-]", "-", Path(self.dataset.path).stem)[:NAME_MAX] or "data", "task name"
+            )
 
     return JobSpec
 
@@ -268,7 +309,12 @@ class JobSpecError(ValueError):
 
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts = list(loc)
-    if len(parts) >= 2 and parts[0] == "method" and isinstance(parts[1], str) and parts[1] in peft_methods.list_methods():
+    if (
+        len(parts) >= 2
+        and parts[0] == "method"
+        and isinstance(parts[1], str)
+        and parts[1] in peft_methods.list_methods()
+    ):
         del parts[1]  # pydantic puts the union's tag in the path; users think of `method.r`
     return ".".join(str(p) for p in parts)
 

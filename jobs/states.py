@@ -7,7 +7,7 @@
        │          │           └────► STOPPED   (a sweep's scheduler ended it early: not a failure)
        └──────────┴──────────────────────────────► CANCELLED / FAILED
 
-A terminal state never changes. Every change goes through ``jobs.store.JobStore.transition``,
+A terminal state never changes. Every change goes through ``jobs.store.job_store.JobStore.transition``,
 which checks this table and updates the row by compare-and-swap.
 """
 

@@ -44,15 +44,23 @@ class SweepSpec(BaseModel):
     name: str = Field(description="Sweep name; trials are jobs named <name>-t<index>.")
     spec: dict[str, Any] = Field(description="The job spec every trial starts from (validated like any job spec).")
     search_space: dict[str, Any] = Field(min_length=1, description="Dotted spec paths -> distribution or constant.")
-    metric: str = Field(default="eval_accuracy", min_length=1, description="What trials report and the search optimises.")
+    metric: str = Field(
+        default="eval_accuracy", min_length=1, description="What trials report and the search optimises."
+    )
     mode: Literal["max", "min"] = Field(default="max", description="Whether larger or smaller `metric` is better.")
     num_samples: int = Field(default=8, ge=1, le=10_000, description="How many configurations to try.")
     scheduler: Literal["asha", "fifo", "pbt"] = Field(
-        default="asha", description="asha stops weak trials early; pbt has weak trials continue from strong ones' checkpoints with "
-        "perturbed hyper-parameters; fifo runs every trial to the end.")
+        default="asha",
+        description="asha stops weak trials early; pbt has weak trials continue from strong ones' checkpoints with "
+        "perturbed hyper-parameters; fifo runs every trial to the end.",
+    )
     scheduler_options: dict[str, float] = Field(
-        default_factory=dict, description="asha: grace_period, reduction_factor; pbt: perturbation_interval (all in evaluations).")
-    max_concurrent: int | None = Field(default=None, ge=1, description="Trials at once (default: as many as resources allow).")
+        default_factory=dict,
+        description="asha: grace_period, reduction_factor; pbt: perturbation_interval (all in evaluations).",
+    )
+    max_concurrent: int | None = Field(
+        default=None, ge=1, description="Trials at once (default: as many as resources allow)."
+    )
     seed: int = Field(default=0, ge=0, description="Seeds the draw of configurations.")
     promote: bool = Field(default=False, description="Promote the best trial's adapter for its task.")
 
@@ -88,11 +96,15 @@ def parse_sweep_spec(data: Any) -> SweepSpec:
     try:
         sweep = SweepSpec.model_validate(data)
     except ValidationError as e:
-        raise JobSpecError([(".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]) from None
+        raise JobSpecError(
+            [(".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]
+        ) from None
     for path, value in sweep.search_space.items():
         _check_distribution(value, f"search_space.{path}")
     if sweep.scheduler == "pbt" and not mutable(sweep):
-        raise JobSpecError([("search_space", "pbt perturbs continuous parameters: give at least one uniform or loguniform")])
+        raise JobSpecError(
+            [("search_space", "pbt perturbs continuous parameters: give at least one uniform or loguniform")]
+        )
     for label, params in validation_configs(sweep):
         trial_spec(sweep, params, 0, label=label)
     return sweep
@@ -111,7 +123,11 @@ def _check_distribution(value: Any, where: str) -> None:
         for i, option in enumerate(arg):
             _check_distribution(option, f"{where}.choice[{i}]")
         return
-    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)):
+    if not (
+        isinstance(arg, list)
+        and len(arg) == 2
+        and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)
+    ):
         raise JobSpecError([(where, f"{kind} takes [low, high]")])
     low, high = arg
     if not low < high:
@@ -181,7 +197,9 @@ def _extremes(value: Any, rng: random.Random) -> list[tuple[str, Any]]:
     return [("low", int(low) if kind == "randint" else low), ("high", int(high) - 1 if kind == "randint" else high)]
 
 
-def trial_spec(sweep: SweepSpec, params: dict[str, Any], index: int, *, label: str | None = None, sweep_id: str | None = None):
+def trial_spec(
+    sweep: SweepSpec, params: dict[str, Any], index: int, *, label: str | None = None, sweep_id: str | None = None
+):
     """The job spec of one trial: the sweep's spec with ``params`` set at their paths."""
     data = copy.deepcopy(sweep.spec)
     for path, value in params.items():

@@ -4,6 +4,7 @@
 >>> job = Client().submit("job.yaml")        # doctest: +SKIP
 """
 
-from orchestrator.client import Client, InfeasibleJob, JobHandle
+from orchestrator.client import Client, JobHandle
+from orchestrator.cluster import InfeasibleJob
 
 __all__ = ["Client", "InfeasibleJob", "JobHandle"]

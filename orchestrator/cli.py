@@ -21,12 +21,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from jobs.adapter_registry import AdapterNotFound
 from jobs.spec import JobSpecError
 from jobs.states import JobState
 from jobs.store import JobNotFound
-from jobs.subspaces import check_references
-from orchestrator.client import Client, InfeasibleJob
+from jobs.store.adapter_registry import AdapterNotFound
+from jobs.training.subspaces import check_references
+from orchestrator.client import Client
+from orchestrator.cluster import InfeasibleJob
 
 
 def _when(ts: float | None) -> str:
@@ -85,7 +86,11 @@ def cmd_submit(client: Client, args) -> int:
     else:
         made = handle.adapter() or handle.subspace()
         kind = "subspace" if job.method == "ipt-subspace" else "adapter"
-        print(f"job {job.id[:12]} {job.state}" + (f"; {kind} {made.name}" if made else "") + (f"; error: {job.error}" if job.error else ""))
+        print(
+            f"job {job.id[:12]} {job.state}"
+            + (f"; {kind} {made.name}" if made else "")
+            + (f"; error: {job.error}" if job.error else "")
+        )
     return 0 if job.state is JobState.SUCCEEDED else 1
 
 
@@ -139,7 +144,12 @@ def cmd_jobs(client: Client, args) -> int:
     if args.json:
         _print_json([_job_json(client, j) for j in jobs])
     else:
-        print(render_table([_job_row(client, j) for j in jobs], ["id", "name", "state", "method", "base", "eval_accuracy", "created"]))
+        print(
+            render_table(
+                [_job_row(client, j) for j in jobs],
+                ["id", "name", "state", "method", "base", "eval_accuracy", "created"],
+            )
+        )
     return 0
 
 
@@ -149,9 +159,17 @@ def cmd_adapters(client: Client, args) -> int:
         _print_json([asdict(a) for a in adapters])
         return 0
     rows = [
-        {"name": a.name, "method": a.method, "task": a.task_name, "base": a.base_fingerprint[:19], "job": (a.job_id or "")[:12],
-         "params": f"{a.num_parameters:,}", "size": f"{a.size_bytes / 1024:.0f} KiB", "promoted": "yes" if a.promoted else "",
-         "metrics": ", ".join(f"{k}={v:.4f}" for k, v in a.metrics.items())}
+        {
+            "name": a.name,
+            "method": a.method,
+            "task": a.task_name,
+            "base": a.base_fingerprint[:19],
+            "job": (a.job_id or "")[:12],
+            "params": f"{a.num_parameters:,}",
+            "size": f"{a.size_bytes / 1024:.0f} KiB",
+            "promoted": "yes" if a.promoted else "",
+            "metrics": ", ".join(f"{k}={v:.4f}" for k, v in a.metrics.items()),
+        }
         for a in adapters
     ]
     print(render_table(rows, ["name", "method", "task", "base", "job", "params", "size", "promoted", "metrics"]))
@@ -175,15 +193,26 @@ def cmd_subspaces(client: Client, args) -> int:
 
 def cmd_serve(client: Client, args) -> int:
     serving = client.serve(
-        args.base, adapters=args.adapters or "all", task=args.task, capacity=args.capacity, num_replicas=args.replicas,
-        api_key=args.api_key or os.environ.get("PEFTFLEET_API_KEY"), host=args.host, port=args.port, name=args.name,
-        max_batch_size=args.max_batch_size, cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+        args.base,
+        adapters=args.adapters or "all",
+        task=args.task,
+        capacity=args.capacity,
+        num_replicas=args.replicas,
+        api_key=args.api_key or os.environ.get("PEFTFLEET_API_KEY"),
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
     )
     if args.json:
         _print_json({"name": serving.name, "url": serving.url, "openai_base_url": f"{serving.url}/v1"})
     if not client.cluster.started_here:
         return 0  # the application lives on the cluster; `serve shutdown` or another deploy replaces it
-    print("serving until interrupted (Ctrl-C); the local Ray cluster ends with this command", file=sys.stderr, flush=True)
+    print(
+        "serving until interrupted (Ctrl-C); the local Ray cluster ends with this command", file=sys.stderr, flush=True
+    )
     try:
         while True:
             time.sleep(3600)
@@ -201,7 +230,11 @@ def cmd_tune(client: Client, args) -> int:
     if not wait:
         return 0
     record = sweep.wait()
-    return _show_sweep(client, sweep, args.json) if record.state == "SUCCEEDED" else (_show_sweep(client, sweep, args.json) or 1)
+    return (
+        _show_sweep(client, sweep, args.json)
+        if record.state == "SUCCEEDED"
+        else (_show_sweep(client, sweep, args.json) or 1)
+    )
 
 
 def cmd_sweeps(client: Client, args) -> int:
@@ -209,9 +242,19 @@ def cmd_sweeps(client: Client, args) -> int:
     if args.json:
         _print_json([asdict(s) for s in sweeps])
         return 0
-    rows = [{"id": s.id[:12], "name": s.name, "state": s.state, "scheduler": s.scheduler, "metric": s.metric,
-             "best": f"{s.best_value:.4f}" if s.best_value is not None else "-", "best_adapter": s.best_adapter or "-", "created": _when(s.created_at)}
-            for s in sweeps]
+    rows = [
+        {
+            "id": s.id[:12],
+            "name": s.name,
+            "state": s.state,
+            "scheduler": s.scheduler,
+            "metric": s.metric,
+            "best": f"{s.best_value:.4f}" if s.best_value is not None else "-",
+            "best_adapter": s.best_adapter or "-",
+            "created": _when(s.created_at),
+        }
+        for s in sweeps
+    ]
     print(render_table(rows, ["id", "name", "state", "scheduler", "metric", "best", "best_adapter", "created"]))
     return 0
 
@@ -241,9 +284,18 @@ def _show_sweep(client: Client, sweep, as_json: bool) -> int:
         return 0
     print(f"sweep {record.id} {record.name}: {record.state}; {record.metric} ({record.mode}), {record.scheduler}"
           + (f"; error: {record.error.splitlines()[0]}" if record.error else ""))
-    rows = [{"trial": t["name"].rsplit("-", 1)[-1], "job": t["job"][:12], "state": t["state"],
-             record.metric: f"{t[record.metric]:.4f}" if t[record.metric] is not None else "-", "evals": t["evaluations"],
-             "seconds": f"{t['seconds']:.0f}", "params": ", ".join(f"{k}={_short(v)}" for k, v in t["params"].items())} for t in trials]
+    rows = [
+        {
+            "trial": t["name"].rsplit("-", 1)[-1],
+            "job": t["job"][:12],
+            "state": t["state"],
+            record.metric: f"{t[record.metric]:.4f}" if t[record.metric] is not None else "-",
+            "evals": t["evaluations"],
+            "seconds": f"{t['seconds']:.0f}",
+            "params": ", ".join(f"{k}={_short(v)}" for k, v in t["params"].items()),
+        }
+        for t in trials
+    ]
     print(render_table(rows, ["trial", "job", "state", record.metric, "evals", "seconds", "params"]))
     if record.best_adapter:
         print(f"best: {record.best_adapter} ({record.metric} {record.best_value:.4f}, job {record.best_job_id[:12]})")
@@ -265,18 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--address", help="Ray cluster address, e.g. auto or ray://head:10001")
     common.add_argument("--home", help="peftfleet's local folder (default ~/.peftfleet)")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser = argparse.ArgumentParser(prog="peftfleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="peftfleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("submit", parents=[common], help="submit a job spec (YAML or JSON)")
     p.add_argument("spec")
     p.add_argument("--wait", action="store_true", help="wait for the job, with progress")
     p.add_argument("--idempotency-key")
     p.set_defaults(run=cmd_submit)
-    p = sub.add_parser("run", parents=[common], help="run a job spec in this process (a RayJob's entrypoint on the cluster)")
+    p = sub.add_parser(
+        "run", parents=[common], help="run a job spec in this process (a RayJob's entrypoint on the cluster)"
+    )
     p.add_argument("spec")
     p.add_argument("--idempotency-key")
     p.set_defaults(run=cmd_run)
-    for name, fn, text in (("status", cmd_status, "one job: state, metrics, events"), ("logs", cmd_logs, "a job's logs"), ("cancel", cmd_cancel, "stop a job")):
+    for name, fn, text in (
+        ("status", cmd_status, "one job: state, metrics, events"),
+        ("logs", cmd_logs, "a job's logs"),
+        ("cancel", cmd_cancel, "stop a job"),
+    ):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("job", help="job id or unique prefix")
         p.set_defaults(run=fn)
@@ -292,8 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_adapters)
     p = sub.add_parser("serve", parents=[common], help="serve adapters of one base over an OpenAI-shaped HTTP API")
     p.add_argument("--base", required=True, help="base model name or folder")
-    p.add_argument("--adapters", nargs="+", help="adapter names (default: every adapter registered for the base, now and later)")
-    p.add_argument("--task", choices=["causal-lm", "sequence-classification"], help="default: from the base's architecture")
+    p.add_argument(
+        "--adapters", nargs="+", help="adapter names (default: every adapter registered for the base, now and later)"
+    )
+    p.add_argument(
+        "--task", choices=["causal-lm", "sequence-classification"], help="default: from the base's architecture"
+    )
     p.add_argument("--capacity", type=int, default=32, help="adapters kept loaded per replica (LRU)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--cpus-per-replica", type=float, default=1)
@@ -304,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="peftfleet", help="Ray Serve application name")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $PEFTFLEET_API_KEY, else none)")
     p.set_defaults(run=cmd_serve)
-    p = sub.add_parser("tune", parents=[common], help="start a hyper-parameter sweep (a sweep YAML, see jobs/sweep_spec.py)")
+    p = sub.add_parser(
+        "tune", parents=[common], help="start a hyper-parameter sweep (a sweep YAML, see jobs/sweep_spec.py)"
+    )
     p.add_argument("sweep")
     p.add_argument("--wait", action="store_true", help="wait for the sweep and print its trials")
     p.set_defaults(run=cmd_tune)

@@ -23,25 +23,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.adapter_registry import AdapterRecord, AdapterRegistry
 from jobs.home import peftfleet_home
 from jobs.spec import JobSpec, JobSpecError, load_job_spec, parse_job_spec
 from jobs.states import ALLOWED, JobState
 from jobs.store import JobRecord, JobStore, Metric
-from jobs.subspace_registry import SubspaceRecord, SubspaceRegistry
-from jobs.subspaces import check_references
-from orchestrator.cluster import JOB_ENV, Cluster, connect
+from jobs.store.adapter_registry import AdapterRecord, AdapterRegistry
+from jobs.store.subspace_registry import SubspaceRecord, SubspaceRegistry
+from jobs.training.subspaces import check_references
+from orchestrator.cluster import JOB_ENV, Cluster, InfeasibleJob, check_feasible, connect, launch, stop_and_wait
 from orchestrator.reconciler import settle_orphans
 
 if TYPE_CHECKING:
     from orchestrator.serving.deployment import Serving
-    from orchestrator.sweeps import SweepHandle
-
-RAY_TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
-
-
-class InfeasibleJob(ValueError):
-    """The cluster can never give the job the resources it asks for."""
+    from orchestrator.tune.sweeps import SweepHandle
 
 
 class JobHandle:
@@ -55,12 +49,15 @@ class JobHandle:
         return f"JobHandle({self.id[:8]}, {self.status()})"
 
     def record(self) -> JobRecord:
+        """The job's record as the store has it now."""
         return self._client.store.get(self.id)
 
     def status(self) -> JobState:
+        """The job's state now (``JobState.QUEUED``, ``RUNNING``, ``SUCCEEDED``, ...)."""
         return self.record().state
 
     def metrics(self, name: str | None = None) -> list[Metric]:
+        """Every recorded metric, by step; only those called ``name`` when given (e.g. ``"eval_accuracy"``)."""
         return self._client.store.metrics(self.id, name)
 
     def adapter(self) -> AdapterRecord | None:
@@ -72,11 +69,22 @@ class JobHandle:
         """The IPT subspace an ``ipt-subspace`` job registered, once it has."""
         return next((s for s in self._client.subspaces.list() if s.job_id == self.id), None)
 
-    def wait(self, timeout: float | None = None, *, poll_s: float = 1.0, progress: bool | None = None) -> JobRecord:
-        """Block until the job is terminal; returns its record. Raises ``TimeoutError``.
+    def wait(self, *, timeout: float | None = None, poll_s: float = 1.0, progress: bool | None = None) -> JobRecord:
+        """Block until the job is terminal, settling orphaned jobs meanwhile (see ``orchestrator.reconciler``).
 
-        Shows a progress bar (steps, loss, ETA) when ``progress`` is true, or by default when
-        stderr is a terminal.
+        >>> job.wait(timeout=900).state                                                # doctest: +SKIP
+        <JobState.SUCCEEDED: 'SUCCEEDED'>
+
+        Args:
+            timeout: seconds to wait; None waits for ever.
+            poll_s: seconds between looks at the store.
+            progress: show a progress bar (steps, loss, ETA); default: when stderr is a terminal.
+
+        Returns:
+            The job's terminal record.
+
+        Raises:
+            TimeoutError: the job was still live after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         show = sys.stderr.isatty() if progress is None else progress
@@ -112,7 +120,11 @@ class JobHandle:
         return bar
 
     def logs(self) -> str:
-        """Everything the job's processes printed (driver and Ray Train workers)."""
+        """Everything the job's processes printed (runner and Ray Train workers).
+
+        Raises:
+            RuntimeError: Ray cannot be reached and no copy of the logs was kept.
+        """
         cache = peftfleet_home(self._client.store.home) / "logs" / f"{self.id}.log"
         submission = self.record().runtime.get("ray_submission_id")
         if submission is None:
@@ -127,8 +139,8 @@ class JobHandle:
         cache.write_text(text)
         return text
 
-    def cancel(self, timeout: float = 120) -> JobRecord:
-        """Stop the job: its Ray work is killed and its resources freed; then it is CANCELLED."""
+    def cancel(self, *, timeout: float = 120) -> JobRecord:
+        """Stop the job; see :meth:`Client.cancel`."""
         return self._client.cancel(self.id, timeout=timeout)
 
 
@@ -138,11 +150,25 @@ class Jobs:
     def __init__(self, client: Client):
         self._client = client
 
-    def list(self, *, state: Any = None, name: str | None = None, task_name: str | None = None, limit: int | None = 100) -> list[JobRecord]:
+    def list(
+        self, *, state: Any = None, name: str | None = None, task_name: str | None = None, limit: int | None = 100
+    ) -> list[JobRecord]:
+        """Jobs, newest first.
+
+        Args:
+            state: a ``JobState`` (or its name), or several.
+            name: the job's name.
+            task_name: the job's task name (what promotion is keyed on).
+            limit: at most this many; None for all.
+        """
         return self._client.store.list_jobs(state=state, name=name, task_name=task_name, limit=limit)
 
     def get(self, job_id: str) -> JobHandle:
-        """A handle to a job by id or unique prefix (any process, any client)."""
+        """A handle to a job by id or unique prefix (any process, any client).
+
+        Raises:
+            JobNotFound: no job, or the prefix is ambiguous.
+        """
         return JobHandle(self._client, job_id)
 
 
@@ -169,13 +195,15 @@ class Client:
         self.home = Path(peftfleet_home(home))
         self.store = JobStore(store_url, storage_url=storage_url, home=self.home)
         self.jobs = Jobs(self)
-        from orchestrator.sweeps import Sweeps
+        from orchestrator.tune.sweeps import Sweeps
 
         self.sweeps = Sweeps(self)
         self.adapters: AdapterRegistry = self.store.adapters
         self.subspaces: SubspaceRegistry = self.store.subspaces
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.resubmit_orphans = int(os.environ.get("PEFTFLEET_RESUBMIT_ORPHANS", "0")) if resubmit_orphans is None else resubmit_orphans
+        self.resubmit_orphans = (
+            int(os.environ.get("PEFTFLEET_RESUBMIT_ORPHANS", "0")) if resubmit_orphans is None else resubmit_orphans
+        )
         self._address, self._num_cpus, self._cluster = address, num_cpus, None
 
     @property
@@ -185,80 +213,135 @@ class Client:
         return self._cluster
 
     def submit(self, spec: JobSpec | dict | str | os.PathLike, *, idempotency_key: str | None = None) -> JobHandle:  # type: ignore[valid-type]
-        """Validate, store and schedule a job; returns at once with a handle.
+        """Validate, store and schedule a job; returns at once.
 
-        Raises ``JobSpecError`` or ``InfeasibleJob`` before anything is stored or scheduled.
+        >>> job = client.submit("examples/trec-lora.yaml", idempotency_key="trec-lora-2026-12")  # doctest: +SKIP
+
+        Args:
+            spec: a ``JobSpec``, a mapping, or the path of a YAML/JSON spec file.
+            idempotency_key: a resubmission with the same key returns the first job instead of a new one.
+
+        Returns:
+            A handle to the job (PENDING, handed to Ray as a Ray job running ``orchestrator.runner``).
+
+        Raises:
+            JobSpecError: the spec is invalid (each error names its field); nothing is stored.
+            InfeasibleJob: the cluster can never give the job its resources; nothing is stored.
+            IdempotencyConflict: the key was used for another spec.
         """
         spec = load_job_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_job_spec(spec)
         check_references(self.store, spec)
-        self._check_feasible(spec)
+        check_feasible(self.cluster, spec)
         job = self.store.submit(spec, idempotency_key=idempotency_key)
         if job.runtime.get("ray_submission_id"):
             return JobHandle(self, job.id)  # an idempotent resubmission: already scheduled
-        submission_id = f"peftfleet-{job.id}"
-        self.store.set_runtime(job.id, ray_submission_id=submission_id, dashboard_url=self.cluster.dashboard_url)
-        try:
-            self._launch(f"orchestrator.runner {job.id} ray-job:{submission_id}", submission_id, spec.resources,
-                         {"peftfleet_job": job.id, "name": spec.name})
-        except Exception as e:
-            self.store.transition(job.id, JobState.FAILED, reason="could not hand the job to Ray", error=f"{type(e).__name__}: {e}")
-            raise
+        self._hand_to_ray(job.id, f"peftfleet-{job.id}", spec, "could not hand the job to Ray")
         return JobHandle(self, job.id)
 
-    def _launch(self, module_args: str, submission_id: str, resources, metadata: dict[str, str]) -> None:
-        """Start ``python -m <module_args>`` as a Ray job with peftfleet's environment."""
-        env = {
-            **JOB_ENV,
+    def _hand_to_ray(self, job_id: str, submission_id: str, spec: Any, failure: str) -> None:
+        """Launch the job's runner as a Ray job; a job that cannot be handed over is FAILED."""
+        self.store.set_runtime(job_id, ray_submission_id=submission_id, dashboard_url=self.cluster.dashboard_url)
+        try:
+            launch(
+                self.cluster,
+                f"orchestrator.runner {job_id} ray-job:{submission_id}",
+                submission_id=submission_id,
+                resources=spec.resources,
+                env=self.process_env(),
+                metadata={"peftfleet_job": job_id, "name": spec.name},
+            )
+        except Exception as e:
+            self.store.transition(job_id, JobState.FAILED, reason=failure, error=f"{type(e).__name__}: {e}")
+            raise
+
+    def process_env(self) -> dict[str, str]:
+        """Where a process this client launches finds the store, the artifacts and the home folder."""
+        return {
             "PEFTFLEET_STORE_URL": self.store.url,
             "PEFTFLEET_STORAGE_URL": self.store.artifacts.url,
             "PEFTFLEET_HOME": str(self.home),
-            "PEFTFLEET_SUBMISSION_ID": submission_id,
-            "DS_ACCELERATOR": "cuda" if resources.gpus_per_worker else "cpu",
-            "OMP_NUM_THREADS": str(max(1, int(resources.cpus_per_worker))),
         }
-        for passthrough in ("PEFTFLEET_HEARTBEAT_INTERVAL_S", "PEFTFLEET_MAX_FAILURES", "PEFTFLEET_CHECKPOINT_URL", "RAY_AUTH_MODE"):
-            if passthrough in os.environ:
-                env[passthrough] = os.environ[passthrough]
-        python = os.environ.get("PEFTFLEET_RUNNER_PYTHON") or (sys.executable if self.cluster.started_here or self._address in (None, "auto") else "python")
-        self.cluster.jobs_client().submit_job(
-            entrypoint=f"{python} -m {module_args}", submission_id=submission_id, runtime_env={"env_vars": env},
-            entrypoint_num_cpus=0, metadata=metadata,
-        )
 
     # -- sweeps ----------------------------------------------------------------------------
     def tune(
-        self, spec: JobSpec | dict | str | os.PathLike, *, search_space: dict[str, Any], metric: str = "eval_accuracy",  # type: ignore[valid-type]
-        mode: str = "max", num_samples: int = 8, scheduler: str = "asha", max_concurrent: int | None = None,
-        name: str | None = None, seed: int = 0, promote: bool = False, scheduler_options: dict[str, float] | None = None,
+        self,
+        spec: JobSpec | dict | str | os.PathLike,
+        *,
+        search_space: dict[str, Any],
+        metric: str = "eval_accuracy",  # type: ignore[valid-type]
+        mode: str = "max",
+        num_samples: int = 8,
+        scheduler: str = "asha",
+        max_concurrent: int | None = None,
+        name: str | None = None,
+        seed: int = 0,
+        promote: bool = False,
+        scheduler_options: dict[str, float] | None = None,
     ) -> SweepHandle:
-        """Search ``search_space`` (dotted spec paths -> distributions, see ``jobs.sweep_spec``) around the
-        job ``spec`` with Ray Tune; every trial is a job in the store. Returns at once with a handle.
+        """Search hyper-parameters around the job ``spec`` with Ray Tune; every trial is a job in the store.
 
-        Raises ``JobSpecError`` (an invalid space or any invalid trial spec) or ``InfeasibleJob``
-        before anything is stored or scheduled."""
+        >>> space = {"training.lr": {"loguniform": [1e-4, 1e-2]}, "method.r": {"choice": [4, 8, 16]}}
+        >>> sweep = client.tune("examples/trec-lora.yaml", search_space=space)  # doctest: +SKIP
+
+        Args:
+            spec: the job every trial starts from (as for :meth:`submit`).
+            search_space: dotted spec paths -> distributions (``choice``, ``uniform``, ``loguniform``,
+                ``randint``, ``grid``; see ``jobs.sweep_spec``).
+            metric, mode: what the best trial maximises (``"max"``) or minimises (``"min"``).
+            num_samples: configurations drawn (a grid counts each combination once per sample).
+            scheduler: ``"asha"``, ``"pbt"`` or ``"fifo"``; ``scheduler_options`` tune it.
+            max_concurrent: trials running at once (default: as many as the cluster fits).
+            name, seed: the sweep's name and the seed of its draws.
+            promote: promote the best trial's adapter for its task when the sweep ends.
+
+        Returns:
+            A handle to the sweep, started as a Ray job running ``orchestrator.tune.driver``.
+
+        Raises:
+            JobSpecError: an invalid space or any invalid trial spec; nothing is stored.
+            InfeasibleJob: the largest trial can never run here; nothing is stored.
+        """
         job_spec = load_job_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_job_spec(spec)
-        return self.submit_sweep({
-            "name": name or f"{job_spec.name}-sweep", "spec": job_spec.model_dump(mode="json"),
-            "search_space": search_space, "metric": metric, "mode": mode, "num_samples": num_samples, "scheduler": scheduler,
-            "max_concurrent": max_concurrent, "seed": seed, "promote": promote, "scheduler_options": scheduler_options or {},
-        })
+        return self.submit_sweep(
+            {
+                "name": name or f"{job_spec.name}-sweep",
+                "spec": job_spec.model_dump(mode="json"),
+                "search_space": search_space,
+                "metric": metric,
+                "mode": mode,
+                "num_samples": num_samples,
+                "scheduler": scheduler,
+                "max_concurrent": max_concurrent,
+                "seed": seed,
+                "promote": promote,
+                "scheduler_options": scheduler_options or {},
+            }
+        )
 
     def submit_sweep(self, sweep: dict | str | os.PathLike) -> SweepHandle:
-        """Validate, store and start a sweep (a mapping or a sweep YAML file); see :meth:`tune`."""
-        from orchestrator.sweeps import start_sweep
+        """Validate, store and start a sweep given as a mapping or a sweep YAML file; see :meth:`tune`.
+
+        Raises:
+            JobSpecError, InfeasibleJob: as :meth:`tune`; nothing is stored.
+        """
+        from orchestrator.tune.sweeps import start_sweep
 
         return start_sweep(self, sweep)
 
-    def _check_feasible(self, spec) -> None:
-        total = self.cluster.resources()
-        r = spec.resources
-        need = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}
-        short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
-        if short:
-            detail = ", ".join(f"{v:g} {k} (the cluster has {have:g})" for k, (v, have) in short.items())
-            raise InfeasibleJob(f"job {spec.name!r} needs {detail}; lower resources.num_workers or its per-worker resources")
-
     def cancel(self, job_id: str, *, timeout: float = 120) -> JobRecord:
+        """Stop a job: its Ray job (runner and workers) is stopped and its resources freed; then it is CANCELLED.
+
+        Args:
+            job_id: the job's id or a unique prefix.
+            timeout: seconds to wait for Ray to report the Ray job stopped.
+
+        Returns:
+            The job's record (already terminal jobs are returned unchanged).
+
+        Raises:
+            TimeoutError: Ray did not stop the job within ``timeout``; it stays CANCELLING.
+            JobNotFound: no such job.
+        """
         job = self.store.get(job_id)
         if job.state.is_terminal:
             return job
@@ -267,30 +350,54 @@ class Client:
             return self.store.transition(job.id, JobState.CANCELLED, reason="cancelled before scheduling")
         if job.state is not JobState.CANCELLING and JobState.CANCELLING in ALLOWED[job.state]:
             job = self.store.transition(job.id, JobState.CANCELLING, reason="cancel requested")
-        if submission:
-            jobs_client = self.cluster.jobs_client()
-            jobs_client.stop_job(submission)
-            deadline = time.monotonic() + timeout
-            while str(jobs_client.get_job_status(submission)) not in RAY_TERMINAL:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"Ray job {submission} did not stop within {timeout} s")
-                time.sleep(0.5)
+        if submission and not stop_and_wait(self.cluster, submission, timeout=timeout):
+            raise TimeoutError(f"Ray job {submission} did not stop within {timeout} s")
         job = self.store.get(job.id)
         if not job.state.is_terminal:  # the runner was killed before it could settle the job itself
             job = self.store.transition(job.id, JobState.CANCELLED, reason="Ray job stopped")
         return job
 
     def serve(
-        self, base: str, *, adapters: list[str] | str = "all", task: str | None = None, capacity: int = 32,
-        num_replicas: int = 1, autoscaling: dict[str, Any] | None = None, api_key: str | None = None,
-        host: str = "127.0.0.1", port: int = 8000, name: str = "peftfleet", route_prefix: str = "/", max_batch_size: int = 32,
-        batch_wait_s: float = 0.01, cpus_per_replica: float = 1, gpus_per_replica: float = 0,
+        self,
+        base: str,
+        *,
+        adapters: list[str] | str = "all",
+        task: str | None = None,
+        capacity: int = 32,
+        num_replicas: int = 1,
+        autoscaling: dict[str, Any] | None = None,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        name: str = "peftfleet",
+        route_prefix: str = "/",
+        max_batch_size: int = 32,
+        batch_wait_s: float = 0.01,
+        cpus_per_replica: float = 1,
+        gpus_per_replica: float = 0,
     ) -> Serving:
-        """Serve ``adapters`` (names, or ``"all"`` registered for ``base``, now and later) from one copy
-        of ``base`` per replica, over an OpenAI-shaped HTTP API; prints and returns the URL.
+        """Serve adapters from one copy of ``base`` per replica, over an OpenAI-shaped HTTP API.
 
-        ``task`` defaults to causal-lm for decoder bases and sequence-classification otherwise.
-        ``autoscaling`` is Ray Serve's autoscaling_config (min_replicas, max_replicas, ...)."""
+        >>> serving = client.serve("minilm", adapters=["trec-lora-106e4278"])                   # doctest: +SKIP
+
+        Args:
+            base: the base model (a named model or a folder), as jobs name it.
+            adapters: adapter names, or ``"all"`` registered for ``base`` (now and later).
+            task: ``"causal-lm"`` or ``"sequence-classification"``; default by the base's architecture.
+            capacity: adapters a replica keeps loaded (least recently used evicted first).
+            num_replicas, autoscaling: a fixed count, or Ray Serve's autoscaling_config.
+            api_key: the bearer key requests must carry.
+            host, port, name, route_prefix: where and under what name Serve exposes it.
+            max_batch_size, batch_wait_s: how a replica gathers requests into one mixed batch.
+            cpus_per_replica, gpus_per_replica: each replica's resources.
+
+        Returns:
+            The running application; ``serving.url`` is the OpenAI base URL without ``/v1``.
+
+        Raises:
+            AdapterNotFound: an adapter named is not registered.
+            ValueError: an adapter was trained on another base or for another task.
+        """
         from orchestrator.serving.deployment import ServeOptions, start
 
         base_record = self.store.register_base_model(base)
@@ -302,35 +409,45 @@ class Client:
                 raise ValueError(f"adapter {adapter!r} was trained on another base than {base!r}")
             if record.task != task:
                 raise ValueError(f"adapter {adapter!r} is a {record.task} adapter; this server serves {task}")
-        options = ServeOptions(base, task, names, capacity, max_batch_size, batch_wait_s, api_key,
-                               self.store.url, self.store.artifacts.url, str(self.home))
+        options = ServeOptions(base=base, task=task, adapters=names, capacity=capacity, max_batch_size=max_batch_size,
+                               batch_wait_s=batch_wait_s, api_key=api_key, store_url=self.store.url,
+                               storage_url=self.store.artifacts.url, home=str(self.home))
         self.cluster  # noqa: B018 - connect (or start the local cluster) first
         env = {**JOB_ENV, "PEFTFLEET_HOME": str(self.home), "OMP_NUM_THREADS": str(max(1, int(cpus_per_replica)))}
-        serving = start(options, name=name, host=host, port=port, route_prefix=route_prefix, num_replicas=num_replicas, autoscaling=autoscaling,
-                        cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, env=env)
-        print(f"serving {base} ({task}; adapters: {', '.join(names) if names is not None else 'all registered'}) at {serving.url}/v1", flush=True)
+        serving = start(
+            options,
+            name=name,
+            host=host,
+            port=port,
+            route_prefix=route_prefix,
+            num_replicas=num_replicas,
+            autoscaling=autoscaling,
+            cpus_per_replica=cpus_per_replica,
+            gpus_per_replica=gpus_per_replica,
+            env=env,
+        )
+        print(
+            f"serving {base} ({task}; adapters: {', '.join(names) if names is not None else 'all registered'}) at "
+            f"{serving.url}/v1",
+            flush=True,
+        )
         return serving
 
     def settle_orphans(self) -> list[JobRecord]:
-        """Settle live jobs whose owner stopped heartbeating (see ``orchestrator.reconciler``)."""
-        jobs_client = None
-        if self._cluster is not None:
-            jobs_client = self._cluster.jobs_client()
+        """Settle live jobs whose owner stopped heartbeating (see ``orchestrator.reconciler``); returns them."""
         resubmit = self._resubmit if self.resubmit_orphans and self._cluster is not None else None
-        return settle_orphans(self.store, timeout_s=self.heartbeat_timeout_s, jobs_client=jobs_client, resubmit=resubmit,
+        return settle_orphans(self.store, timeout_s=self.heartbeat_timeout_s, cluster=self._cluster, resubmit=resubmit,
                               max_attempts=self.resubmit_orphans)
+
+    def ray_connected(self) -> bool:
+        """Whether this client talks to Ray already (or will, through ``RAY_ADDRESS``), without connecting."""
+        return self._cluster is not None or bool(os.environ.get("RAY_ADDRESS"))
 
     def _resubmit(self, job_id: str) -> None:
         """A new owner (runner) for a job whose owner died; Ray Train resumes it from its last checkpoint."""
         job = self.store.get(job_id)
         submission_id = f"peftfleet-{job.id}-a{job.attempt}-{int(time.time())}"
-        self.store.set_runtime(job.id, ray_submission_id=submission_id)
-        try:
-            self._launch(f"orchestrator.runner {job.id} ray-job:{submission_id}", submission_id, job.job_spec.resources,
-                         {"peftfleet_job": job.id, "name": job.name})
-        except Exception as e:
-            self.store.transition(job.id, JobState.FAILED, reason="could not hand the job back to Ray", error=f"{type(e).__name__}: {e}")
-            raise
+        self._hand_to_ray(job.id, submission_id, job.job_spec, "could not hand the job back to Ray")
 
 
 def default_task(base_folder: str | os.PathLike) -> str:
@@ -338,7 +455,14 @@ def default_task(base_folder: str | os.PathLike) -> str:
     import json
 
     config = json.loads((Path(base_folder) / "config.json").read_text())
-    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or []) or config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo")
+    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures") or []) or config.get("model_type") in (
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "olmo",
+    )
     return "causal-lm" if causal else "sequence-classification"
 
 

@@ -1,9 +1,20 @@
-"""Connecting to Ray: a cluster at an address, one already running here, or a new local one."""
+"""What the client and the sweep code both need from the Ray cluster: connecting to it, checking a
+job can ever get its resources, launching a peftfleet process as a Ray job, and stopping one.
+
+>>> cluster = connect()                                   # local Ray, or RAY_ADDRESS   # doctest: +SKIP
+>>> check_feasible(cluster, spec)                        # InfeasibleJob if never      # doctest: +SKIP
+>>> launch(cluster, "orchestrator.runner JOB_ID", submission_id="peftfleet-JOB_ID",
+...        resources=spec.resources, env=store_env(store, home))                    # doctest: +SKIP
+>>> stop_and_wait(cluster, "peftfleet-JOB_ID", timeout=120)                            # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -16,12 +27,26 @@ JOB_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Settings a launched process inherits from the caller when the caller has them.
+PASSTHROUGH_ENV = (
+    "PEFTFLEET_HEARTBEAT_INTERVAL_S",
+    "PEFTFLEET_MAX_FAILURES",
+    "PEFTFLEET_CHECKPOINT_URL",
+    "RAY_AUTH_MODE",
+)
+RAY_TERMINAL = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})  # a Ray job in one of these runs nothing any more
+RAY_LIVE = frozenset({"PENDING", "RUNNING"})
+
+
+class InfeasibleJob(ValueError):
+    """The cluster can never give the job the resources it asks for."""
 
 
 @dataclass(frozen=True)
 class Cluster:
     dashboard_url: str
     started_here: bool
+    address: str | None = None
 
     def jobs_client(self):
         from ray.job_submission import JobSubmissionClient
@@ -32,19 +57,28 @@ class Cluster:
     def resources(self) -> dict[str, float]:
         return ray.cluster_resources()
 
+    def ray_job_status(self, submission_id: str) -> str | None:
+        """The Ray job's status (``PENDING``, ``RUNNING``, ``STOPPED``, ...), or None when Ray does not know it."""
+        try:
+            return str(self.jobs_client().get_job_status(submission_id))
+        except Exception:  # noqa: BLE001 - unknown to this cluster
+            return None
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None) -> Cluster:
+
+def connect(
+    address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None
+) -> Cluster:
     """Attach to ``address`` (or ``RAY_ADDRESS``), reuse this process's Ray, or start a local cluster.
 
     A cluster started here lives as long as this Python process; for jobs that outlive it, run
     ``ray start --head`` once and connect with ``address="auto"``.
     """
     if ray.is_initialized():
-        return Cluster(_dashboard_url(), started_here=False)
+        return Cluster(_dashboard_url(), started_here=False, address=address)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ctx = ray.init(address=address, logging_level="WARNING")
-        return Cluster(ctx.dashboard_url or _dashboard_url(), started_here=False)
+        return Cluster(ctx.dashboard_url or _dashboard_url(), started_here=False, address=address)
     ctx = ray.init(
         num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
         object_store_memory=object_store_memory, logging_level="WARNING",
@@ -52,8 +86,55 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, object_s
     return Cluster(ctx.dashboard_url, started_here=True)
 
 
+def check_feasible(cluster: Cluster, spec: Any, *, extra_cpus: float = 0, what: str | None = None) -> None:
+    """Raise :class:`InfeasibleJob` when the cluster can never give ``spec``'s workers (plus
+    ``extra_cpus`` for a process of their own, e.g. a sweep trial) their resources."""
+    total = cluster.resources()
+    r = spec.resources
+    need = {"CPU": r.num_workers * r.cpus_per_worker + extra_cpus, "GPU": r.num_workers * r.gpus_per_worker}
+    short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
+    if short:
+        detail = ", ".join(f"{v:g} {k} (the cluster has {have:g})" for k, (v, have) in short.items())
+        raise InfeasibleJob(
+            f"{what or f'job {spec.name!r}'} needs {detail}; lower resources.num_workers or its per-worker resources"
+        )
+
+
+def launch(cluster: Cluster, module_args: str, *, submission_id: str, resources: Any, env: dict[str, str],
+           metadata: dict[str, str] | None = None) -> None:
+    """Start ``python -m <module_args>`` as a Ray job with peftfleet's environment plus ``env``."""
+    full_env = {
+        **JOB_ENV, **env,
+        "PEFTFLEET_SUBMISSION_ID": submission_id,
+        "DS_ACCELERATOR": "cuda" if resources.gpus_per_worker else "cpu",
+        "OMP_NUM_THREADS": str(max(1, int(resources.cpus_per_worker))),
+        **{k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ},
+    }
+    local = cluster.started_here or cluster.address in (None, "auto")
+    python = os.environ.get("PEFTFLEET_RUNNER_PYTHON") or (sys.executable if local else "python")
+    cluster.jobs_client().submit_job(
+        entrypoint=f"{python} -m {module_args}", submission_id=submission_id, runtime_env={"env_vars": full_env},
+        entrypoint_num_cpus=0, metadata=metadata or {},
+    )
+
+
+def stop_and_wait(cluster: Cluster, submission_id: str, *, timeout: float = 120, poll_s: float = 0.5) -> bool:
+    """Stop a Ray job and wait until Ray reports it ended; False if it had not ended by ``timeout``."""
+    jobs_client = cluster.jobs_client()
+    jobs_client.stop_job(submission_id)
+    deadline = time.monotonic() + timeout
+    while str(jobs_client.get_job_status(submission_id)) not in RAY_TERMINAL:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def _dashboard_url() -> str:
     url = ray._private.worker.get_dashboard_url()
     if not url:
-        raise RuntimeError("this Ray cluster has no dashboard; peftfleet submits jobs through it (start Ray with include_dashboard=True)")
+        raise RuntimeError(
+            "this Ray cluster has no dashboard; peftfleet submits jobs through it (start Ray with "
+            "include_dashboard=True)"
+        )
     return url

@@ -15,8 +15,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from jobs.data import load_for_job
 from jobs.spec import load_job_spec
+from jobs.training.data import load_for_job
 from orchestrator.cli import render_table
 from orchestrator.client import Client
 
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"store {client.store.url}; Ray dashboard http://{client.cluster.dashboard_url}")
     handles = [client.submit(spec) for spec in specs]
     for spec, handle in zip(specs, handles):
-        print(f"submitted {spec.name}: job {handle.id[:12]} ({spec.method.method}, {spec.resources.num_workers} workers, ZeRO-{spec.deepspeed.zero_stage})")
+        print(
+            f"submitted {spec.name}: job {handle.id[:12]} ({spec.method.method}, {spec.resources.num_workers} "
+            f"workers, ZeRO-{spec.deepspeed.zero_stage})"
+        )
 
     results = []
     for spec, handle in zip(specs, handles):
@@ -52,8 +55,16 @@ def main(argv: list[str] | None = None) -> dict:
         job = handle.wait(progress=True)
         accuracy = handle.metrics("eval_accuracy")
         adapter = handle.adapter()
-        results.append({"job": job.id[:12], "name": job.name, "method": job.method, "state": job.state.value,
-                        "eval_accuracy": f"{accuracy[-1].value:.3f}" if accuracy else "-", "adapter": adapter.name if adapter else "-"})
+        results.append(
+            {
+                "job": job.id[:12],
+                "name": job.name,
+                "method": job.method,
+                "state": job.state.value,
+                "eval_accuracy": f"{accuracy[-1].value:.3f}" if accuracy else "-",
+                "adapter": adapter.name if adapter else "-",
+            }
+        )
         if job.error:
             print(f"{job.name} failed: {job.error}\n{handle.logs()[-3000:]}")
 
@@ -62,16 +73,38 @@ def main(argv: list[str] | None = None) -> dict:
     print(render_table(results, ["job", "name", "method", "state", "eval_accuracy", "adapter"]))
     adapters = [client.adapters.get(r["adapter"]) for r in results if r["adapter"] != "-"]
     print("\nadapter registry:")
-    print(render_table([{"adapter": a.name, "method": a.method, "base fingerprint": a.base_fingerprint, "params": f"{a.num_parameters:,}"} for a in adapters],
-                       ["adapter", "method", "base fingerprint", "params"]))
+    print(
+        render_table(
+            [
+                {
+                    "adapter": a.name,
+                    "method": a.method,
+                    "base fingerprint": a.base_fingerprint,
+                    "params": f"{a.num_parameters:,}",
+                }
+                for a in adapters
+            ],
+            ["adapter", "method", "base fingerprint", "params"],
+        )
+    )
     if len(adapters) == 2 and adapters[0].base_fingerprint == adapters[1].base_fingerprint:
         print(f"both adapters share one frozen base: {adapters[0].base_fingerprint}")
     answers = _serve_and_ask(client, adapters, args.port) if adapters else []
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
-    return {"results": results, "adapters": adapters, "majority": majority, "job_ids": [h.id for h in handles], "answers": answers}
+    return {
+        "results": results,
+        "adapters": adapters,
+        "majority": majority,
+        "job_ids": [h.id for h in handles],
+        "answers": answers,
+    }
 
 
-QUESTIONS = ["How far is it from Denver to Aspen?", "Who wrote the Declaration of Independence?", "What does NASA stand for?"]
+QUESTIONS = [
+    "How far is it from Denver to Aspen?",
+    "Who wrote the Declaration of Independence?",
+    "What does NASA stand for?",
+]
 
 
 def _serve_and_ask(client: Client, adapters, port: int) -> list[dict]:

@@ -18,13 +18,24 @@ from collections.abc import Callable
 
 from jobs.states import IllegalTransition, JobState
 from jobs.store import JobRecord, JobStore
+from orchestrator.cluster import RAY_LIVE, Cluster
 
 LIVE = (JobState.PENDING, JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.CANCELLING)
-RESUBMITTABLE = {JobState.RUNNING: JobState.RETRYING, JobState.QUEUED: JobState.PENDING, JobState.RETRYING: JobState.RETRYING}
+RESUBMITTABLE = {
+    JobState.RUNNING: JobState.RETRYING,
+    JobState.QUEUED: JobState.PENDING,
+    JobState.RETRYING: JobState.RETRYING,
+}
 
 
-def settle_orphans(store: JobStore, *, timeout_s: float, jobs_client=None, resubmit: Callable[[str], None] | None = None,
-                   max_attempts: int = 0) -> list[JobRecord]:
+def settle_orphans(
+    store: JobStore,
+    *,
+    timeout_s: float,
+    cluster: Cluster | None = None,
+    resubmit: Callable[[str], None] | None = None,
+    max_attempts: int = 0,
+) -> list[JobRecord]:
     settled = []
     now = time.time()
     for job in store.list_jobs(state=LIVE, limit=None):
@@ -34,14 +45,19 @@ def settle_orphans(store: JobStore, *, timeout_s: float, jobs_client=None, resub
         last_sign = job.heartbeat_at or job.updated_at
         if now - last_sign < timeout_s:
             continue
-        if jobs_client is not None and submission and _ray_says_alive(jobs_client, submission):
+        if cluster is not None and submission and cluster.ray_job_status(submission) in RAY_LIVE:
             continue
         reason = f"owner {job.owner or '(none)'} silent for {now - last_sign:.0f} s (timeout {timeout_s:.0f} s)"
         if resubmit is not None and job.attempt < max_attempts and job.state in RESUBMITTABLE:
             try:
                 back = RESUBMITTABLE[job.state]
                 if back is not job.state:
-                    store.transition(job.id, back, reason=f"{reason}; resubmitted (attempt {job.attempt + 1} of {max_attempts})", expected=[job.state])
+                    store.transition(
+                        job.id,
+                        back,
+                        reason=f"{reason}; resubmitted (attempt {job.attempt + 1} of {max_attempts})",
+                        expected=[job.state],
+                    )
                 resubmit(job.id)
                 settled.append(store.get(job.id))
             except IllegalTransition:
@@ -49,14 +65,16 @@ def settle_orphans(store: JobStore, *, timeout_s: float, jobs_client=None, resub
             continue
         to = JobState.CANCELLED if job.state is JobState.CANCELLING else JobState.FAILED
         try:
-            settled.append(store.transition(job.id, to, reason=reason, error=f"orphaned: {reason}" if to is JobState.FAILED else None, expected=[job.state]))
+            settled.append(
+                store.transition(
+                    job.id,
+                    to,
+                    reason=reason,
+                    error=f"orphaned: {reason}" if to is JobState.FAILED else None,
+                    expected=[job.state],
+                )
+            )
         except IllegalTransition:
             continue  # its owner or another reconciler got there first
     return settled
 
-
-def _ray_says_alive(jobs_client, submission: str) -> bool:
-    try:
-        return str(jobs_client.get_job_status(submission)) in ("PENDING", "RUNNING")
-    except Exception:  # noqa: BLE001 - unknown to this cluster: not alive here
-        return False

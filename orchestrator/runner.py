@@ -1,7 +1,8 @@
 """The process that owns one job on the cluster (a Ray job entrypoint): `python -m orchestrator.runner JOB_ID`.
 
-It moves the job to QUEUED, runs Ray Train's `TorchTrainer` over `jobs.recipe.train_worker`
-(which moves it to RUNNING once workers have their resources), heartbeats to the store while it
+It moves the job to QUEUED, runs Ray Train's `TorchTrainer` over
+`orchestrator.train_worker.train_loop_per_worker` (whose rank 0 moves it to RUNNING once workers
+have their resources, then runs the recipe), heartbeats to the store while it
 lives, and settles the job: SUCCEEDED, FAILED with the error and traceback, or CANCELLED when it
 was asked to stop. Configuration comes from the environment the client set (store, storage, home).
 """
@@ -48,15 +49,24 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
     threading.Thread(target=_heartbeat, args=(store, job_id, owner, stop), daemon=True).start()
     try:
         if store.get(job_id).state in (JobState.PENDING, JobState.RETRYING):
-            store.transition(job_id, JobState.QUEUED, owner=owner, reason=f"waiting for {spec.resources.num_workers} worker(s)")
+            store.transition(
+                job_id, JobState.QUEUED, owner=owner, reason=f"waiting for {spec.resources.num_workers} worker(s)"
+            )
         base = store.register_base_model(spec.base_model)
         shared = {
-            "job_id": job_id, "store_url": store.url, "storage_url": store.artifacts.url,
-            "home": str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME"), "base_fingerprint": base.fingerprint,
+            "job_id": job_id,
+            "store_url": store.url,
+            "storage_url": store.artifacts.url,
+            "home": str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME"),
+            "base_fingerprint": base.fingerprint,
         }
         if init_checkpoint:
             shared["init_checkpoint"] = init_checkpoint
-        outcome = _fit_subspace(spec, shared) if spec.kind == "ipt-subspace" else _train(job_id, job.spec, spec, shared, store)
+        outcome = (
+            _fit_subspace(spec, shared)
+            if spec.kind == "ipt-subspace"
+            else _train(job_id, job.spec, spec, shared, store)
+        )
         store.transition(job_id, JobState.SUCCEEDED, reason=outcome)
         return JobState.SUCCEEDED
     except (_Stopped, KeyboardInterrupt):
@@ -71,8 +81,14 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
                     "ended by the sweep's scheduler (trial paused or stopped)")
             raise
         cancelling = current.state is JobState.CANCELLING
-        _settle(store, job_id, JobState.CANCELLED if cancelling else JobState.FAILED, "stopped on request" if cancelling else "training failed",
-                error=f"{type(e).__name__}: {e}"[:20000], traceback=traceback.format_exc())
+        _settle(
+            store,
+            job_id,
+            JobState.CANCELLED if cancelling else JobState.FAILED,
+            "stopped on request" if cancelling else "training failed",
+            error=f"{type(e).__name__}: {e}"[:20000],
+            traceback=traceback.format_exc(),
+        )
         raise
     finally:
         stop.set()
@@ -83,11 +99,11 @@ def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.recipe import train_worker
+    from orchestrator.train_worker import checkpoint_root, run_name, train_loop_per_worker
 
     res, gpus = spec.resources, spec.resources.gpus_per_worker
     trainer = TorchTrainer(
-        train_worker,
+        train_loop_per_worker,
         train_loop_config={**shared, "spec": raw_spec},
         scaling_config=ScalingConfig(
             num_workers=res.num_workers, use_gpu=gpus > 0, placement_strategy=res.placement_strategy,
@@ -95,7 +111,7 @@ def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> 
         ),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         run_config=RunConfig(
-            name=f"peftfleet-{job_id}",
+            name=run_name(job_id),
             storage_path=checkpoint_root(store),
             failure_config=FailureConfig(max_failures=int(os.environ.get("PEFTFLEET_MAX_FAILURES", "0"))),
         ),
@@ -105,19 +121,16 @@ def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> 
     return f"adapter {adapters[0].name} registered" if adapters else "finished"
 
 
-def checkpoint_root(store: JobStore) -> str:
-    """Where Ray Train keeps jobs' checkpoints: ``<root>/peftfleet-<job id>/checkpoint_*``."""
-    return os.environ.get("PEFTFLEET_CHECKPOINT_URL") or os.path.join(store.artifacts.url, "checkpoints")
-
-
 def _fit_subspace(spec, shared: dict) -> str:
     """An ipt-subspace job: one Ray task with the job's resources."""
     import ray
 
-    from jobs.subspaces import fit_subspace_job
+    from jobs.training.subspaces import fit_subspace_job
 
     res = spec.resources
-    task = ray.remote(fit_subspace_job).options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_retries=0)
+    task = ray.remote(fit_subspace_job).options(
+        num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_retries=0
+    )
     return f"subspace {ray.get(task.remote(shared))} registered"
 
 

@@ -89,7 +89,12 @@ def store_url(tmp_path):
 
 @pytest.fixture
 def client(cluster, store_url, tmp_path):
-    c = Client(store_url=store_url, storage_url=str(tmp_path / "shared-artifacts"), home=tmp_path / "home", heartbeat_timeout_s=8)
+    c = Client(
+        store_url=store_url,
+        storage_url=str(tmp_path / "shared-artifacts"),
+        home=tmp_path / "home",
+        heartbeat_timeout_s=8,
+    )
     yield c
     for job in c.jobs.list(state=["PENDING", "QUEUED", "RUNNING", "RETRYING", "CANCELLING"]):
         c.cancel(job.id)

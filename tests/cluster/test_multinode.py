@@ -83,8 +83,24 @@ def test_peftfleet_run_owns_a_job_in_its_own_process_as_a_rayjob_entrypoint_does
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec("entrypoint")))
-    code = cli(["run", str(path), "--store-url", client.store.url, "--storage-url", client.store.artifacts.url, "--home", str(client.home)])
+    code = cli(
+        [
+            "run",
+            str(path),
+            "--store-url",
+            client.store.url,
+            "--storage-url",
+            client.store.artifacts.url,
+            "--home",
+            str(client.home),
+        ]
+    )
     out = capsys.readouterr().out
     [job] = client.jobs.list(name="entrypoint")
     assert code == 0 and job.state is JobState.SUCCEEDED and f"job {job.id[:12]} SUCCEEDED; adapter entrypoint-" in out
-    assert [e.to_state for e in client.store.events(job.id)] == [JobState.PENDING, JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
+    assert [e.to_state for e in client.store.events(job.id)] == [
+        JobState.PENDING,
+        JobState.QUEUED,
+        JobState.RUNNING,
+        JobState.SUCCEEDED,
+    ]

@@ -32,7 +32,11 @@ def _strict(schema):
     would silently prune them, hiding typos)."""
     if isinstance(schema, dict):
         schema = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         if schema.get("x-kubernetes-int-or-string"):
             schema.pop("type", None)
@@ -72,7 +76,9 @@ def validate(doc: dict) -> None:
                 module, _, attr = app["import_path"].partition(":")
                 assert (ROOT / (module.replace(".", "/") + ".py")).is_file() and attr, app["import_path"]
                 scaling = {"num_replicas", "autoscaling", "cpus_per_replica", "gpus_per_replica"}
-                ServeOptions(**{k: v for k, v in app["args"].items() if k not in scaling})  # unknown or missing fields raise
+                ServeOptions(
+                    **{k: v for k, v in app["args"].items() if k not in scaling}
+                )  # unknown or missing fields raise
     elif doc.get("kind") == "ConfigMap" and "job.yaml" in doc.get("data", {}):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         parse_job_spec(yaml.safe_load(doc["data"]["job.yaml"]))  # the RayJob's job spec is a valid JobSpec
@@ -100,7 +106,16 @@ def test_the_schemas_are_kuberays_own():
 
 def test_the_deploy_folder_has_what_a_cluster_needs():
     kinds = {(d["kind"], d["metadata"]["name"]) for p in MANIFESTS for d in documents(p)}
-    assert {k for k, _ in kinds} >= {"RayCluster", "RayJob", "RayService", "Deployment", "Service", "PersistentVolumeClaim", "Secret", "ConfigMap"}
+    assert {k for k, _ in kinds} >= {
+        "RayCluster",
+        "RayJob",
+        "RayService",
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "Secret",
+        "ConfigMap",
+    }
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
     assert base.startswith("rayproject/ray:2.60."), base  # the official image of the Ray we pin
@@ -110,7 +125,11 @@ def test_the_deploy_folder_has_what_a_cluster_needs():
 
 
 BROKEN = [
-    ("raycluster.yaml", lambda d: d["spec"]["headGroupSpec"].update(rayStartParam={"num-cpus": "0"}), "rayStartParam"),  # typo
+    (
+        "raycluster.yaml",
+        lambda d: d["spec"]["headGroupSpec"].update(rayStartParam={"num-cpus": "0"}),
+        "rayStartParam",
+    ),  # typo
     ("raycluster.yaml", lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas="eight"), "eight"),
     ("rayjob.yaml", lambda d: d["spec"].pop("entrypoint") and d["spec"].update(entrypoints="x"), "entrypoints"),
     ("rayservice.yaml", lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"].pop("template"), "template"),
@@ -122,7 +141,9 @@ BROKEN = [
 @pytest.mark.parametrize("name,breaks,word", BROKEN, ids=[f"{n}:{w}" for n, _, w in BROKEN])
 def test_a_broken_manifest_fails(name, breaks, word):
     docs = documents(DEPLOY / "kuberay" / name)
-    target = next(d for d in docs if d["kind"] in ("RayCluster", "RayJob", "RayService", "Deployment", "PersistentVolumeClaim"))
+    target = next(
+        d for d in docs if d["kind"] in ("RayCluster", "RayJob", "RayService", "Deployment", "PersistentVolumeClaim")
+    )
     broken = copy.deepcopy(target)
     breaks(broken)
     with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)) as err:

@@ -11,10 +11,11 @@ import pytest
 import ray
 import transformers
 
-from jobs.data import load_for_job
-from jobs.evaluation import evaluate_classifier
 from jobs.spec import JobSpecError
 from jobs.states import JobState
+from jobs.training.batches import Batches
+from jobs.training.data import load_for_job
+from jobs.training.recipe import evaluate
 from orchestrator import InfeasibleJob
 from tests.integration.conftest import CLUSTER_CPUS
 
@@ -27,7 +28,8 @@ def _reload_accuracy(client, job, tiny_bert_dir) -> float:
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(data.labels))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert_dir)
     model = client.adapters.load(client.adapters.list(job_id=job.id)[0].name, base)
-    return evaluate_classifier(model, tokenizer, data.eval, batch_size=spec.training.batch_size, max_length=spec.training.max_length)
+    batches = Batches(spec.task, tokenizer, spec.training.max_length)
+    return evaluate(model, batches, data.eval, batch_size=spec.training.batch_size)["eval_accuracy"]
 
 
 def test_every_zero_stage_trains_and_saves_a_reloadable_adapter(client, tiny_spec, tiny_bert_dir):
@@ -41,10 +43,14 @@ def test_every_zero_stage_trains_and_saves_a_reloadable_adapter(client, tiny_spe
         assert job.state is S.SUCCEEDED, f"ZeRO-{stage}: {job.error}\n{handle.logs()[-3000:]}"
         assert [e.to_state for e in client.store.events(job.id)] == [S.PENDING, S.QUEUED, S.RUNNING, S.SUCCEEDED]
         adapter = handle.adapter()
-        assert adapter is not None and adapter.num_parameters == 2 * 2 * 4 * (32 + 32) + 32 * 6 + 6  # q,v × 2 layers + head
+        assert (
+            adapter is not None and adapter.num_parameters == 2 * 2 * 4 * (32 + 32) + 32 * 6 + 6
+        )  # q,v × 2 layers + head
         recorded = handle.metrics("eval_accuracy")[-1].value
         reloaded = _reload_accuracy(client, job, tiny_bert_dir)
-        assert abs(reloaded - recorded) <= 1 / 128, f"ZeRO-{stage}: reloaded adapter scores {reloaded}, the job recorded {recorded}"
+        assert abs(reloaded - recorded) <= 1 / 128, (
+            f"ZeRO-{stage}: reloaded adapter scores {reloaded}, the job recorded {recorded}"
+        )
 
 
 def test_two_workers_follow_the_one_worker_loss_trajectory(client, tiny_spec):
@@ -105,8 +111,21 @@ def test_a_second_process_finds_and_waits_on_a_job(client, tiny_spec, tmp_path):
     waited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert waited.stdout.strip().splitlines()[-1] == "SUCCEEDED", waited.stderr[-3000:]
     status = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "status", handle.id, "--json", "--store-url", client.store.url, "--home", str(client.home)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "status",
+            handle.id,
+            "--json",
+            "--store-url",
+            client.store.url,
+            "--home",
+            str(client.home),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     info = json.loads(status.stdout)
     assert info["state"] == "SUCCEEDED" and info["adapter"] == f"shared-{handle.id[:8]}"

@@ -7,10 +7,11 @@ import pytest
 import transformers
 
 import peft_methods
-from jobs.data import load_for_job
-from jobs.evaluation import evaluate_classifier
 from jobs.spec import JobSpecError
 from jobs.states import JobState
+from jobs.training.batches import Batches
+from jobs.training.data import load_for_job
+from jobs.training.recipe import evaluate
 from orchestrator import Client
 
 METHODS = peft_methods.list_methods()
@@ -22,12 +23,17 @@ def submitted(ray_cluster, tiny_bert_dir, tmp_path_factory):
     client = Client(home=tmp_path_factory.mktemp("methods-home"))
     handles = {}
     for method in METHODS:
-        handles[method] = client.submit({
-            "name": f"m-{method.replace('_', '-')}", "base_model": str(tiny_bert_dir), "task": "sequence-classification",
-            "dataset": {"name": "trec", "train_size": 256}, "method": {"method": method},
-            "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 128, "max_length": 32},
-            "deepspeed": {"zero_stage": 2},
-        })
+        handles[method] = client.submit(
+            {
+                "name": f"m-{method.replace('_', '-')}",
+                "base_model": str(tiny_bert_dir),
+                "task": "sequence-classification",
+                "dataset": {"name": "trec", "train_size": 256},
+                "method": {"method": method},
+                "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 128, "max_length": 32},
+                "deepspeed": {"zero_stage": 2},
+            }
+        )
     yield client, handles
     for job in client.jobs.list(state=["PENDING", "QUEUED", "RUNNING", "RETRYING", "CANCELLING"]):
         client.cancel(job.id)
@@ -49,7 +55,7 @@ def _reloads_with_the_recorded_accuracy(client, handle, tiny_bert_dir):
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(data.labels))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert_dir)
     model = client.adapters.load(handle.adapter().name, base)
-    reloaded = evaluate_classifier(model, tokenizer, data.eval, batch_size=8, max_length=32)
+    reloaded = evaluate(model, Batches(spec.task, tokenizer, 32), data.eval, batch_size=8)["eval_accuracy"]
     recorded = handle.metrics("eval_accuracy")[-1].value
     assert abs(reloaded - recorded) <= 1 / 128, f"{spec.method.method}: reloaded {reloaded}, job recorded {recorded}"
 
@@ -63,12 +69,23 @@ def test_ipt_fits_a_subspace_on_registered_prompt_adapters_then_trains_only_z_in
         client.submit({**_tiny(base, "ipt-early"), "method": {"method": "ipt", "subspace": "nope"}})
     assert client.store.count_jobs() == job_count  # refused before anything was stored
 
-    second = client.submit({**_tiny(base, "pt-second", seed=1), "method": {"method": "prompt_tuning"}, "task_name": "trec-b"})
+    second = client.submit(
+        {**_tiny(base, "pt-second", seed=1), "method": {"method": "prompt_tuning"}, "task_name": "trec-b"}
+    )
     sources = [handles["prompt_tuning"], second]
     for h in sources:
         assert h.wait(timeout=900, progress=False).state is JobState.SUCCEEDED, h.logs()[-3000:]
 
-    fit = client.submit({"kind": "ipt-subspace", "name": "trec-sub", "base_model": base, "intrinsic_dim": 4, "inner_dim": 32, "steps": 200})
+    fit = client.submit(
+        {
+            "kind": "ipt-subspace",
+            "name": "trec-sub",
+            "base_model": base,
+            "intrinsic_dim": 4,
+            "inner_dim": 32,
+            "steps": 200,
+        }
+    )
     job = fit.wait(timeout=600, progress=False)
     assert job.state is JobState.SUCCEEDED, f"{job.error}\n{fit.logs()[-3000:]}"
     subspace = fit.subspace()
@@ -88,5 +105,10 @@ def test_ipt_fits_a_subspace_on_registered_prompt_adapters_then_trains_only_z_in
 
 
 def _tiny(base: str, name: str, seed: int = 0) -> dict:
-    return {"name": name, "base_model": base, "task": "sequence-classification", "dataset": {"name": "trec", "train_size": 256},
-            "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 128, "max_length": 32, "seed": seed}}
+    return {
+        "name": name,
+        "base_model": base,
+        "task": "sequence-classification",
+        "dataset": {"name": "trec", "train_size": 256},
+        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 128, "max_length": 32, "seed": seed},
+    }

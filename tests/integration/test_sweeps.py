@@ -19,19 +19,25 @@ GOOD, BAD = 0.05, 1e-7  # a learning rate that learns in a few steps, and one th
 
 
 def _spec(tiny_spec):
-    return tiny_spec(training={"eval_every_steps": 8, "epochs": 1}, resources={"num_workers": 1, "cpus_per_worker": 0.9})
+    return tiny_spec(
+        training={"eval_every_steps": 8, "epochs": 1}, resources={"num_workers": 1, "cpus_per_worker": 0.9}
+    )
 
 
 def _seed_with(order: list[float], space: dict, base: dict, n: int) -> int:
     """A seed whose first draws come in ``order`` (so the test knows which trial runs first)."""
     for seed in range(500):
-        drawn = draw(parse_sweep_spec({"name": "probe", "spec": base, "search_space": space, "num_samples": n, "seed": seed}))
+        drawn = draw(
+            parse_sweep_spec({"name": "probe", "spec": base, "search_space": space, "num_samples": n, "seed": seed})
+        )
         if [d["training.lr"] for d in drawn[: len(order)]] == order:
             return seed
     raise AssertionError("no seed gives that order")
 
 
-def test_asha_sweep_records_every_trial_stops_weak_ones_and_promotes_the_best(client, tiny_spec, tiny_bert_dir, tmp_path, capsys):
+def test_asha_sweep_records_every_trial_stops_weak_ones_and_promotes_the_best(
+    client, tiny_spec, tiny_bert_dir, tmp_path, capsys
+):
     base = _spec(tiny_spec)
     space = {"training.lr": {"choice": [GOOD, BAD]}}
     seed = _seed_with([GOOD, BAD, BAD], space, base, 3)
@@ -101,8 +107,18 @@ def test_a_sweep_whose_driver_died_resumes_keeping_finished_trials(client, tiny_
 
 def test_pbt_continues_weak_trials_from_strong_ones_checkpoints(client, tiny_spec):
     space = {"training.lr": {"loguniform": [1e-6, 0.05]}}
-    sweep = client.tune(_spec(tiny_spec), search_space=space, metric="eval_loss", mode="min", num_samples=4, scheduler="pbt",
-                        max_concurrent=2, seed=1, name="pbt-sweep", scheduler_options={"perturbation_interval": 1})
+    sweep = client.tune(
+        _spec(tiny_spec),
+        search_space=space,
+        metric="eval_loss",
+        mode="min",
+        num_samples=4,
+        scheduler="pbt",
+        max_concurrent=2,
+        seed=1,
+        name="pbt-sweep",
+        scheduler_options={"perturbation_interval": 1},
+    )
     record = sweep.wait(timeout=900)
     trials = sweep.trials()
     assert record.state == "SUCCEEDED", (record.error, trials)

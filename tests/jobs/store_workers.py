@@ -16,11 +16,15 @@ def run_together(target, barrier, results, index: int, *args) -> None:
     results.put((index, target(*args, barrier=barrier)))
 
 
-def submit_many(url: str, home: str, worker: int, per_worker: int, overlap: int, workers: int, *, barrier) -> list[tuple[str, str]]:
+def submit_many(
+    url: str, home: str, worker: int, per_worker: int, overlap: int, workers: int, *, barrier
+) -> list[tuple[str, str]]:
     """Submit this worker's keys plus ``overlap`` keys of the next worker, in a shuffled order."""
     store = JobStore(url, home=home)
     nxt = (worker + 1) % workers
-    keys = [f"k{worker * per_worker + j}" for j in range(per_worker)] + [f"k{nxt * per_worker + j}" for j in range(overlap)]
+    keys = [f"k{worker * per_worker + j}" for j in range(per_worker)] + [
+        f"k{nxt * per_worker + j}" for j in range(overlap)
+    ]
     random.Random(worker).shuffle(keys)
     barrier.wait(timeout=300)
     out = [(key, store.submit(minilm_spec(name=f"job-{key}"), idempotency_key=key).id) for key in keys]
@@ -44,7 +48,13 @@ def register_forever(url: str, home: str, storage: str, folder: str, fingerprint
     """Register copies of one adapter until killed; prints each name once it is recorded."""
     store = JobStore(url, home=home, storage_url=storage)
     for i in range(10_000):
-        store.adapters.register(folder, name=f"crash-{os.getpid()}-{i}", base_fingerprint=fingerprint, task="sequence-classification", task_name="t")
+        store.adapters.register(
+            folder,
+            name=f"crash-{os.getpid()}-{i}",
+            base_fingerprint=fingerprint,
+            task="sequence-classification",
+            task_name="t",
+        )
         print(f"registered crash-{os.getpid()}-{i}", flush=True)
 
 

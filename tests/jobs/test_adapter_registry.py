@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 import peft_methods
-from jobs.adapter_registry import AdapterExists, AdapterNotFound, AdapterPromoted
 from jobs.store import JobStore
+from jobs.store.adapter_registry import AdapterExists, AdapterNotFound, AdapterPromoted
 from peft_methods import AdapterIntegrityError, BaseModelMismatch
 from tests.conftest import TINY_BERT, randomize_adapter, tiny_bert
 from tests.jobs.conftest import minilm_spec
@@ -33,7 +33,10 @@ def save_base(folder, seed: int):
 def bases(store, tmp_path):
     """Two registered tiny bases that differ only in their random weights."""
     a, b = save_base(tmp_path / "base-a", 1), save_base(tmp_path / "base-b", 2)
-    return {"a": (a, store.register_base_model(str(a)).fingerprint), "b": (b, store.register_base_model(str(b)).fingerprint)}
+    return {
+        "a": (a, store.register_base_model(str(a)).fingerprint),
+        "b": (b, store.register_base_model(str(b)).fingerprint),
+    }
 
 
 def load_base(folder):
@@ -52,13 +55,31 @@ def make_adapter(tmp_path, base, method: str = "lora", seed: int = 0):
 
 def register(store, tmp_path, base, name, *, method="lora", task_name="trec", tags=(), job_id=None, seed=0):
     folder, _ = make_adapter(tmp_path, base, method, seed)
-    return store.adapters.register(folder, name=name, base_fingerprint=base[1], task="sequence-classification", task_name=task_name, tags=tags, job_id=job_id, metrics={"eval_accuracy": 0.5})
+    return store.adapters.register(
+        folder,
+        name=name,
+        base_fingerprint=base[1],
+        task="sequence-classification",
+        task_name=task_name,
+        tags=tags,
+        job_id=job_id,
+        metrics={"eval_accuracy": 0.5},
+    )
 
 
 def test_register_records_lineage_hashes_and_size(store, bases, tmp_path):
     job = store.submit(minilm_spec())
     folder, _ = make_adapter(tmp_path, bases["a"])
-    record = store.adapters.register(folder, name="trec-lora-1", base_fingerprint=bases["a"][1], task="sequence-classification", task_name="trec", job_id=job.id, metrics={"eval_accuracy": 0.88}, tags=["demo"])
+    record = store.adapters.register(
+        folder,
+        name="trec-lora-1",
+        base_fingerprint=bases["a"][1],
+        task="sequence-classification",
+        task_name="trec",
+        job_id=job.id,
+        metrics={"eval_accuracy": 0.88},
+        tags=["demo"],
+    )
     manifest = json.loads((folder / "peftfleet.json").read_text())
     assert (record.job_id, record.method, record.task_name, record.tags) == (job.id, "lora", "trec", ("demo",))
     assert record.files == manifest["files"] and record.num_parameters == manifest["num_parameters"]
@@ -114,7 +135,9 @@ def test_delete_is_refused_while_promoted_unless_forced(store, bases, tmp_path):
 def test_adapter_names_are_validated_before_anything_is_written(store, bases, tmp_path, bad):
     folder, _ = make_adapter(tmp_path, bases["a"])
     with pytest.raises(ValueError, match="adapter name"):
-        store.adapters.register(folder, name=bad, base_fingerprint=bases["a"][1], task="sequence-classification", task_name="t")
+        store.adapters.register(
+            folder, name=bad, base_fingerprint=bases["a"][1], task="sequence-classification", task_name="t"
+        )
     assert list((tmp_path / "artifacts").glob("adapters/*")) == []
 
 
@@ -127,7 +150,9 @@ def test_a_duplicate_name_is_refused_and_leaves_no_files(store, bases, tmp_path)
 
 def test_load_reproduces_outputs_and_refuses_another_base(store, bases, tmp_path):
     folder, trained = make_adapter(tmp_path, bases["a"])
-    store.adapters.register(folder, name="a-adapter", base_fingerprint=bases["a"][1], task="sequence-classification", task_name="t")
+    store.adapters.register(
+        folder, name="a-adapter", base_fingerprint=bases["a"][1], task="sequence-classification", task_name="t"
+    )
     batch = {k: v for k, v in TINY_BERT.batch().items() if k != "labels"}
     with torch.no_grad():
         expected = trained(**batch).logits
@@ -141,7 +166,9 @@ def test_load_reproduces_outputs_and_refuses_another_base(store, bases, tmp_path
 def test_registering_against_the_wrong_base_is_refused(store, bases, tmp_path):
     folder, _ = make_adapter(tmp_path, bases["a"])
     with pytest.raises(BaseModelMismatch, match="records base"):
-        store.adapters.register(folder, name="liar", base_fingerprint=bases["b"][1], task="sequence-classification", task_name="t")
+        store.adapters.register(
+            folder, name="liar", base_fingerprint=bases["b"][1], task="sequence-classification", task_name="t"
+        )
 
 
 def test_a_tampered_artifact_is_refused_on_load(store, bases, tmp_path):
@@ -159,13 +186,17 @@ def test_fsspec_storage_uploads_manifest_last_and_downloads_verified(bases, tmp_
     store = JobStore(store_url, home=tmp_path / "home2", storage_url=storage)
     store.register_base_model(str(bases["a"][0]))
     folder, trained = make_adapter(tmp_path, bases["a"])
-    record = store.adapters.register(folder, name="remote", base_fingerprint=bases["a"][1], task="sequence-classification", task_name="t")
+    record = store.adapters.register(
+        folder, name="remote", base_fingerprint=bases["a"][1], task="sequence-classification", task_name="t"
+    )
     assert record.uri.startswith("memory://")
     local = store.adapters.local_folder("remote")
     assert local.is_relative_to(tmp_path / "home2")
     batch = {k: v for k, v in TINY_BERT.batch().items() if k != "labels"}
     with torch.no_grad():
-        assert torch.equal(store.adapters.load("remote", load_base(bases["a"][0]))(**batch).logits, trained(**batch).logits)
+        assert torch.equal(
+            store.adapters.load("remote", load_base(bases["a"][0]))(**batch).logits, trained(**batch).logits
+        )
 
     store.artifacts.fs.rm(store.artifacts.fs._strip_protocol(record.uri) + "/peftfleet.json")  # an upload cut short
     shutil.rmtree(local)
@@ -200,7 +231,7 @@ def test_a_writer_killed_mid_write_leaves_no_record_pointing_at_a_missing_file(t
         registered += 1
 
     reopened = JobStore(url, home=home, storage_url=storage)
-    with reopened.engine.connect() as conn:
+    with reopened.db.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
     records = reopened.adapters.list()
     assert len(records) >= registered

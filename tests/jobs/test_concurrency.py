@@ -15,7 +15,10 @@ def run_processes(target, arg_lists: list[tuple]) -> list:
     """One real process per argument tuple, released together by a barrier; their return values."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(len(arg_lists)), ctx.Queue()
-    procs = [ctx.Process(target=store_workers.run_together, args=(target, barrier, results, i, *args)) for i, args in enumerate(arg_lists)]
+    procs = [
+        ctx.Process(target=store_workers.run_together, args=(target, barrier, results, i, *args))
+        for i, args in enumerate(arg_lists)
+    ]
     for p in procs:
         p.start()
     out = dict(results.get(timeout=600) for _ in procs)
@@ -27,7 +30,8 @@ def run_processes(target, arg_lists: list[tuple]) -> list:
 
 def test_8_processes_x_50_submissions_give_exactly_400_jobs(store, store_url, tmp_path):
     results = run_processes(
-        store_workers.submit_many, [(store_url, str(tmp_path / "home"), w, PER_WORKER, OVERLAP, WORKERS) for w in range(WORKERS)]
+        store_workers.submit_many,
+        [(store_url, str(tmp_path / "home"), w, PER_WORKER, OVERLAP, WORKERS) for w in range(WORKERS)],
     )
 
     ids_by_key: dict[str, set[str]] = {}
@@ -51,4 +55,7 @@ def test_racing_processes_settle_a_job_exactly_once(store, store_url, tmp_path):
     assert sum(won) == 1, f"{sum(won)} processes moved the job out of RUNNING"
     winner = targets[won.index(True)]
     assert store.get(job.id).state.value == winner
-    assert [(e.from_state, e.to_state) for e in store.events(job.id)][1:] == [(JobState.PENDING, JobState.RUNNING), (JobState.RUNNING, JobState(winner))]
+    assert [(e.from_state, e.to_state) for e in store.events(job.id)][1:] == [
+        (JobState.PENDING, JobState.RUNNING),
+        (JobState.RUNNING, JobState(winner)),
+    ]

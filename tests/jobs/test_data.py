@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import data
+from jobs.training import data
 
 
 def test_trec_has_six_coarse_labels_and_every_unique_question():

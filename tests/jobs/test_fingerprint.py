@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from jobs import fingerprint
+from jobs.store import fingerprint
 from tests.conftest import tiny_bert
 
 

@@ -56,7 +56,11 @@ def problems(data) -> dict[str, str]:
         ({"training": {"eval_fraction": 1.5}}, "training.eval_fraction", "less than 1"),
         ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage", "Input should be 0, 1, 2 or 3"),
         ({"deepspeed": {"precision": "bf16"}}, "deepspeed.precision", "needs GPUs"),
-        ({"deepspeed": {"offload_params": True, "zero_stage": 2}, "resources": {"gpus_per_worker": 1}}, "deepspeed.offload_params", "zero_stage 3"),
+        (
+            {"deepspeed": {"offload_params": True, "zero_stage": 2}, "resources": {"gpus_per_worker": 1}},
+            "deepspeed.offload_params",
+            "zero_stage 3",
+        ),
         ({"deepspeed": {"zero_stage": 3, "offload_params": True}}, "deepspeed", "nothing to offload"),
         ({"resources": {"num_workers": 0}}, "resources.num_workers", "greater than or equal to 1"),
         ({"tags": ["a b"]}, "tags", "may hold only"),
@@ -76,12 +80,20 @@ def test_several_bad_fields_are_all_reported():
 
 def test_local_csv_and_jsonl_with_column_mapping(tmp_path):
     (tmp_path / "d.csv").write_text("question,kind\nwhat is x ?,DESC\n")
-    spec = parse_job_spec(minilm_spec(dataset={"path": str(tmp_path / "d.csv"), "text_column": "question", "label_column": "kind"}))
+    spec = parse_job_spec(
+        minilm_spec(dataset={"path": str(tmp_path / "d.csv"), "text_column": "question", "label_column": "kind"})
+    )
     assert spec.effective_task_name == "d"
     (tmp_path / "d.jsonl").write_text('{"q": "hi", "a": "hello"}\n')
-    found = problems(minilm_spec(task="causal-lm", base_model="smollm2", dataset={"path": str(tmp_path / "d.jsonl"), "prompt_column": "q"}))
+    found = problems(
+        minilm_spec(
+            task="causal-lm", base_model="smollm2", dataset={"path": str(tmp_path / "d.jsonl"), "prompt_column": "q"}
+        )
+    )
     assert "no column(s) ['response']" in found["dataset.path"]
-    assert "is not valid YAML" in str(pytest.raises(JobSpecError, load_job_spec, _write(tmp_path / "bad.yaml", "name: [")).value)
+    assert "is not valid YAML" in str(
+        pytest.raises(JobSpecError, load_job_spec, _write(tmp_path / "bad.yaml", "name: [")).value
+    )
 
 
 def _write(path, text):
@@ -95,9 +107,25 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=8,
 )
-FIELDS = ["name", "base_model", "task", "dataset", "method", "training", "deepspeed", "resources", "tags", "task_name", "idempotency_key"]
+FIELDS = [
+    "name",
+    "base_model",
+    "task",
+    "dataset",
+    "method",
+    "training",
+    "deepspeed",
+    "resources",
+    "tags",
+    "task_name",
+    "idempotency_key",
+]
 mutations = st.dictionaries(st.sampled_from(FIELDS + ["extra"]), json_values, max_size=4)
-method_mutations = st.dictionaries(st.sampled_from(["method", "r", "alpha", "dropout", "target_modules", "modules_to_save", "add_missing_biases"]), json_values, max_size=3)
+method_mutations = st.dictionaries(
+    st.sampled_from(["method", "r", "alpha", "dropout", "target_modules", "modules_to_save", "add_missing_biases"]),
+    json_values,
+    max_size=3,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -7,8 +7,8 @@ from sqlalchemy import text
 
 from jobs.spec import JobSpecError
 from jobs.states import JobState
-from jobs.schema import SCHEMA_VERSION
 from jobs.store import IdempotencyConflict, JobNotFound, JobStore, StoreVersionError
+from jobs.store.schema import SCHEMA_VERSION
 from tests.jobs.conftest import minilm_spec
 
 
@@ -75,7 +75,7 @@ def test_heartbeat_only_counts_while_the_job_is_live(store):
 def test_a_store_written_by_a_newer_version_is_refused(store_url, tmp_path):
     store = JobStore(store_url, home=tmp_path)
     assert store.schema_version() == SCHEMA_VERSION
-    with store.engine.begin() as conn:
+    with store.db.engine.begin() as conn:
         conn.execute(text("UPDATE peftfleet_schema SET version = 99"))
     store.close()
     with pytest.raises(StoreVersionError, match="schema version 99, written by a newer peftfleet"):
@@ -85,7 +85,7 @@ def test_a_store_written_by_a_newer_version_is_refused(store_url, tmp_path):
 def test_a_version_1_store_is_migrated_in_place_keeping_its_jobs(store_url, tmp_path):
     store = JobStore(store_url, home=tmp_path)
     job = store.submit(minilm_spec())
-    with store.engine.begin() as conn:  # what peftfleet 1 left: no subspaces table
+    with store.db.engine.begin() as conn:  # what peftfleet 1 left: no subspaces table
         conn.execute(text("DROP TABLE subspaces"))
         conn.execute(text("UPDATE peftfleet_schema SET version = 1"))
     store.close()
@@ -100,7 +100,7 @@ def test_default_store_is_sqlite_in_wal_mode_under_peftfleet_home(tmp_path, monk
     monkeypatch.delenv("PEFTFLEET_STORE_URL", raising=False)
     store = JobStore()
     assert store.url == f"sqlite:///{tmp_path / 'ph' / 'peftfleet.db'}"
-    with store.engine.connect() as conn:
+    with store.db.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     assert store.artifacts.root == str(tmp_path / "ph" / "artifacts")

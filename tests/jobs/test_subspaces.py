@@ -8,29 +8,53 @@ import torch
 
 from jobs.spec import JobSpecError, SubspaceSpec, parse_job_spec
 from jobs.states import JobState
-from jobs.subspace_registry import SubspaceNotFound
-from jobs.subspaces import check_references, fit_subspace_job, resolve_method_config, select_sources
+from jobs.store.subspace_registry import SubspaceNotFound
+from jobs.training.subspaces import check_references, fit_subspace_job, resolve_method_config, select_sources
 from peft_methods import AdapterIntegrityError, BaseModelMismatch
 from peft_methods.ipt import SUBSPACE_TENSORS, load_subspace
 from tests.jobs.test_adapter_registry import bases, register  # noqa: F401 - fixture
 
 
 def subspace_spec(base_folder, **overrides) -> dict:
-    spec = {"kind": "ipt-subspace", "name": "subspace", "base_model": str(base_folder), "intrinsic_dim": 2, "inner_dim": 8, "steps": 300, "lr": 1e-2}
+    spec = {
+        "kind": "ipt-subspace",
+        "name": "subspace",
+        "base_model": str(base_folder),
+        "intrinsic_dim": 2,
+        "inner_dim": 8,
+        "steps": 300,
+        "lr": 1e-2,
+    }
     spec.update(overrides)
     return spec
 
 
 def ipt_spec(base_folder, subspace: str) -> dict:
-    return {"name": "ipt", "base_model": str(base_folder), "task": "sequence-classification", "dataset": {"name": "trec"},
-            "method": {"method": "ipt", "subspace": subspace}}
+    return {
+        "name": "ipt",
+        "base_model": str(base_folder),
+        "task": "sequence-classification",
+        "dataset": {"name": "trec"},
+        "method": {"method": "ipt", "subspace": subspace},
+    }
 
 
 @pytest.fixture
 def prompts(store, bases, tmp_path):  # noqa: F811
     """Three prompt-tuning adapters on base a (two tasks), one on base b, one LoRA on base a."""
-    made = [register(store, tmp_path, bases["a"], f"pt-{i}", method="prompt_tuning", task_name=t, tags=("src",) if i else (), seed=i)
-            for i, t in enumerate(["trec", "trec", "sentiment"])]
+    made = [
+        register(
+            store,
+            tmp_path,
+            bases["a"],
+            f"pt-{i}",
+            method="prompt_tuning",
+            task_name=t,
+            tags=("src",) if i else (),
+            seed=i,
+        )
+        for i, t in enumerate(["trec", "trec", "sentiment"])
+    ]
     register(store, tmp_path, bases["b"], "pt-other-base", method="prompt_tuning")
     register(store, tmp_path, bases["a"], "lora-a", method="lora")
     return made
@@ -46,22 +70,38 @@ def fit(store, bases, spec):  # noqa: F811
 
 def test_subspace_specs_are_validated_like_job_specs(tmp_path):
     spec = parse_job_spec(subspace_spec(tmp_path, base_model="minilm"))
-    assert isinstance(spec, SubspaceSpec) and spec.method_name == "ipt-subspace" and spec.effective_task_name == "subspace"
-    for bad, path in [({"kind": "nonsense"}, "kind"), ({"intrinsic_dim": 0}, "intrinsic_dim"),
-                      ({"resources": {"num_workers": 2}}, "resources"), ({"sources": {"adapters": ["one"]}}, "sources.adapters"),
-                      ({"task": "causal-lm"}, "task")]:
+    assert (
+        isinstance(spec, SubspaceSpec) and spec.method_name == "ipt-subspace" and spec.effective_task_name == "subspace"
+    )
+    for bad, path in [
+        ({"kind": "nonsense"}, "kind"),
+        ({"intrinsic_dim": 0}, "intrinsic_dim"),
+        ({"resources": {"num_workers": 2}}, "resources"),
+        ({"sources": {"adapters": ["one"]}}, "sources.adapters"),
+        ({"task": "causal-lm"}, "task"),
+    ]:
         with pytest.raises(JobSpecError) as err:
             parse_job_spec(subspace_spec(tmp_path, base_model="minilm", **bad))
         assert err.value.problems[0][0] == path, err.value.problems
     with pytest.raises(JobSpecError, match="method.decoded"):  # the load form of a trained adapter
-        parse_job_spec({**ipt_spec("minilm", "x"), "method": {"method": "ipt", "decoded": True, "intrinsic_dim": 2, "num_virtual_tokens": 2}})
+        parse_job_spec(
+            {
+                **ipt_spec("minilm", "x"),
+                "method": {"method": "ipt", "decoded": True, "intrinsic_dim": 2, "num_virtual_tokens": 2},
+            }
+        )
 
 
 def test_sources_are_the_prompt_adapters_of_the_base_filtered(store, bases, prompts):  # noqa: F811
     spec = parse_job_spec(subspace_spec(bases["a"][0]))
     fingerprint = bases["a"][1]
     assert [a.name for a in select_sources(store, spec.sources, fingerprint)] == ["pt-0", "pt-1", "pt-2"]
-    by = lambda **s: [a.name for a in select_sources(store, parse_job_spec(subspace_spec(bases["a"][0], sources=s)).sources, fingerprint)]  # noqa: E731
+
+    def by(**sources):
+        spec = parse_job_spec(subspace_spec(bases["a"][0], sources=sources))
+        chosen = select_sources(store, spec.sources, fingerprint)
+        return [a.name for a in chosen]
+
     assert by(task_names=["trec"]) == ["pt-0", "pt-1"]
     assert by(tag="src") == ["pt-1", "pt-2"]
     assert by(adapters=["pt-2", "pt-0"]) == ["pt-0", "pt-2"]

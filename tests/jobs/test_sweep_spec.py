@@ -41,17 +41,24 @@ def test_draws_are_reproducible_within_bounds_and_resolve_nested_choices():
     assert job.training.lr == first[0]["training.lr"]
 
 
-@pytest.mark.parametrize("space,where,message", [
-    ({"training.lr": {"loguniform": [0, 1e-2]}}, "search_space.training.lr", "low > 0"),
-    ({"training.lr": {"uniform": [0.1, 0.01]}}, "search_space.training.lr", "low < high"),
-    ({"training.batch_size": {"randint": [1.5, 4]}}, "search_space.training.batch_size", "integers"),
-    ({"training.batch_size": {"choice": []}}, "search_space.training.batch_size", "non-empty"),
-    ({"training.lr": {"uniform": [0.5, 1.000001]}}, "search_space (training.lr = high): training.lr", "less than or equal to 1"),  # only the bound is bad
-    ({"method.r": {"choice": [4, 8]}}, "", "r"),  # fine for LoRA (the spec's method): accepted below
-    ({"method": {"choice": [{"method": "bitfit", "r": 4}]}}, "search_space (", "Extra inputs are not permitted"),
-    ({"training.nonsense": {"choice": [1, 2]}}, "training.nonsense", "Extra inputs are not permitted"),
-    ({"name.part": {"choice": [1]}}, "search_space.name.part", "not a mapping"),
-])
+@pytest.mark.parametrize(
+    "space,where,message",
+    [
+        ({"training.lr": {"loguniform": [0, 1e-2]}}, "search_space.training.lr", "low > 0"),
+        ({"training.lr": {"uniform": [0.1, 0.01]}}, "search_space.training.lr", "low < high"),
+        ({"training.batch_size": {"randint": [1.5, 4]}}, "search_space.training.batch_size", "integers"),
+        ({"training.batch_size": {"choice": []}}, "search_space.training.batch_size", "non-empty"),
+        (
+            {"training.lr": {"uniform": [0.5, 1.000001]}},
+            "search_space (training.lr = high): training.lr",
+            "less than or equal to 1",
+        ),  # only the bound is bad
+        ({"method.r": {"choice": [4, 8]}}, "", "r"),  # fine for LoRA (the spec's method): accepted below
+        ({"method": {"choice": [{"method": "bitfit", "r": 4}]}}, "search_space (", "Extra inputs are not permitted"),
+        ({"training.nonsense": {"choice": [1, 2]}}, "training.nonsense", "Extra inputs are not permitted"),
+        ({"name.part": {"choice": [1]}}, "search_space.name.part", "not a mapping"),
+    ],
+)
 def test_a_bad_search_space_is_refused_naming_where(space, where, message):
     if space == {"method.r": {"choice": [4, 8]}}:
         parse_sweep_spec(sweep(search_space=space))
@@ -66,8 +73,13 @@ def test_a_bad_search_space_is_refused_naming_where(space, where, message):
 
 
 def test_sweep_level_fields_are_checked():
-    for bad, field in [({"mode": "maximise"}, "mode"), ({"num_samples": 0}, "num_samples"), ({"name": "a/b"}, "name"),
-                       ({"scheduler_options": {"patience": 3}}, "scheduler_options"), ({"search_space": {}}, "search_space")]:
+    for bad, field in [
+        ({"mode": "maximise"}, "mode"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"name": "a/b"}, "name"),
+        ({"scheduler_options": {"patience": 3}}, "scheduler_options"),
+        ({"search_space": {}}, "search_space"),
+    ]:
         with pytest.raises(JobSpecError) as err:
             parse_sweep_spec(sweep(**bad))
         assert err.value.problems[0][0] == field

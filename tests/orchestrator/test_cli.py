@@ -11,8 +11,9 @@ from jobs.states import JobState
 from jobs.store import JobStore
 from orchestrator.cli import main
 from tests.conftest import TINY_BERT
+from tests.jobs.conftest import minilm_spec
 
-SPEC = {"name": "cli-job", "base_model": "minilm", "task": "sequence-classification", "dataset": {"name": "trec"}, "method": {"method": "bitfit"}}
+SPEC = minilm_spec(name="cli-job", method={"method": "bitfit"})
 
 
 @pytest.fixture
@@ -53,7 +54,14 @@ def test_adapters_json_includes_the_base_fingerprint(store, capsys, tmp_path):
     fingerprint = store.register_base_model(str(base)).fingerprint
     model = peft_methods.apply(TINY_BERT.fresh(), {"method": "lora"})
     folder = peft_methods.save_adapter(model, tmp_path / "a", metadata={"base_fingerprint": fingerprint})
-    store.adapters.register(folder, name="cli-adapter", base_fingerprint=fingerprint, task="sequence-classification", task_name="t", tags=["x"])
+    store.adapters.register(
+        folder,
+        name="cli-adapter",
+        base_fingerprint=fingerprint,
+        task="sequence-classification",
+        task_name="t",
+        tags=["x"],
+    )
     code, out, _ = run(store, capsys, "adapters", "--json", "--tag", "x")
     [adapter] = json.loads(out)
     assert adapter["name"] == "cli-adapter" and adapter["base_fingerprint"] == fingerprint
@@ -63,7 +71,10 @@ def test_adapters_json_includes_the_base_fingerprint(store, capsys, tmp_path):
 
 def test_a_bad_spec_file_names_the_field_and_exits_2_before_touching_ray(store, capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nbase_model: minilm\ntask: sequence-classification\ndataset: {name: trec}\nmethod: {method: lora, r: 0}\n")
+    bad.write_text(
+        "name: x\nbase_model: minilm\ntask: sequence-classification\ndataset: {name: trec}\nmethod: {method: lora, "
+        "r: 0}\n"
+    )
     code, out, err = run(store, capsys, "submit", str(bad))
     assert code == 2 and "method.r: Input should be greater than 0" in err
     code, _, err = run(store, capsys, "submit", str(tmp_path / "missing.yaml"))
@@ -81,8 +92,16 @@ def test_subspaces_lists_each_subspace_with_its_sources(store, capsys, tmp_path)
     fingerprint = store.register_base_model(str(base)).fingerprint
     prompts = torch.randn(3, 2, 32)
     tensors, init, stats = fit_subspace(prompts, intrinsic_dim=2, inner_dim=4, steps=5, lr=1e-2, seed=0)
-    folder = save_subspace(tmp_path / "s", tensors, init, num_virtual_tokens=2, hidden_size=32, metadata={"base_fingerprint": fingerprint})
-    store.subspaces.register(folder, name="cli-subspace", base_fingerprint=fingerprint, sources=[{"name": "pt-a"}, {"name": "pt-b"}], metrics=stats)
+    folder = save_subspace(
+        tmp_path / "s", tensors, init, num_virtual_tokens=2, hidden_size=32, metadata={"base_fingerprint": fingerprint}
+    )
+    store.subspaces.register(
+        folder,
+        name="cli-subspace",
+        base_fingerprint=fingerprint,
+        sources=[{"name": "pt-a"}, {"name": "pt-b"}],
+        metrics=stats,
+    )
     code, out, _ = run(store, capsys, "subspaces", "--base", str(base))
     assert code == 0 and "cli-subspace" in out and "pt-a, pt-b" in out
     code, out, _ = run(store, capsys, "subspaces", "--json")
@@ -106,7 +125,9 @@ def test_serve_refuses_an_adapter_of_another_base_before_starting_anything(store
     fingerprint = store.register_base_model(str(other)).fingerprint
     model = peft_methods.apply(TINY_BERT.fresh(), {"method": "lora"})
     folder = peft_methods.save_adapter(model, tmp_path / "a", metadata={"base_fingerprint": fingerprint})
-    store.adapters.register(folder, name="elsewhere", base_fingerprint=fingerprint, task="sequence-classification", task_name="t")
+    store.adapters.register(
+        folder, name="elsewhere", base_fingerprint=fingerprint, task="sequence-classification", task_name="t"
+    )
     code, _, err = run(store, capsys, "serve", "--base", str(base), "--adapters", "elsewhere")
     assert code == 2 and "trained on another base" in err
     code, _, err = run(store, capsys, "serve", "--base", str(base), "--adapters", "missing")
@@ -117,7 +138,9 @@ def test_tune_refuses_a_bad_sweep_file_naming_the_path_before_touching_ray(store
     import yaml
 
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"name": "s", "spec": SPEC, "search_space": {"training.lr": {"uniform": [0.1, 0.01]}}}))
+    sweep.write_text(
+        yaml.safe_dump({"name": "s", "spec": SPEC, "search_space": {"training.lr": {"uniform": [0.1, 0.01]}}})
+    )
     code, _, err = run(store, capsys, "tune", str(sweep))
     assert code == 2 and "search_space.training.lr: uniform needs low < high" in err
     assert store.sweeps.list() == []

@@ -7,8 +7,9 @@ import time
 from jobs.states import JobState
 from jobs.store import JobStore
 from orchestrator.reconciler import settle_orphans
+from tests.jobs.conftest import minilm_spec
 
-SPEC = {"name": "j", "base_model": "minilm", "task": "sequence-classification", "dataset": {"name": "trec"}, "method": {"method": "lora"}}
+SPEC = minilm_spec(name="j", method={"method": "lora"})
 
 
 def test_a_silent_owner_gets_its_job_failed_and_a_cancel_completed(tmp_path):

@@ -12,26 +12,25 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from jobs.schema import SubspaceRow
 from jobs.spec import validate_name
+from jobs.store.artifacts import ArtifactStorage
+from jobs.store.base_model_registry import BaseModelRegistry
+from jobs.store.db import Database
+from jobs.store.records import NotFound
+from jobs.store.schema import SubspaceRow
 from peft_methods.adapter_files import AdapterIntegrityError, BaseModelMismatch, sha256_file
 from peft_methods.ipt import SUBSPACE_JSON, read_subspace_info
-
-if TYPE_CHECKING:
-    from jobs.store import JobStore
-
 
 _FORMAT = {"manifest": SUBSPACE_JSON, "verify": read_subspace_info}  # how artifact storage checks a subspace folder
 
 
-class SubspaceNotFound(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class SubspaceNotFound(NotFound):
+    pass
 
 
 class SubspaceExists(ValueError):
@@ -54,8 +53,8 @@ class SubspaceRecord:
 
 
 class SubspaceRegistry:
-    def __init__(self, store: JobStore):
-        self.store = store
+    def __init__(self, db: Database, artifacts: ArtifactStorage, base_models: BaseModelRegistry):
+        self.db, self.artifacts, self.base_models = db, artifacts, base_models
 
     def register(
         self, folder: str | os.PathLike, *, name: str, base_fingerprint: str, sources: list[dict[str, Any]],
@@ -66,12 +65,12 @@ class SubspaceRegistry:
         info = read_subspace_info(folder)
         if info.get("metadata", {}).get("base_fingerprint") != base_fingerprint:
             raise BaseModelMismatch(f"subspace folder {folder} was not fitted for base {base_fingerprint}")
-        self.store.get_base_model(base_fingerprint)
-        with self.store._read() as s:
+        self.base_models.get(base_fingerprint)
+        with self.db.read() as s:
             if s.scalar(select(SubspaceRow.id).where(SubspaceRow.name == name)) is not None:
                 raise SubspaceExists(f"a subspace named {name!r} already exists")
         subspace_id = uuid.uuid4().hex
-        uri = self.store.artifacts.publish(folder, f"subspaces/{subspace_id}", **_FORMAT)
+        uri = self.artifacts.publish(folder, f"subspaces/{subspace_id}", **_FORMAT)
         row = SubspaceRow(
             id=subspace_id, name=name, job_id=job_id, base_fingerprint=base_fingerprint, uri=uri,
             sha256=sha256_file(Path(folder) / SUBSPACE_JSON), intrinsic_dim=info["intrinsic_dim"],
@@ -79,17 +78,17 @@ class SubspaceRegistry:
             created_at=time.time(),
         )
         try:
-            with self.store._write() as s:
+            with self.db.write() as s:
                 s.add(row)
         except BaseException as e:
-            self.store.artifacts.delete(uri)
+            self.artifacts.delete(uri)
             if isinstance(e, IntegrityError):
                 raise SubspaceExists(f"a subspace named {name!r} already exists") from None
             raise
         return self.get(subspace_id)
 
     def get(self, name_or_id: str) -> SubspaceRecord:
-        with self.store._read() as s:
+        with self.db.read() as s:
             row = s.scalar(select(SubspaceRow).where(SubspaceRow.name == name_or_id)) or s.get(SubspaceRow, name_or_id)
             if row is None:
                 raise SubspaceNotFound(f"no subspace named {name_or_id!r}")
@@ -99,21 +98,21 @@ class SubspaceRegistry:
         """Subspaces, newest first; ``base`` is a fingerprint or a registered base's name."""
         query = select(SubspaceRow).order_by(SubspaceRow.created_at.desc(), SubspaceRow.id)
         if base is not None:
-            query = query.where(SubspaceRow.base_fingerprint == self.store.get_base_model(base).fingerprint)
-        with self.store._read() as s:
+            query = query.where(SubspaceRow.base_fingerprint == self.base_models.get(base).fingerprint)
+        with self.db.read() as s:
             return [_record(r) for r in s.scalars(query)]
 
     def delete(self, name: str) -> None:
         """Remove the record, then the files. IPT adapters trained in it keep working: they hold their prompt."""
         record = self.get(name)
-        with self.store._write() as s:
+        with self.db.write() as s:
             s.execute(delete(SubspaceRow).where(SubspaceRow.id == record.id))
-        self.store.artifacts.delete(record.uri)
+        self.artifacts.delete(record.uri)
 
     def local_folder(self, name: str) -> Path:
         """A verified local copy of the subspace's folder."""
         record = self.get(name)
-        folder = self.store.artifacts.local_path(record.uri, **_FORMAT)
+        folder = self.artifacts.local_path(record.uri, **_FORMAT)
         if sha256_file(folder / SUBSPACE_JSON) != record.sha256:
             raise AdapterIntegrityError(f"subspace {name!r}: {SUBSPACE_JSON} at {record.uri} is not the one registered")
         return folder

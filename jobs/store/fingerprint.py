@@ -18,7 +18,18 @@ from pathlib import Path
 from jobs.home import peftfleet_home
 from peft_methods.adapter_files import BaseModelMismatch  # noqa: F401 - re-exported for callers
 
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_model_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "id2label", "label2id", "num_labels", "problem_type"}
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "_model_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+}
 _CHUNK = 1 << 22
 
 

@@ -48,7 +48,9 @@ class ArtifactStorage:
             return str(Path(self.root) / key)
         return self.fs.unstrip_protocol(f"{self.root}/{key}")
 
-    def publish(self, folder: str | os.PathLike, key: str, *, manifest: str = MANIFEST_FILE, verify: Verify = read_manifest) -> str:
+    def publish(
+        self, folder: str | os.PathLike, key: str, *, manifest: str = MANIFEST_FILE, verify: Verify = read_manifest
+    ) -> str:
         """Copy a verified folder to ``key`` (e.g. ``adapters/<id>``); returns its URI.
 
         ``manifest`` names the file that hashes the others (written last) and ``verify`` checks a

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from jobs.adapter_registry import AdapterRecord
 from jobs.spec import JobSpecError, SubspaceSourcesSpec, parse_job_spec
 from jobs.states import JobState
 from jobs.store import JobStore
-from jobs.subspace_registry import SubspaceNotFound
+from jobs.store.adapter_registry import AdapterRecord
+from jobs.store.subspace_registry import SubspaceNotFound
 from peft_methods.adapter_files import WEIGHTS_FILE, BaseModelMismatch
 from peft_methods.ipt import fit_subspace, save_subspace
 from peft_methods.virtual_tokens import PROMPT_KEY
@@ -30,7 +30,9 @@ def select_sources(store: JobStore, sources: SubspaceSourcesSpec, base_fingerpri
         chosen = [store.adapters.get(name) for name in sources.adapters]
         wrong = [a.name for a in chosen if a.method != SOURCE_METHOD or a.base_fingerprint != base_fingerprint]
         if wrong:
-            raise ValueError(f"sources.adapters {wrong} are not {SOURCE_METHOD} adapters of base {base_fingerprint[:19]}…")
+            raise ValueError(
+                f"sources.adapters {wrong} are not {SOURCE_METHOD} adapters of base {base_fingerprint[:19]}…"
+            )
     else:
         chosen = store.adapters.list(base=base_fingerprint, method=SOURCE_METHOD, tag=sources.tag)
     if sources.task_names:
@@ -38,7 +40,9 @@ def select_sources(store: JobStore, sources: SubspaceSourcesSpec, base_fingerpri
     if sources.tag and sources.adapters:
         chosen = [a for a in chosen if sources.tag in a.tags]
     if len(chosen) < 2:
-        raise ValueError(f"a subspace needs at least 2 {SOURCE_METHOD} adapters of this base; the sources select {len(chosen)}")
+        raise ValueError(
+            f"a subspace needs at least 2 {SOURCE_METHOD} adapters of this base; the sources select {len(chosen)}"
+        )
     return sorted(chosen, key=lambda a: a.created_at)
 
 
@@ -57,7 +61,14 @@ def check_references(store: JobStore, spec: Any) -> None:
             raise JobSpecError([("method.subspace", f"{e}; fit one with an ipt-subspace job")]) from None
         base = store.register_base_model(spec.base_model)
         if subspace.base_fingerprint != base.fingerprint:
-            raise JobSpecError([("method.subspace", f"subspace {subspace.name!r} was fitted for another base ({subspace.base_fingerprint[:19]}…)")])
+            raise JobSpecError(
+                [
+                    (
+                        "method.subspace",
+                        f"subspace {subspace.name!r} was fitted for another base ({subspace.base_fingerprint[:19]}…)",
+                    )
+                ]
+            )
 
 
 def resolve_method_config(method_config: Any, store: JobStore, base_fingerprint: str) -> tuple[Any, dict[str, Any]]:
@@ -67,7 +78,10 @@ def resolve_method_config(method_config: Any, store: JobStore, base_fingerprint:
         return method_config, {}
     record = store.subspaces.get(method_config.subspace)
     if record.base_fingerprint != base_fingerprint:
-        raise BaseModelMismatch(f"subspace {record.name!r} was fitted for base {record.base_fingerprint}, this job's base is {base_fingerprint}")
+        raise BaseModelMismatch(
+            f"subspace {record.name!r} was fitted for base {record.base_fingerprint}, this job's base is "
+            f"{base_fingerprint}"
+        )
     folder = store.subspaces.local_folder(record.name)
     lineage = {"subspace": {"id": record.id, "name": record.name, "sha256": record.sha256}}
     return method_config.model_copy(update={"subspace": str(folder)}), lineage
@@ -80,23 +94,46 @@ def fit_subspace_job(config: dict[str, Any]) -> str:
     job_id, fingerprint = config["job_id"], config["base_fingerprint"]
     spec = parse_job_spec(store.get(job_id).spec)
     sources = select_sources(store, spec.sources, fingerprint)
-    store.transition(job_id, JobState.RUNNING, reason=f"fitting on {len(sources)} prompt adapters", expected=[JobState.QUEUED, JobState.RETRYING])
+    store.transition(
+        job_id,
+        JobState.RUNNING,
+        reason=f"fitting on {len(sources)} prompt adapters",
+        expected=[JobState.QUEUED, JobState.RETRYING],
+    )
     prompts = [load_file(store.adapters.local_folder(a.name) / WEIGHTS_FILE)[PROMPT_KEY].float() for a in sources]
     shapes = {tuple(p.shape) for p in prompts}
     if len(shapes) != 1:
-        raise ValueError(f"the source prompts differ in shape {sorted(shapes)}; choose adapters with one num_virtual_tokens")
+        raise ValueError(
+            f"the source prompts differ in shape {sorted(shapes)}; choose adapters with one num_virtual_tokens"
+        )
     n, hidden = prompts[0].shape
     started = time.perf_counter()
-    tensors, init, stats = fit_subspace(torch.stack(prompts), intrinsic_dim=spec.intrinsic_dim, inner_dim=spec.inner_dim,
-                                        steps=spec.steps, lr=spec.lr, seed=spec.seed)
+    tensors, init, stats = fit_subspace(
+        torch.stack(prompts),
+        intrinsic_dim=spec.intrinsic_dim,
+        inner_dim=spec.inner_dim,
+        steps=spec.steps,
+        lr=spec.lr,
+        seed=spec.seed,
+    )
     stats["fit_seconds"] = time.perf_counter() - started
     store.record_metrics(job_id, spec.steps, stats)
-    lineage = [{"id": a.id, "name": a.name, "task_name": a.task_name, "sha256": a.sha256, "job_id": a.job_id} for a in sources]
+    lineage = [
+        {"id": a.id, "name": a.name, "task_name": a.task_name, "sha256": a.sha256, "job_id": a.job_id} for a in sources
+    ]
     name = f"{spec.name}-{job_id[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_subspace(os.path.join(tmp, "subspace"), tensors, init, num_virtual_tokens=n, hidden_size=hidden,
-                               metadata={"base_fingerprint": fingerprint, "job_id": job_id, "sources": lineage, "metrics": stats})
-        store.subspaces.register(folder, name=name, base_fingerprint=fingerprint, sources=lineage, job_id=job_id, metrics=stats)
+        folder = save_subspace(
+            os.path.join(tmp, "subspace"),
+            tensors,
+            init,
+            num_virtual_tokens=n,
+            hidden_size=hidden,
+            metadata={"base_fingerprint": fingerprint, "job_id": job_id, "sources": lineage, "metrics": stats},
+        )
+        store.subspaces.register(
+            folder, name=name, base_fingerprint=fingerprint, sources=lineage, job_id=job_id, metrics=stats
+        )
     print(f"subspace {name} registered: {len(sources)} sources, d={spec.intrinsic_dim}, "
           f"reconstruction error {stats['reconstruction_relative_error']:.4f}", flush=True)
     return name

@@ -43,7 +43,9 @@ class JobRow(Base):
     owner: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[float | None] = mapped_column(Float)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
-    runtime: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # where it runs: Ray submission id, dashboard URL
+    runtime: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict
+    )  # where it runs: Ray submission id, dashboard URL
     error: Mapped[str | None] = mapped_column(Text)
     traceback: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float, index=True)

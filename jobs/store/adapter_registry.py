@@ -12,25 +12,31 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from torch import nn
 
 import peft_methods
-from jobs.fingerprint import base_fingerprint
-from jobs.schema import AdapterRow, AdapterTagRow, PromotionRow
 from jobs.spec import validate_name
-from peft_methods.adapter_files import MANIFEST_FILE, AdapterIntegrityError, BaseModelMismatch, read_manifest, sha256_file
+from jobs.store.artifacts import ArtifactStorage
+from jobs.store.base_model_registry import BaseModelRegistry
+from jobs.store.db import Database
+from jobs.store.fingerprint import base_fingerprint
+from jobs.store.records import NotFound
+from jobs.store.schema import AdapterRow, AdapterTagRow, PromotionRow
+from peft_methods.adapter_files import (
+    MANIFEST_FILE,
+    AdapterIntegrityError,
+    BaseModelMismatch,
+    read_manifest,
+    sha256_file,
+)
 
-if TYPE_CHECKING:
-    from jobs.store import JobStore
 
-
-class AdapterNotFound(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class AdapterNotFound(NotFound):
+    pass
 
 
 class AdapterExists(ValueError):
@@ -62,8 +68,8 @@ class AdapterRecord:
 
 
 class AdapterRegistry:
-    def __init__(self, store: JobStore):
-        self.store = store
+    def __init__(self, db: Database, artifacts: ArtifactStorage, base_models: BaseModelRegistry):
+        self.db, self.artifacts, self.base_models = db, artifacts, base_models
 
     def register(
         self, folder: str | os.PathLike, *, name: str, base_fingerprint: str, task: str, task_name: str,
@@ -77,37 +83,39 @@ class AdapterRegistry:
         manifest = read_manifest(folder)
         trained_on = manifest.get("metadata", {}).get("base_fingerprint")
         if trained_on != base_fingerprint:
-            raise BaseModelMismatch(f"adapter folder {folder} records base {trained_on or '(none)'}, not {base_fingerprint}")
-        self.store.get_base_model(base_fingerprint)  # must be registered first
-        with self.store._read() as s:
+            raise BaseModelMismatch(
+                f"adapter folder {folder} records base {trained_on or '(none)'}, not {base_fingerprint}"
+            )
+        self.base_models.get(base_fingerprint)  # must be registered first
+        with self.db.read() as s:
             if s.scalar(select(AdapterRow.id).where(AdapterRow.name == name)) is not None:
                 raise AdapterExists(f"an adapter named {name!r} already exists")
         adapter_id = uuid.uuid4().hex
-        uri = self.store.artifacts.publish(folder, f"adapters/{adapter_id}")
+        uri = self.artifacts.publish(folder, f"adapters/{adapter_id}")
         row = AdapterRow(
             id=adapter_id, name=name, job_id=job_id, base_fingerprint=base_fingerprint, method=manifest["method"],
             task=task, task_name=task_name, uri=uri, sha256=sha256_file(Path(folder) / MANIFEST_FILE),
-            files=manifest["files"], size_bytes=self.store.artifacts.size_bytes(uri),
+            files=manifest["files"], size_bytes=self.artifacts.size_bytes(uri),
             num_parameters=manifest["num_parameters"], metrics=dict(metrics or {}), created_at=time.time(),
         )
         try:
-            with self.store._write() as s:
+            with self.db.write() as s:
                 s.add(row)
                 s.flush()
                 s.add_all(AdapterTagRow(adapter_id=adapter_id, tag=t) for t in sorted(set(tags)))
         except BaseException as e:
-            self.store.artifacts.delete(uri)  # the record never existed; neither should the files
+            self.artifacts.delete(uri)  # the record never existed; neither should the files
             if isinstance(e, IntegrityError):
                 raise AdapterExists(f"an adapter named {name!r} already exists") from None
             raise
         return self.get(adapter_id)
 
     def get(self, name_or_id: str) -> AdapterRecord:
-        with self.store._read() as s:
+        with self.db.read() as s:
             row = s.scalar(select(AdapterRow).where(AdapterRow.name == name_or_id)) or s.get(AdapterRow, name_or_id)
             if row is None:
                 raise AdapterNotFound(f"no adapter named {name_or_id!r}")
-            return self._records(s, [row])[0]
+            return _records(s, [row])[0]
 
     def list(
         self, *, base: str | None = None, task_name: str | None = None, task: str | None = None,
@@ -116,8 +124,13 @@ class AdapterRegistry:
         """Adapters, newest first. ``base`` is a fingerprint or the name a base was registered under."""
         query = select(AdapterRow).order_by(AdapterRow.created_at.desc(), AdapterRow.id)
         if base is not None:
-            query = query.where(AdapterRow.base_fingerprint == self.store.get_base_model(base).fingerprint)
-        for column, value in ((AdapterRow.task_name, task_name), (AdapterRow.task, task), (AdapterRow.method, method), (AdapterRow.job_id, job_id)):
+            query = query.where(AdapterRow.base_fingerprint == self.base_models.get(base).fingerprint)
+        for column, value in (
+            (AdapterRow.task_name, task_name),
+            (AdapterRow.task, task),
+            (AdapterRow.method, method),
+            (AdapterRow.job_id, job_id),
+        ):
             if value is not None:
                 query = query.where(column == value)
         if tag is not None:
@@ -125,27 +138,34 @@ class AdapterRegistry:
         if promoted is not None:
             ids = select(PromotionRow.adapter_id)
             query = query.where(AdapterRow.id.in_(ids) if promoted else AdapterRow.id.notin_(ids))
-        with self.store._read() as s:
-            return self._records(s, list(s.scalars(query)))
+        with self.db.read() as s:
+            return _records(s, list(s.scalars(query)))
 
     def promote(self, name: str) -> AdapterRecord:
         """Make ``name`` the current adapter for its (base, task name), replacing any other."""
         record = self.get(name)
-        with self.store._write() as s:
+        with self.db.write() as s:
             s.execute(delete(PromotionRow).where(
                 PromotionRow.base_fingerprint == record.base_fingerprint, PromotionRow.task_name == record.task_name
             ))
-            s.add(PromotionRow(base_fingerprint=record.base_fingerprint, task_name=record.task_name, adapter_id=record.id, promoted_at=time.time()))
+            s.add(
+                PromotionRow(
+                    base_fingerprint=record.base_fingerprint,
+                    task_name=record.task_name,
+                    adapter_id=record.id,
+                    promoted_at=time.time(),
+                )
+            )
         return self.get(record.id)
 
     def demote(self, name: str) -> None:
         record = self.get(name)
-        with self.store._write() as s:
+        with self.db.write() as s:
             s.execute(delete(PromotionRow).where(PromotionRow.adapter_id == record.id))
 
     def promoted(self, base: str, task_name: str) -> AdapterRecord | None:
-        fingerprint = self.store.get_base_model(base).fingerprint
-        with self.store._read() as s:
+        fingerprint = self.base_models.get(base).fingerprint
+        with self.db.read() as s:
             adapter_id = s.scalar(select(PromotionRow.adapter_id).where(
                 PromotionRow.base_fingerprint == fingerprint, PromotionRow.task_name == task_name
             ))
@@ -154,19 +174,21 @@ class AdapterRegistry:
     def delete(self, name: str, *, force: bool = False) -> None:
         """Remove the record, then the files. A promoted adapter needs ``force=True``."""
         record = self.get(name)
-        with self.store._write() as s:
+        with self.db.write() as s:
             if s.scalar(select(PromotionRow.adapter_id).where(PromotionRow.adapter_id == record.id)) is not None:
                 if not force:
-                    raise AdapterPromoted(f"adapter {name!r} is promoted for task {record.task_name!r}; demote it or pass force=True")
+                    raise AdapterPromoted(
+                        f"adapter {name!r} is promoted for task {record.task_name!r}; demote it or pass force=True"
+                    )
                 s.execute(delete(PromotionRow).where(PromotionRow.adapter_id == record.id))
             s.execute(delete(AdapterTagRow).where(AdapterTagRow.adapter_id == record.id))
             s.execute(delete(AdapterRow).where(AdapterRow.id == record.id))
-        self.store.artifacts.delete(record.uri)
+        self.artifacts.delete(record.uri)
 
     def local_folder(self, name: str) -> Path:
         """A verified local copy of the adapter's folder (the folder itself for local storage)."""
         record = self.get(name)
-        folder = self.store.artifacts.local_path(record.uri)
+        folder = self.artifacts.local_path(record.uri)
         if sha256_file(folder / MANIFEST_FILE) != record.sha256:
             raise AdapterIntegrityError(f"adapter {name!r}: {MANIFEST_FILE} at {record.uri} is not the one registered")
         return folder
@@ -180,7 +202,7 @@ class AdapterRegistry:
         path = base_path or getattr(getattr(model, "config", None), "_name_or_path", None)
         if not path:
             raise ValueError("cannot tell which base this model is; pass base_path")
-        actual = base_fingerprint(path, home=self.store.home)
+        actual = base_fingerprint(path, home=self.base_models.home)
         if actual != record.base_fingerprint:
             raise BaseModelMismatch(
                 f"adapter {name!r} was trained on base {record.base_fingerprint}, "
@@ -188,20 +210,22 @@ class AdapterRegistry:
             )
         return peft_methods.load_adapter(model, self.local_folder(name), base_fingerprint=actual)
 
-    @staticmethod
-    def _records(s: Any, rows: list[AdapterRow]) -> list[AdapterRecord]:
-        if not rows:
-            return []
-        ids = [r.id for r in rows]
-        tags: dict[str, list[str]] = {}
-        for adapter_id, tag in s.execute(select(AdapterTagRow.adapter_id, AdapterTagRow.tag).where(AdapterTagRow.adapter_id.in_(ids))):
-            tags.setdefault(adapter_id, []).append(tag)
-        promoted = set(s.scalars(select(PromotionRow.adapter_id).where(PromotionRow.adapter_id.in_(ids))))
-        return [
-            AdapterRecord(
-                r.id, r.name, r.job_id, r.base_fingerprint, r.method, r.task, r.task_name, r.uri, r.sha256,
-                dict(r.files), r.size_bytes, r.num_parameters, dict(r.metrics), tuple(sorted(tags.get(r.id, ()))),
-                r.created_at, r.id in promoted,
-            )
-            for r in rows
-        ]
+
+def _records(s: Any, rows: list[AdapterRow]) -> list[AdapterRecord]:
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    tags: dict[str, list[str]] = {}
+    for adapter_id, tag in s.execute(
+        select(AdapterTagRow.adapter_id, AdapterTagRow.tag).where(AdapterTagRow.adapter_id.in_(ids))
+    ):
+        tags.setdefault(adapter_id, []).append(tag)
+    promoted = set(s.scalars(select(PromotionRow.adapter_id).where(PromotionRow.adapter_id.in_(ids))))
+    return [
+        AdapterRecord(
+            r.id, r.name, r.job_id, r.base_fingerprint, r.method, r.task, r.task_name, r.uri, r.sha256,
+            dict(r.files), r.size_bytes, r.num_parameters, dict(r.metrics), tuple(sorted(tags.get(r.id, ()))),
+            r.created_at, r.id in promoted,
+        )
+        for r in rows
+    ]

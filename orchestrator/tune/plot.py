@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.store import JobStore
-from jobs.sweeps import SweepRecord
+from jobs.store.sweep_registry import SweepRecord
 
 STATE_COLOURS = {"SUCCEEDED": "tab:green", "STOPPED": "tab:orange", "FAILED": "tab:red"}
 
@@ -59,7 +59,11 @@ def plot_sweep(store: JobStore, record: SweepRecord, trials: list[dict[str, Any]
             start = job.started_at or job.created_at
             axes[0].plot([m.at - start for m in series], [m.value for m in series], marker="o", markersize=3,
                          color=STATE_COLOURS.get(t["state"], "tab:gray"), alpha=0.8)
-    axes[0].set(title=f"{record.metric} over time ({record.scheduler})", xlabel="seconds since the trial started", ylabel=record.metric)
+    axes[0].set(
+        title=f"{record.metric} over time ({record.scheduler})",
+        xlabel="seconds since the trial started",
+        ylabel=record.metric,
+    )
     names = sorted(params, key=lambda n: -importance(params[n]))
     axes[1].barh(names or ["(none)"], [importance(params[n]) for n in names] or [0], color="tab:blue")
     axes[1].set(title="parameter importance", xlabel="|Spearman ρ| with final metric", xlim=(0, 1))

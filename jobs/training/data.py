@@ -13,8 +13,8 @@ A split shuffles with ``random.Random(seed)`` after sorting, so it does not depe
 
 from __future__ import annotations
 
-import importlib.util
 import csv
+import importlib.util
 import json
 import random
 from dataclasses import dataclass
@@ -56,7 +56,9 @@ def split(examples: list, *, eval_size: int, train_size: int | None = None, seed
 def _classification(rows: dict[str, str], *, eval_size: int, train_size: int | None, seed: int) -> ClassificationData:
     labels = sorted(set(rows.values()))
     index = {label: i for i, label in enumerate(labels)}
-    train, held_out = split([(t, index[lab]) for t, lab in rows.items()], eval_size=eval_size, train_size=train_size, seed=seed)
+    train, held_out = split(
+        [(t, index[lab]) for t, lab in rows.items()], eval_size=eval_size, train_size=train_size, seed=seed
+    )
     return ClassificationData(train, held_out, labels)
 
 
@@ -64,7 +66,9 @@ def _text_pairs(replies: dict[str, set[str]], *, eval_size: int, train_size: int
     """Split by prompt: every reply to one prompt lands on the same side, so eval prompts are unseen."""
     train, held_out = split(sorted(replies), eval_size=eval_size, seed=seed)
     pairs = [(q, a) for q in train for a in sorted(replies[q])]
-    return TextPairData(pairs[:train_size] if train_size is not None else pairs, [(q, a) for q in held_out for a in sorted(replies[q])])
+    return TextPairData(
+        pairs[:train_size] if train_size is not None else pairs, [(q, a) for q in held_out for a in sorted(replies[q])]
+    )
 
 
 def trec_rows() -> dict[str, str]:
@@ -114,7 +118,11 @@ def load_chatterbot_qa(*, eval_size: int = 100, train_size: int | None = None, s
 
 
 DATASETS = {"trec": load_trec, "movie_sentiment": load_movie_sentiment, "chatterbot_qa": load_chatterbot_qa}
-DATASET_TASKS = {"trec": "sequence-classification", "movie_sentiment": "sequence-classification", "chatterbot_qa": "causal-lm"}
+DATASET_TASKS = {
+    "trec": "sequence-classification",
+    "movie_sentiment": "sequence-classification",
+    "chatterbot_qa": "causal-lm",
+}
 _ROWS = {"trec": trec_rows, "movie_sentiment": movie_sentiment_rows, "chatterbot_qa": chatterbot_replies}
 
 

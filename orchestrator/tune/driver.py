@@ -1,5 +1,5 @@
 """The process that owns one sweep on the cluster (a Ray job entrypoint):
-`python -m orchestrator.sweep_runner SWEEP_ID [--resume]`.
+`python -m orchestrator.tune.driver SWEEP_ID [--resume]`.
 
 It runs Ray Tune over the sweep's drawn configurations. Each trial is a job in the store, run by
 the same code as any job (:func:`orchestrator.runner.run`: Ray Train workers, DeepSpeed, the
@@ -28,10 +28,10 @@ from ray.tune import Callback
 
 from jobs.states import TERMINAL, IllegalTransition, JobState
 from jobs.store import JobStore
+from jobs.store.sweep_registry import SweepRecord
 from jobs.sweep_spec import SweepSpec, draw, mutable, trial_spec
-from jobs.sweeps import SweepRecord
+from orchestrator.tune.sweeps import TRIAL_CPU
 
-TRIAL_CPU = 0.1  # what a trial's own process reserves; its Ray Train workers reserve the rest
 POLL_S = 1.0
 
 
@@ -70,7 +70,9 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
     if not store.get(job.id).state.is_terminal:
         worker.start()
     reported = 0
-    key = "checkpoint_step" if spec.scheduler == "pbt" else spec.metric  # PBT: report only evaluations it can continue from
+    key = (
+        "checkpoint_step" if spec.scheduler == "pbt" else spec.metric
+    )  # PBT: report only evaluations it can continue from
     while True:
         alive = worker.is_alive()
         rows = store.metrics(job.id, key)
@@ -105,15 +107,12 @@ def _pointer(store: JobStore, job_id: str, step: int):
 
     from ray import tune
 
-    from orchestrator.runner import checkpoint_root
+    from orchestrator.train_worker import checkpoint_at
 
-    from jobs.recipe import STEP_FILE
-
-    run_dir = Path(checkpoint_root(store)) / f"peftfleet-{job_id}"
-    match = next((p for p in sorted(run_dir.glob("checkpoint_*")) if (p / STEP_FILE).is_file()
-                  and json.loads((p / STEP_FILE).read_text())["step"] == step), None)
     folder = tempfile.mkdtemp(prefix="peftfleet-pbt-")
-    Path(folder, "pointer.json").write_text(json.dumps({"job_id": job_id, "step": step, "path": str(match) if match else None}))
+    Path(folder, "pointer.json").write_text(
+        json.dumps({"job_id": job_id, "step": step, "path": checkpoint_at(store, job_id, step)})
+    )
     return tune.Checkpoint.from_directory(folder)
 
 
@@ -135,19 +134,30 @@ def _pbt_start(store: JobStore, sweep_id: str, trial_id: str) -> dict[str, Any] 
         if t.trial_id == trial_id and not t.job.state.is_terminal:
             _release_workers(t.job.runtime.get("placement_group"))
             try:
-                store.transition(t.job.id, JobState.STOPPED if t.job.state is JobState.RUNNING else JobState.CANCELLED,
-                                 reason=f"PBT exploit: continues from job {start['job_id'][:12]} at step {start['step']} with perturbed values")
+                store.transition(
+                    t.job.id,
+                    JobState.STOPPED if t.job.state is JobState.RUNNING else JobState.CANCELLED,
+                    reason=f"PBT exploit: continues from job {start['job_id'][:12]} at step {start['step']} "
+                    "with perturbed values",
+                )
             except IllegalTransition:
                 pass
     return start
 
 
-def _job_for(store: JobStore, spec: SweepSpec, params: dict[str, Any], index: int, sweep_id: str, lineage: str | None = None):
+def _job_for(
+    store: JobStore, spec: SweepSpec, params: dict[str, Any], index: int, sweep_id: str, lineage: str | None = None
+):
     """The trial's job: new, or the one an earlier driver started (continued from its checkpoint)."""
     for attempt in range(100):
         job_spec = trial_spec(spec, params, index, sweep_id=sweep_id)
         if lineage:  # a PBT continuation is its own job
-            job_spec = job_spec.model_copy(update={"name": f"{job_spec.name}-{lineage}"[:64], "idempotency_key": f"{job_spec.idempotency_key}-{lineage}"})
+            job_spec = job_spec.model_copy(
+                update={
+                    "name": f"{job_spec.name}-{lineage}"[:64],
+                    "idempotency_key": f"{job_spec.idempotency_key}-{lineage}",
+                }
+            )
         if attempt:
             job_spec = job_spec.model_copy(update={"idempotency_key": f"{job_spec.idempotency_key}-r{attempt}"})
         job = store.submit(job_spec)
@@ -157,7 +167,9 @@ def _job_for(store: JobStore, spec: SweepSpec, params: dict[str, Any], index: in
             target = JobState.RETRYING if job.state is JobState.RUNNING else JobState.PENDING
             try:
                 if job.state is not JobState.RETRYING:
-                    store.transition(job.id, target, reason="sweep restored: the trial runs again from its last checkpoint")
+                    store.transition(
+                        job.id, target, reason="sweep restored: the trial runs again from its last checkpoint"
+                    )
                 return store.get(job.id)
             except IllegalTransition:
                 continue
@@ -187,7 +199,9 @@ class RecordTrialEnds(Callback):
         job_id = last.get("job_id")
         if job_id and not last.get("finished"):
             evaluations = last.get("training_iteration", 0)
-            self._settle(job_id, JobState.STOPPED, f"stopped early by {self.scheduler.upper()} after {evaluations} evaluation(s)")
+            self._settle(
+                job_id, JobState.STOPPED, f"stopped early by {self.scheduler.upper()} after {evaluations} evaluation(s)"
+            )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         job_id = (trial.last_result or {}).get("job_id")
@@ -228,13 +242,24 @@ def _scheduler(spec: SweepSpec):
 
     opts = spec.scheduler_options
     if spec.scheduler == "pbt":
-        space = {path: (tune.loguniform if kind == "loguniform" else tune.uniform)(low, high) for path, (kind, low, high) in mutable(spec).items()}
-        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=int(opts.get("perturbation_interval", 2)),
-                                       hyperparam_mutations={"trial": {"params": space}}, quantile_fraction=0.25)
+        space = {
+            path: (tune.loguniform if kind == "loguniform" else tune.uniform)(low, high)
+            for path, (kind, low, high) in mutable(spec).items()
+        }
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=int(opts.get("perturbation_interval", 2)),
+            hyperparam_mutations={"trial": {"params": space}},
+            quantile_fraction=0.25,
+        )
     if spec.scheduler == "asha":
         # Rungs at grace_period × reduction_factor^k evaluations; trials that finish sooner just finish.
-        return ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=int(opts.get("grace_period", 1)),
-                             reduction_factor=opts.get("reduction_factor", 2))
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=10_000,
+            grace_period=int(opts.get("grace_period", 1)),
+            reduction_factor=opts.get("reduction_factor", 2),
+        )
     return FIFOScheduler()
 
 
@@ -247,18 +272,31 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
     submission_id = os.environ.get("PEFTFLEET_SUBMISSION_ID")
     storage = store.artifacts.uri_for("sweeps")
     name = f"sweep-{sweep_id}"
-    trainable = tune.with_resources(tune.with_parameters(trial, sweep_id=sweep_id, submission_id=submission_id), {"CPU": TRIAL_CPU})
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, sweep_id=sweep_id, submission_id=submission_id), {"CPU": TRIAL_CPU}
+    )
     callbacks = [RecordTrialEnds(spec.scheduler)]
     store.sweeps.update(sweep_id, state="RUNNING", experiment_path=os.path.join(storage, name), error=None)
     try:
         if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
-            tuner = tune.Tuner.restore(os.path.join(storage, name), trainable, resume_unfinished=True, resume_errored=True,
-                                       param_space=_param_space(spec))
+            tuner = tune.Tuner.restore(
+                os.path.join(storage, name),
+                trainable,
+                resume_unfinished=True,
+                resume_errored=True,
+                param_space=_param_space(spec),
+            )
         else:
             tuner = tune.Tuner(
-                trainable, param_space=_param_space(spec),
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec), num_samples=1,
-                                            max_concurrent_trials=spec.max_concurrent),
+                trainable,
+                param_space=_param_space(spec),
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric,
+                    mode=spec.mode,
+                    scheduler=_scheduler(spec),
+                    num_samples=1,
+                    max_concurrent_trials=spec.max_concurrent,
+                ),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1),
             )
         tuner.fit()
@@ -293,7 +331,9 @@ def _finish(store: JobStore, sweep_id: str, spec: SweepSpec) -> SweepRecord:
         return store.sweeps.update(sweep_id, state="FAILED", error="no trial finished with an adapter")
     if spec.promote:
         store.adapters.promote(best[2])
-    return store.sweeps.update(sweep_id, state="SUCCEEDED", best_value=best[0], best_job_id=best[1], best_adapter=best[2])
+    return store.sweeps.update(
+        sweep_id, state="SUCCEEDED", best_value=best[0], best_job_id=best[1], best_adapter=best[2]
+    )
 
 
 class Interrupted(BaseException):

@@ -1,8 +1,8 @@
-"""Sweeps from the client: start one (a Ray job running :mod:`orchestrator.sweep_runner`), follow it,
+"""Sweeps from the client: start one (a Ray job running :mod:`orchestrator.tune.driver`), follow it,
 list its trials, resume it after its driver died, plot it.
 
->>> sweep = client.tune("examples/trec-lora.yaml", num_samples=8, scheduler="asha",
-...                     search_space={"training.lr": {"loguniform": [1e-4, 1e-2]}, "method.r": {"choice": [4, 8, 16]}})  # doctest: +SKIP
+>>> space = {"training.lr": {"loguniform": [1e-4, 1e-2]}, "method.r": {"choice": [4, 8, 16]}}
+>>> sweep = client.tune("examples/trec-lora.yaml", scheduler="asha", search_space=space)  # doctest: +SKIP
 >>> sweep.wait(); sweep.best()                  # the best finished trial: job, value, adapter    # doctest: +SKIP
 >>> sweep.trials()                              # every trial: params, job state, metric, seconds # doctest: +SKIP
 """
@@ -16,43 +16,55 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.spec import JobSpecError
+from jobs.store.sweep_registry import LIVE_SWEEP, SweepRecord
 from jobs.sweep_spec import load_sweep_spec, parse_sweep_spec, trial_spec, validation_configs
-from jobs.sweeps import LIVE_SWEEP, SweepRecord
-from jobs.subspaces import check_references
+from jobs.training.subspaces import check_references
+from orchestrator.cluster import RAY_TERMINAL, check_feasible, launch, stop_and_wait
 
 if TYPE_CHECKING:
     from orchestrator.client import Client
 
-RAY_ENDED = {"STOPPED", "SUCCEEDED", "FAILED"}
+TRIAL_CPU = 0.1  # what a trial's own process reserves; its Ray Train workers reserve the rest
 
 
 def start_sweep(client: Client, sweep: Any) -> SweepHandle:
-    from orchestrator.client import InfeasibleJob
-    from orchestrator.sweep_runner import TRIAL_CPU
-
+    """Validate, store and launch a sweep's driver as a Ray job; see ``Client.tune``."""
     spec = load_sweep_spec(sweep) if isinstance(sweep, (str, os.PathLike)) else parse_sweep_spec(sweep)
     specs = [trial_spec(spec, params, 0, label=label) for label, params in validation_configs(spec)]
     for s in specs:
         check_references(client.store, s)
     largest = max(specs, key=lambda s: s.resources.num_workers * s.resources.cpus_per_worker)
-    try:
-        client._check_feasible(largest)
-    except InfeasibleJob as e:
-        raise InfeasibleJob(f"sweep {spec.name!r}: its largest trial cannot run here: {e}") from None
-    total = client.cluster.resources().get("CPU", 0)
-    if largest.resources.num_workers * largest.resources.cpus_per_worker + TRIAL_CPU > total:
-        raise InfeasibleJob(f"sweep {spec.name!r}: a trial needs {TRIAL_CPU} CPU besides its workers' "
-                            f"{largest.resources.num_workers * largest.resources.cpus_per_worker:g}; the cluster has {total:g} "
-                            "(lower resources.cpus_per_worker, e.g. to 0.9)")
+    # A trial's own process takes TRIAL_CPU besides its workers (lower resources.cpus_per_worker, e.g. to 0.9).
+    check_feasible(
+        client.cluster,
+        largest,
+        extra_cpus=TRIAL_CPU,
+        what=f"sweep {spec.name!r}: its largest trial ({TRIAL_CPU} CPU for the trial itself and its workers)",
+    )
     record = client.store.sweeps.create(spec)
     submission_id = f"peftfleet-sweep-{record.id}-{uuid.uuid4().hex[:6]}"
-    client.store.sweeps.update(record.id, runtime={"ray_submission_id": submission_id, "dashboard_url": client.cluster.dashboard_url})
+    client.store.sweeps.update(
+        record.id, runtime={"ray_submission_id": submission_id, "dashboard_url": client.cluster.dashboard_url}
+    )
     try:
-        client._launch(f"orchestrator.sweep_runner {record.id}", submission_id, largest.resources, {"peftfleet_sweep": record.id, "name": spec.name})
+        _launch_driver(client, record.id, submission_id, largest.resources, resume=False)
     except Exception as e:
-        client.store.sweeps.update(record.id, state="FAILED", error=f"could not hand the sweep to Ray: {type(e).__name__}: {e}")
+        client.store.sweeps.update(
+            record.id, state="FAILED", error=f"could not hand the sweep to Ray: {type(e).__name__}: {e}"
+        )
         raise
     return SweepHandle(client, record.id)
+
+
+def _launch_driver(client: Client, sweep_id: str, submission_id: str, resources: Any, *, resume: bool) -> None:
+    launch(
+        client.cluster,
+        f"orchestrator.tune.driver {sweep_id}{' --resume' if resume else ''}",
+        submission_id=submission_id,
+        resources=resources,
+        env=client.process_env(),
+        metadata={"peftfleet_sweep": sweep_id},
+    )
 
 
 class SweepHandle:
@@ -72,19 +84,18 @@ class SweepHandle:
         """The sweep's state; a live sweep whose Ray job ended without settling it is INTERRUPTED."""
         record = self.record()
         if record.state in LIVE_SWEEP and self._driver_ended(record):
-            record = self._client.store.sweeps.update(self.id, state="INTERRUPTED", error="the sweep's driver ended before the sweep did")
+            record = self._client.store.sweeps.update(
+                self.id, state="INTERRUPTED", error="the sweep's driver ended before the sweep did"
+            )
         return record.state
 
     def _driver_ended(self, record: SweepRecord) -> bool:
         submission = record.runtime.get("ray_submission_id")
-        if not submission or self._client._cluster is None and not os.environ.get("RAY_ADDRESS"):
+        if not submission or not self._client.ray_connected():
             return False
-        try:
-            return str(self._client.cluster.jobs_client().get_job_status(submission)) in RAY_ENDED and self.record().state in LIVE_SWEEP
-        except Exception:  # noqa: BLE001 - unknown to this cluster
-            return False
+        return self._client.cluster.ray_job_status(submission) in RAY_TERMINAL and self.record().state in LIVE_SWEEP
 
-    def wait(self, timeout: float | None = None, *, poll_s: float = 2.0) -> SweepRecord:
+    def wait(self, *, timeout: float | None = None, poll_s: float = 2.0) -> SweepRecord:
         """Block until the sweep is SUCCEEDED, FAILED or INTERRUPTED; returns its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.status() in LIVE_SWEEP:
@@ -101,16 +112,25 @@ class SweepHandle:
         for t in self._client.store.sweeps.trials(self.id):
             values = self._client.store.metrics(t.job.id, record.metric)
             end = t.job.finished_at or time.time()
-            rows.append({
-                "trial": t.trial_id, "job": t.job.id, "name": t.job.name, "state": t.job.state.value, "params": t.params,
-                record.metric: values[-1].value if values else None, "evaluations": len(values),
-                "seconds": end - (t.job.started_at or t.job.created_at),
-            })
+            rows.append(
+                {
+                    "trial": t.trial_id,
+                    "job": t.job.id,
+                    "name": t.job.name,
+                    "state": t.job.state.value,
+                    "params": t.params,
+                    record.metric: values[-1].value if values else None,
+                    "evaluations": len(values),
+                    "seconds": end - (t.job.started_at or t.job.created_at),
+                }
+            )
         return rows
 
     def best(self) -> dict[str, Any] | None:
         r = self.record()
-        return None if r.best_job_id is None else {"job": r.best_job_id, r.metric: r.best_value, "adapter": r.best_adapter}
+        return (
+            None if r.best_job_id is None else {"job": r.best_job_id, r.metric: r.best_value, "adapter": r.best_adapter}
+        )
 
     def resume(self) -> SweepHandle:
         """Continue a sweep whose driver died (``Tuner.restore``): finished trials are kept."""
@@ -124,18 +144,14 @@ class SweepHandle:
         resources = trial_spec(spec, validation_configs(spec)[0][1], 0).resources
         self._client.store.sweeps.update(self.id, state="PENDING", error=None, finished_at=None,
                                          runtime={**record.runtime, "ray_submission_id": submission_id})
-        self._client._launch(f"orchestrator.sweep_runner {self.id} --resume", submission_id, resources, {"peftfleet_sweep": self.id})
+        _launch_driver(self._client, self.id, submission_id, resources, resume=True)
         return self
 
-    def cancel(self, timeout: float = 120) -> SweepRecord:
-        """Stop the sweep's driver (its trials end with it) and settle their jobs."""
+    def cancel(self, *, timeout: float = 120) -> SweepRecord:
+        """Stop the sweep's driver (its trials end with it), settle their jobs; the sweep is INTERRUPTED."""
         submission = self.record().runtime.get("ray_submission_id")
         if submission:
-            jobs_client = self._client.cluster.jobs_client()
-            jobs_client.stop_job(submission)
-            deadline = time.monotonic() + timeout
-            while str(jobs_client.get_job_status(submission)) not in RAY_ENDED and time.monotonic() < deadline:
-                time.sleep(0.5)
+            stop_and_wait(self._client.cluster, submission, timeout=timeout)
         for t in self._client.store.sweeps.trials(self.id):
             if not t.job.state.is_terminal:
                 self._client.cancel(t.job.id)
@@ -144,7 +160,7 @@ class SweepHandle:
     def plot(self, path: str | os.PathLike | None = None) -> Path:
         """Write the sweep's picture (metric over time per trial, metric against each parameter and
         the parameters' importance) as a PNG; default ``<home>/sweeps/<id>.png``."""
-        from orchestrator.sweep_plot import plot_sweep
+        from orchestrator.tune.plot import plot_sweep
 
         out = Path(path) if path else self._client.home / "sweeps" / f"{self.id}.png"
         return plot_sweep(self._client.store, self.record(), self.trials(), out)
@@ -154,7 +170,7 @@ class Sweeps:
     def __init__(self, client: Client):
         self._client = client
 
-    def list(self, limit: int | None = 50) -> list[SweepRecord]:
+    def list(self, *, limit: int | None = 50) -> list[SweepRecord]:
         return self._client.store.sweeps.list(limit=limit)
 
     def get(self, sweep_id: str) -> SweepHandle:

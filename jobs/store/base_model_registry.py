@@ -1,0 +1,77 @@
+"""Base models the store knows, by fingerprint: every adapter and subspace points at one."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from jobs.base_models import resolve_base_model
+from jobs.store.db import Database
+from jobs.store.fingerprint import base_fingerprint
+from jobs.store.records import NotFound
+from jobs.store.schema import BaseModelRow
+
+
+class BaseModelNotFound(NotFound):
+    pass
+
+
+@dataclass(frozen=True)
+class BaseModelRecord:
+    fingerprint: str
+    name: str
+    path: str
+    model_type: str | None
+    created_at: float
+
+
+class BaseModelRegistry:
+    def __init__(self, db: Database, *, home: str | os.PathLike | None = None):
+        self.db, self.home = db, home
+
+    def register(self, ref: str) -> BaseModelRecord:
+        """Register a base model once (by fingerprint); later calls return the same record."""
+        path = resolve_base_model(ref, home=self.home)
+        fingerprint = base_fingerprint(path, home=self.home)
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        try:
+            with self.db.write() as s:
+                if s.get(BaseModelRow, fingerprint) is None:
+                    s.add(
+                        BaseModelRow(
+                            fingerprint=fingerprint,
+                            name=ref,
+                            path=str(path),
+                            model_type=model_type,
+                            created_at=time.time(),
+                        )
+                    )
+        except IntegrityError:  # registered concurrently by another process
+            pass
+        return self.get(fingerprint)
+
+    def get(self, fingerprint_or_name: str) -> BaseModelRecord:
+        """A registered base by fingerprint, or by the name it was (most recently) registered under."""
+        with self.db.read() as s:
+            row = s.get(BaseModelRow, fingerprint_or_name) or s.scalar(
+                select(BaseModelRow)
+                .where(BaseModelRow.name == fingerprint_or_name)
+                .order_by(BaseModelRow.created_at.desc())
+                .limit(1)
+            )
+            if row is None:
+                raise BaseModelNotFound(f"no base model {fingerprint_or_name!r} is registered")
+            return _record(row)
+
+    def list(self) -> list[BaseModelRecord]:
+        with self.db.read() as s:
+            return [_record(r) for r in s.scalars(select(BaseModelRow).order_by(BaseModelRow.created_at))]
+
+
+def _record(r: BaseModelRow) -> BaseModelRecord:
+    return BaseModelRecord(r.fingerprint, r.name, r.path, r.model_type, r.created_at)

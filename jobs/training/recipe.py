@@ -1,0 +1,306 @@
+"""The training recipe every worker of a job runs, in named phases (as torchtune's recipes read):
+
+setup_data       the job's training and held-out examples, and how they become batches
+setup_model      load the frozen base, apply the PEFT method (FAR and friends look at a few batches)
+setup_optimizer  a DeepSpeed engine whose optimizer holds only the trainable parameters (ZeRO 0–3;
+                 gloo on CPU, NCCL on GPU), restored from a checkpoint when there is one
+train            each optimizer step consumes one global batch, split into micro-batches across ranks
+                 and accumulation steps, so N workers follow the same trajectory as one worker;
+                 evaluates and checkpoints (adapter + optimizer state only) on schedule
+evaluate         metrics on the held-out split, summed across ranks
+save             rank 0 writes the adapter (under ZeRO-3 after gathering just the adapter's
+                 partitions) and registers it
+
+The recipe knows nothing of Ray or the store: it talks to the outside world through a
+:class:`jobs.training.reporter.Reporter`, so it runs in a unit test with an in-memory one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import peft_methods
+from jobs.base_models import load_base_model
+from jobs.spec import JobSpec
+from jobs.training.batches import Batches
+from jobs.training.data import load_for_job
+from jobs.training.reporter import Reporter
+
+CHECKPOINT_TAG = "peftfleet"
+STEP_FILE = "peftfleet_step.json"  # in every checkpoint folder: the step it holds, readable without unpickling
+
+
+def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:  # type: ignore[valid-type]
+    t, ds = spec.training, spec.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no fused-op compile on CPU
+        "steps_per_print": 10**9,
+    }
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over every rank (the values themselves when training alone)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: Batches, examples: list, *, batch_size: int, rank: int = 0,
+             world: int = 1) -> dict[str, float]:
+    """Held-out metrics of ``model`` (a module or a DeepSpeed engine): loss and accuracy for classifiers,
+    loss and perplexity over response tokens for causal LMs. Each rank takes every world-th example and
+    the sums are all-reduced, so every rank returns the same numbers."""
+    classify = batches.task == "sequence-classification"
+    was_training = model.training
+    model.eval()
+    mine = examples[rank::world]
+    loss_sum = correct = count = tokens = 0.0
+    for i in range(0, max(len(mine), 1), batch_size):
+        chunk = mine[i : i + batch_size] or examples[:1]  # every rank runs the same number of forwards (ZeRO-3 gathers)
+        weight = 1.0 if mine[i : i + batch_size] else 0.0
+        batch = batches(chunk)
+        out = model(**batch)
+        if classify:
+            n = len(chunk) * weight
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item() * weight
+            count += n
+        else:
+            n = (batch["labels"][:, 1:] != -100).sum().item() * weight
+            tokens += n
+        loss_sum += out.loss.item() * n
+    loss_sum, correct, count, tokens = all_sum([loss_sum, correct, count, tokens])
+    model.train(was_training)
+    if classify:
+        return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+    return {"eval_loss": loss_sum / tokens, "eval_perplexity": math.exp(min(20.0, loss_sum / tokens))}
+
+
+class Recipe:
+    """One job's training on one rank. ``method_config`` is the spec's, with registry references already
+    resolved to local folders; ``metadata`` goes into the saved adapter (base fingerprint, job id, lineage)."""
+
+    def __init__(self, spec: JobSpec, reporter: Reporter, *, rank: int = 0, world: int = 1,  # type: ignore[valid-type]
+                 method_config: Any = None, metadata: dict[str, Any] | None = None, home: str | None = None,
+                 init_checkpoint: str | None = None):
+        self.spec, self.reporter, self.rank, self.world = spec, reporter, rank, world
+        self.method_config = method_config if method_config is not None else spec.method
+        self.metadata, self.home, self.init_checkpoint = dict(metadata or {}), home, init_checkpoint
+        self.step = 0
+
+    def run(self) -> str | None:
+        """Every phase in order; returns the registered adapter's name on rank 0 (None elsewhere)."""
+        self.setup_data()
+        self.setup_model()
+        self.setup_optimizer()
+        metrics = self.train()
+        return self.save(metrics)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup_data(self) -> None:
+        t = self.spec.training
+        self.data = load_for_job(self.spec.dataset, self.spec.task, t)
+        self.labels = getattr(self.data, "labels", None)
+        self.global_batch = t.batch_size * t.grad_accum_steps * self.world
+        self.steps_per_epoch = (
+            len(self.data.train) // self.global_batch
+        )  # the last partial batch is dropped: ranks step together
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.data.train)} training examples cannot fill one global batch of {self.global_batch}"
+            )
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+
+    def setup_model(self) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # a fresh task head is expected, not news
+        t = self.spec.training
+        torch.manual_seed(t.seed)  # the same fresh head on every rank
+        num_labels = len(self.labels) if self.labels else None
+        self.model, tokenizer = load_base_model(
+            self.spec.base_model, self.spec.task, num_labels=num_labels, home=self.home
+        )
+        self.method = peft_methods.get_method(self.method_config.method)
+        self.method.apply(self.model, self.method_config)
+        self.batches = Batches(self.spec.task, tokenizer, t.max_length)
+        train = self.data.train
+        self.method.prime(self.model, (self.batches(train[i : i + t.batch_size])
+                                       for i in range(0, min(len(train), 8 * t.batch_size), t.batch_size)))
+
+    def setup_optimizer(self) -> None:
+        import deepspeed
+
+        t = self.spec.training
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.summary = {"trainable_parameters": sum(p.numel() for p in trainable),
+                        "total_parameters": sum(p.numel() for p in self.model.parameters())}
+        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        warmup = int(t.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(t.lr_schedule, warmup, self.total_steps)
+        )
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a 30–50 s compile; gloo suffices
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=self.scheduler,
+            config=deepspeed_config(self.spec, self.world),
+            dist_init_required=False,
+        )
+        resumed = False
+        with self.reporter.checkpoint_to_resume() as folder:
+            if folder is not None:
+                self.step, resumed = self.load_checkpoint(folder), True
+                self._say(f"resumed from checkpoint at step {self.step}")
+        if not resumed and self.init_checkpoint:
+            # Another job's state, continued with this job's hyper-parameters (a PBT exploit): the adapter
+            # and optimizer state come from there, the learning-rate schedule is this job's at that step.
+            self.step = self.load_checkpoint(self.init_checkpoint, with_schedule=False)
+            self.scheduler.last_epoch = self.step
+            self._say(f"started from {self.init_checkpoint} at step {self.step}")
+        self.reporter.started(step=self.step, total_steps=self.total_steps, resumed=resumed,
+                              summary={"total_steps": self.total_steps, "world_size": self.world, **self.summary})
+        if self.rank == 0:
+            print(
+                f"{self.summary['trainable_parameters']:,} trainable parameters, {self.total_steps} steps of "
+                f"{self.global_batch} examples, ZeRO-{self.spec.deepspeed.zero_stage}, {self.world} worker(s)",
+                flush=True,
+            )
+
+    # -- train -----------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        """Steps until ``total_steps``; returns the last evaluation's metrics."""
+        t = self.spec.training
+        eval_every = t.eval_every_steps or self.steps_per_epoch
+        ckpt_every = t.checkpoint_every_steps or self.steps_per_epoch
+        log_every = max(1, min(10, self.total_steps // 20))
+        started, first = time.perf_counter(), self.step
+        metrics: dict[str, float] = {}
+        self.engine.train()
+        while self.step < self.total_steps:
+            loss = self.train_step()
+            self.step += 1
+            step = self.step
+            if step % log_every == 0 or step == self.total_steps:
+                (mean_loss,) = all_sum([loss / self.world])
+                self.reporter.metrics(step, {"train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
+                self._say(f"step {step}/{self.total_steps} loss {mean_loss:.4f} "
+                          f"({(step - first) / (time.perf_counter() - started):.2f} steps/s)", rank0=True)
+            evaluated = step % eval_every == 0 or step == self.total_steps
+            if evaluated:
+                metrics = self.evaluate()
+                self.reporter.metrics(step, metrics)
+                self._say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), rank0=True)
+            if (step % ckpt_every == 0) and step < self.total_steps:
+                with tempfile.TemporaryDirectory() as folder:
+                    self.save_checkpoint(folder)
+                    self.reporter.progress(step, metrics if evaluated else {}, checkpoint=folder)
+                self.reporter.metrics(step, {"checkpoint_step": step})  # persisted: a sweep may hand it on
+            elif evaluated:
+                self.reporter.progress(step, metrics)
+        # this worker's peak resident memory, for sizing (Linux reports KiB)
+        self.reporter.metrics(self.step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        return metrics
+
+    def train_step(self) -> float:
+        """One optimizer step over this rank's share of the global batch; returns its mean loss."""
+        t = self.spec.training
+        epoch, index = divmod(self.step, self.steps_per_epoch)
+        order = list(self.data.train)
+        random.Random(t.seed + epoch).shuffle(order)  # identical on every rank
+        examples = order[index * self.global_batch : (index + 1) * self.global_batch]
+        loss_sum = 0.0
+        for a in range(t.grad_accum_steps):
+            start = (a * self.world + self.rank) * t.batch_size
+            loss = self.engine(**self.batches(examples[start : start + t.batch_size])).loss
+            extra = self.method.regularization_loss(self.engine.module)
+            self.engine.backward(loss if extra is None else loss + extra)
+            self.engine.step()
+            loss_sum += loss.item()
+        return loss_sum / t.grad_accum_steps
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on the held-out split, summed across ranks (see :func:`evaluate`)."""
+        return evaluate(self.engine, self.batches, self.data.eval, batch_size=self.spec.training.batch_size,
+                        rank=self.rank, world=self.world)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, folder: str) -> None:
+        """The adapter and optimizer state only (never the frozen base), plus the step it holds."""
+        self.engine.save_checkpoint(
+            folder, tag=CHECKPOINT_TAG, client_state={"step": self.step}, exclude_frozen_parameters=True
+        )
+        with open(os.path.join(folder, STEP_FILE), "w") as f:
+            json.dump({"step": self.step}, f)
+
+    def load_checkpoint(self, folder: str, *, with_schedule: bool = True) -> int:
+        """Restore a checkpoint :meth:`save_checkpoint` wrote; returns its step."""
+        _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_module_strict=False,
+                                                      load_lr_scheduler_states=with_schedule)
+        return int(client_state["step"])
+
+    # -- save ------------------------------------------------------------------------------------
+    def save(self, metrics: dict[str, float]) -> str | None:
+        """Write and register the adapter on rank 0; every rank returns once it is registered."""
+        model, spec = self.engine.module, self.spec
+        owned = [p for n, p in model.named_parameters() if self.method.owns(model, n)]
+        gather = nullcontext()
+        if spec.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(owned, modifier_rank=None)  # only the adapter, never the base
+        name = None
+        scores = {k: float(v) for k, v in metrics.items() if k.startswith("eval_")}
+        with gather:
+            if self.rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    folder = peft_methods.save_adapter(model, os.path.join(tmp, "adapter"), metadata={
+                        **self.metadata, "metrics": scores, **({"labels": list(self.labels)} if self.labels else {}),
+                    })
+                    name = self.reporter.register_adapter(str(folder), scores)
+                print(f"adapter {name} registered", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+        self.reporter.finished(self.step, metrics, name)
+        return name
+
+    def _say(self, message: str, *, rank0: bool = False) -> None:
+        if not rank0 or self.rank == 0:
+            print(message if rank0 else f"[rank {self.rank}] {message}", flush=True)

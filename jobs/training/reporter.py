@@ -1,0 +1,77 @@
+"""The one interface the training recipe talks to the outside world through.
+
+Every rank calls every method at the same point of the loop; an implementation decides what only
+rank 0 does (the job's voice: state, metrics, the adapter's registration) and what every rank must
+do together (Ray Train's ``report`` is collective). Ray Train's is ``orchestrator.train_worker``;
+:class:`InMemoryReporter` keeps everything in lists, for tests and for running a recipe by hand.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Protocol
+
+
+class Reporter(Protocol):
+    def checkpoint_to_resume(self) -> AbstractContextManager[str | None]:
+        """A folder holding this job's own last checkpoint (after a restart), or None for a fresh start."""
+
+    def started(self, *, step: int, total_steps: int, resumed: bool, summary: dict[str, float]) -> None:
+        """Workers are training from ``step``: the job is RUNNING (RETRYING first if ``resumed`` after a
+        failure); ``summary`` holds its size (parameters, world size, total steps)."""
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        """Record metrics at ``step`` (rank 0's values count)."""
+
+    def progress(self, step: int, metrics: dict[str, float], checkpoint: str | None = None) -> None:
+        """An evaluation (or a checkpoint) reached: tell the scheduler; ``checkpoint`` is a folder that
+        must be persisted before this returns."""
+
+    def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
+        """Publish and record the trained adapter (rank 0 only); returns its name."""
+
+    def finished(self, step: int, metrics: dict[str, float], adapter: str | None) -> None:
+        """Training is over and the adapter (rank 0's name, None elsewhere) registered."""
+
+
+class InMemoryReporter:
+    """A reporter that keeps what it is told (checkpoints and adapters copied to folders of their own); ``resume_from``
+    makes it offer that checkpoint folder as the job's own."""
+
+    def __init__(self, resume_from: str | None = None):
+        self.resume_from = resume_from
+        self.events: list[tuple[str, Any]] = []
+        self.recorded: list[tuple[int, str, float]] = []
+        self.checkpoints: list[tuple[int, str]] = []
+        self.adapters: list[tuple[str, dict[str, float]]] = []
+
+    @contextmanager
+    def checkpoint_to_resume(self) -> Iterator[str | None]:
+        yield self.resume_from
+
+    def started(self, *, step: int, total_steps: int, resumed: bool, summary: dict[str, float]) -> None:
+        self.events.append(("started", {"step": step, "total_steps": total_steps, "resumed": resumed, **summary}))
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.recorded.extend((step, k, float(v)) for k, v in values.items())
+
+    def progress(self, step: int, metrics: dict[str, float], checkpoint: str | None = None) -> None:
+        self.events.append(("progress", {"step": step, **metrics}))
+        if checkpoint is not None:  # the recipe deletes its folder afterwards: keep a copy
+            kept = shutil.copytree(checkpoint, tempfile.mkdtemp(prefix="peftfleet-ckpt-"), dirs_exist_ok=True)
+            self.checkpoints.append((step, kept))
+
+    def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
+        kept = shutil.copytree(folder, tempfile.mkdtemp(prefix="peftfleet-adapter-"), dirs_exist_ok=True)
+        self.adapters.append((kept, dict(metrics)))
+        return f"adapter-{len(self.adapters)}"
+
+    def finished(self, step: int, metrics: dict[str, float], adapter: str | None) -> None:
+        self.events.append(("finished", {"step": step, "adapter": adapter, **metrics}))
+
+    def values(self, name: str) -> list[tuple[int, float]]:
+        """Every recorded ``(step, value)`` of the metric ``name``."""
+        return [(step, value) for step, key, value in self.recorded if key == name]
