@@ -5,7 +5,7 @@ each, every request for a different adapter, 16 generated tokens (greedy). Prefi
 prompt tokens / time of a 1-token generation; generation throughput is the 15 further tokens per
 row / (time of 16 tokens - time of 1). Compared, on the same prompts in one run:
 
-  peftfleet     AdapterBank: one forward per step, per-row gathered low-rank products
+  peftfleet     AdapterBank + the server's decoding loop: one forward per step, per-row gathered low-rank products
   base          the base alone with no adapters (the limit)
   swap          HF PEFT, one request at a time, `set_adapter` before each (adapter swapping)
   hf-mixed      HF PEFT's mixed-batch inference, `generate(..., adapter_names=[...])`
@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,15 +36,17 @@ N_ADAPTERS, PROMPT_TOKENS, NEW_TOKENS = 32, 64, 16
 
 
 def make_adapters(base_folder: Path, out: Path) -> list[Path]:
-    import peft_methods
-    from jobs.fingerprint import base_fingerprint
     from transformers import AutoModelForCausalLM
+
+    import peft_methods
+    from jobs.store.fingerprint import base_fingerprint
 
     fingerprint = base_fingerprint(base_folder)
     folders = []
     for i in range(N_ADAPTERS):
         model = AutoModelForCausalLM.from_pretrained(base_folder)
-        peft_methods.apply(model, {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        peft_methods.apply(model, {"method": "lora", "r": 8, "alpha": 16, "target_modules": targets})
         g = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -55,7 +58,8 @@ def make_adapters(base_folder: Path, out: Path) -> list[Path]:
 
 def prompts(tokenizer) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(100, tokenizer.vocab_size - 100, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(N_ADAPTERS)]
+    high = tokenizer.vocab_size - 100
+    return [torch.randint(100, high, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(N_ADAPTERS)]
 
 
 def timed(fn, repeats: int) -> float:
@@ -72,7 +76,13 @@ def throughputs(run, repeats: int) -> dict[str, float]:
     run(2)  # warm-up
     t1 = timed(lambda: run(1), repeats)
     t16 = timed(lambda: run(NEW_TOKENS), repeats)
-    return {"prefill_tok_s": N_ADAPTERS * PROMPT_TOKENS / t1, "generation_tok_s": N_ADAPTERS * (NEW_TOKENS - 1) / (t16 - t1),
+    return rates(t1, t16)
+
+
+def rates(t1: float, t16: float) -> dict[str, float]:
+    """Prefill and generation tokens/s from the times of a 1-token and a 16-token generation."""
+    return {"prefill_tok_s": N_ADAPTERS * PROMPT_TOKENS / t1,
+            "generation_tok_s": N_ADAPTERS * (NEW_TOKENS - 1) / (t16 - t1),
             "seconds_1_token": t1, "seconds_16_tokens": t16}
 
 
@@ -86,8 +96,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jobs.base_models import resolve_base_model
+    from orchestrator.serving.decoding import GenerationRequest, generate
+    from peft_methods.adapter_bank import AdapterBank
     from peft_methods.adapter_files import read_adapter
-    from peft_methods.mixed_batch import AdapterBank, GenerationRequest
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     base_folder = resolve_base_model("smollm2")
@@ -107,9 +118,12 @@ def main() -> None:
     for name, folder in zip(names, folders):
         config, state, _ = read_adapter(folder)
         bank.load(name, config, state)
-    results["peftfleet"] = throughputs(lambda n: bank.generate([GenerationRequest(r, k, n) for r, k in zip(rows, names)]), args.repeats)
+    mixed = [GenerationRequest(r, k) for r, k in zip(rows, names)]
+    results["peftfleet"] = throughputs(lambda n: generate(bank, [replace(q, max_tokens=n) for q in mixed]),
+                                       args.repeats)
     plain = AdapterBank(load_base(), capacity=1)
-    results["base"] = throughputs(lambda n: plain.generate([GenerationRequest(r, None, n) for r in rows]), args.repeats)
+    alone = [GenerationRequest(r) for r in rows]
+    results["base"] = throughputs(lambda n: generate(plain, [replace(q, max_tokens=n) for q in alone]), args.repeats)
     plain = None  # free it before the next model loads
 
     # HF PEFT: all 32 adapters in one PeftModel.
@@ -118,7 +132,8 @@ def main() -> None:
         hf.load_adapter(folder, adapter_name=name)
     hf.eval()
     tokenizer.padding_side = "left"
-    batch = {"input_ids": torch.tensor(rows, device=args.device), "attention_mask": torch.ones(N_ADAPTERS, PROMPT_TOKENS, dtype=torch.long, device=args.device)}
+    batch = {"input_ids": torch.tensor(rows, device=args.device),
+             "attention_mask": torch.ones(N_ADAPTERS, PROMPT_TOKENS, dtype=torch.long, device=args.device)}
     eos = dict(eos_token_id=None, pad_token_id=tokenizer.pad_token_id or 0, do_sample=False)
 
     def hf_mixed(n: int) -> None:
@@ -160,15 +175,15 @@ def http_end_to_end(base_folder, folders, names, rows, tokenizer) -> dict[str, f
     client = Client(home=tempfile.mkdtemp(), num_cpus=os.cpu_count())
     fingerprint = client.store.register_base_model(str(base_folder)).fingerprint
     for name, folder in zip(names, folders):
-        client.adapters.register(folder, name=f"bench-{name}", base_fingerprint=fingerprint, task="causal-lm", task_name=f"t{name}")
-    serving = client.serve(str(base_folder), capacity=N_ADAPTERS, max_batch_size=N_ADAPTERS, batch_wait_s=0.5, port=8311,
-                           cpus_per_replica=os.cpu_count(), name="bench")
+        client.adapters.register(folder, name=f"bench-{name}", base_fingerprint=fingerprint, task="causal-lm",
+                                 task_name=f"t{name}")
+    serving = client.serve(str(base_folder), capacity=N_ADAPTERS, max_batch_size=N_ADAPTERS, batch_wait_s=0.5,
+                           port=8311, cpus_per_replica=os.cpu_count(), name="bench")
     texts = [tokenizer.decode(r) for r in rows]
 
     def one(i: int, n: int) -> None:
-        r = requests.post(f"{serving.url}/v1/completions", json={"model": f"bench-{names[i]}", "prompt": texts[i], "max_tokens": n,
-                                                                 "temperature": 0}, timeout=600)
-        r.raise_for_status()
+        body = {"model": f"bench-{names[i]}", "prompt": texts[i], "max_tokens": n, "temperature": 0}
+        requests.post(f"{serving.url}/v1/completions", json=body, timeout=600).raise_for_status()
 
     def all_at_once(n: int) -> float:
         start = time.perf_counter()
@@ -177,10 +192,10 @@ def http_end_to_end(base_folder, folders, names, rows, tokenizer) -> dict[str, f
         return time.perf_counter() - start
 
     all_at_once(2)  # load every adapter, warm up
-    t1, t16 = statistics.median(all_at_once(1) for _ in range(3)), statistics.median(all_at_once(NEW_TOKENS) for _ in range(3))
+    t1 = statistics.median(all_at_once(1) for _ in range(3))
+    t16 = statistics.median(all_at_once(NEW_TOKENS) for _ in range(3))
     serving.stop()
-    return {"prefill_tok_s": N_ADAPTERS * PROMPT_TOKENS / t1, "generation_tok_s": N_ADAPTERS * (NEW_TOKENS - 1) / (t16 - t1),
-            "seconds_1_token": t1, "seconds_16_tokens": t16}
+    return rates(t1, t16)
 
 
 def write(results: dict, ratios: dict, args) -> None:
@@ -191,13 +206,15 @@ def write(results: dict, ratios: dict, args) -> None:
     (RESULTS / f"serving_throughput_{tag}.json").write_text(json.dumps(info, indent=2) + "\n")
     lines = [
         f"# Serving {N_ADAPTERS} LoRA adapters on SmolLM2-135M ({args.device})", "",
-        f"Measured {info['date']}, {info['cpus']} CPUs, torch threads {info['torch_threads']}, `python benchmarks/serving_throughput.py"
-        f"{' --device cuda' if args.device == 'cuda' else ''}`. Batch of {N_ADAPTERS} requests × {PROMPT_TOKENS} prompt tokens, "
-        f"each for a different LoRA adapter (r=8, q/k/v/o), {NEW_TOKENS} greedy tokens. Medians of {args.repeats} runs.", "",
+        f"Measured {info['date']}, {info['cpus']} CPUs, torch threads {info['torch_threads']}, "
+        f"`python benchmarks/serving_throughput.py{' --device cuda' if args.device == 'cuda' else ''}`. "
+        f"Batch of {N_ADAPTERS} requests × {PROMPT_TOKENS} prompt tokens, each for a different LoRA adapter "
+        f"(r=8, q/k/v/o), {NEW_TOKENS} greedy tokens. Medians of {args.repeats} runs.", "",
         "| system | prefill tok/s | generation tok/s | s (1 token) | s (16 tokens) |", "|---|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['generation_tok_s']:.1f} | {r['seconds_1_token']:.2f} | {r['seconds_16_tokens']:.2f} |")
+        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['generation_tok_s']:.1f} | {r['seconds_1_token']:.2f} "
+                     f"| {r['seconds_16_tokens']:.2f} |")
     lines += ["", "| ratio (peftfleet / other) | value | target |", "|---|---:|---:|",
               f"| vs base, prefill | {ratios['vs_base_prefill']:.3f} | ≥ 0.93 |",
               f"| vs base, generation | {ratios['vs_base_generation']:.3f} | ≥ 0.93 |",
@@ -206,7 +223,8 @@ def write(results: dict, ratios: dict, args) -> None:
               f"| vs HF PEFT mixed batch, generation | {ratios['vs_hf_mixed_generation']:.2f} | ≥ 1.6 |",
               f"| vs HF PEFT mixed batch, prefill | {ratios['vs_hf_mixed_prefill']:.2f} | — |"]
     if "http" in results:
-        lines.append(f"| HTTP end to end / in-process, generation | {results['http']['generation_tok_s'] / results['peftfleet']['generation_tok_s']:.2f} | — |")
+        http = results["http"]["generation_tok_s"] / results["peftfleet"]["generation_tok_s"]
+        lines.append(f"| HTTP end to end / in-process, generation | {http:.2f} | — |")
     (RESULTS / f"serving_throughput_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

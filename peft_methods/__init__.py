@@ -16,7 +16,13 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter
 from torch import nn
 
-from peft_methods.adapter_files import AdapterIntegrityError, BaseModelMismatch, load_adapter, read_manifest, save_adapter
+from peft_methods.adapter_files import (
+    AdapterIntegrityError,
+    BaseModelMismatch,
+    load_adapter,
+    read_manifest,
+    save_adapter,
+)
 from peft_methods.api import MethodConfig, PeftMethod, applied_config
 from peft_methods.registry import PluginError, get_method, list_methods, refresh
 

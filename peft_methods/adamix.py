@@ -29,8 +29,14 @@ from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod, applied_config, check_state_keys
 from peft_methods.bottleneck import (
-    ACTIVATIONS, AdapterShapeConfig, adapted_sublayers, bottleneck_size, init_up_projection, output_adapter_deltas,
+    ACTIVATIONS,
+    AdapterShapeConfig,
+    adapted_sublayers,
+    bottleneck_size,
+    init_up_projection,
+    output_adapter_deltas,
 )
+from peft_methods.row_deltas import OutputAdapter
 from peft_methods.targeting import replace_module
 
 # Names of the averaged adapter's tensors, relative to the adapted layer: a bottleneck adapter's.
@@ -137,7 +143,7 @@ class AdaMix(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".adamix_experts." in name
 
-    def row_deltas(self, base: nn.Module, config: AdaMixConfig, state: dict[str, torch.Tensor]) -> list:
+    def row_deltas(self, base: nn.Module, config: AdaMixConfig, state: dict[str, torch.Tensor]) -> list[OutputAdapter]:
         """The averaged adapter, served like a bottleneck adapter (kept experts are not needed)."""
         return output_adapter_deltas(config, {k: v for k, v in state.items() if ".adamix_experts." not in k})
 

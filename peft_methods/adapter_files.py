@@ -97,7 +97,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return read_hashed_json(directory, MANIFEST_FILE, "adapter", FORMAT_VERSION, (CONFIG_FILE, WEIGHTS_FILE))
 
 
-def read_hashed_json(directory: str | os.PathLike, name: str, kind: str, version: int, required: tuple[str, ...]) -> dict[str, Any]:
+def read_hashed_json(
+    directory: str | os.PathLike, name: str, kind: str, version: int, required: tuple[str, ...]
+) -> dict[str, Any]:
     """A folder's JSON description (``name``) after checking its format version and that every file
     it lists under ``files`` (at least ``required``) exists with the recorded sha256."""
     folder = Path(directory)
@@ -108,7 +110,9 @@ def read_hashed_json(directory: str | os.PathLike, name: str, kind: str, version
     except json.JSONDecodeError as e:
         raise AdapterIntegrityError(f"{folder / name} is not valid JSON: {e}") from None
     if manifest.get("format_version") != version:
-        raise AdapterIntegrityError(f"{folder}: {kind} format {manifest.get('format_version')!r}, this peftfleet reads {version}")
+        raise AdapterIntegrityError(
+            f"{folder}: {kind} format {manifest.get('format_version')!r}, this peftfleet reads {version}"
+        )
     files = manifest.get("files") or {}
     for needed in required:
         if needed not in files:
@@ -119,7 +123,9 @@ def read_hashed_json(directory: str | os.PathLike, name: str, kind: str, version
             raise AdapterIntegrityError(f"{folder}: {file} is missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise AdapterIntegrityError(f"{folder}: {file} sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…")
+            raise AdapterIntegrityError(
+                f"{folder}: {file} sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…"
+            )
     return manifest
 
 

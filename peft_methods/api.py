@@ -112,9 +112,12 @@ class PeftMethod:
         return config
 
     def row_deltas(self, base: nn.Module, config: MethodConfig, state: dict[str, torch.Tensor]) -> list[Any]:
-        """A saved adapter as per-module changes of the plain ``base`` that a mixed batch applies to
-        the rows using it (see :mod:`peft_methods.mixed_batch`). ``state`` holds the saved tensors by
-        parameter name with the task heads taken out (those are served generically)."""
+        """A saved adapter as changes of the plain ``base`` that a mixed batch applies to the rows using
+        it, so many adapters serve (and train) in one forward of one shared base. Each item is a
+        ``RowDelta`` (one module's change, applying itself) or an ``InputDelta`` (virtual tokens), see
+        :mod:`peft_methods.row_deltas`; a method may define its own kinds. ``state`` holds the saved
+        tensors by parameter name with the task heads taken out (those are served generically).
+        Without this a method's adapters are refused by the server with a clear error."""
         raise NotImplementedError(f"{self.name} does not describe its adapter as per-row deltas")
 
     def adapter_config(self, model: nn.Module, config: MethodConfig) -> dict[str, Any]:

@@ -10,13 +10,14 @@ model *is* the merged model: merging costs nothing and serving has no overhead.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
+from peft_methods.row_deltas import BiasShift
 from peft_methods.targeting import ALL_LINEAR_IN_BLOCKS, find_modules, model_family
 
 
@@ -64,10 +65,8 @@ class BitFit(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name == "bias" or name.endswith(".bias")
 
-    def row_deltas(self, base: nn.Module, config: BitFitConfig, state: dict[str, torch.Tensor]) -> list[Any]:
+    def row_deltas(self, base: nn.Module, config: BitFitConfig, state: dict[str, torch.Tensor]) -> list[BiasShift]:
         """Each trained bias as a shift from the base's (from zero where BitFit added the bias)."""
-        from peft_methods.mixed_batch import BiasShift
-
         modules = dict(base.named_modules())
         deltas = []
         for key in sorted(state):

@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
+from peft_methods.row_deltas import OutputAdapter
 from peft_methods.targeting import ATTENTION_QV, default_targets, find_modules, replace_module
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -40,7 +41,9 @@ class AdapterShapeConfig(MethodConfig):
     """Fields shared by bottleneck adapters and AdaMix (which mixes several of them)."""
 
     reduction_factor: float = Field(
-        default=16, gt=0, description="Hidden size / bottleneck size; the bottleneck has max(1, hidden // factor) units."
+        default=16,
+        gt=0,
+        description="Hidden size / bottleneck size; the bottleneck has max(1, hidden // factor) units.",
     )
     nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
         default="relu", description="Activation between the down- and the up-projection."
@@ -83,10 +86,8 @@ def init_up_projection(weight: torch.Tensor, bias: torch.Tensor, scale: float) -
         bias.zero_()
 
 
-def output_adapter_deltas(config: AdapterShapeConfig, state: dict[str, torch.Tensor]) -> list:
+def output_adapter_deltas(config: AdapterShapeConfig, state: dict[str, torch.Tensor]) -> list[OutputAdapter]:
     """Saved bottleneck tensors (``<module>.adapter_down.weight`` ...) as mixed-batch deltas."""
-    from peft_methods.mixed_batch import OutputAdapter
-
     act = ACTIVATIONS[config.nonlinearity]()
     return [
         OutputAdapter(m, state[f"{m}.adapter_down.weight"], state[f"{m}.adapter_down.bias"],
@@ -136,5 +137,6 @@ class BottleneckAdapters(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".adapter_down." in name or ".adapter_up." in name
 
-    def row_deltas(self, base: nn.Module, config: BottleneckConfig, state: dict[str, torch.Tensor]) -> list:
+    def row_deltas(self, base: nn.Module, config: BottleneckConfig, state: dict[str, torch.Tensor]
+                   ) -> list[OutputAdapter]:
         return output_adapter_deltas(config, state)

@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod, applied_config, check_state_keys
+from peft_methods.row_deltas import SparseDelta
 from peft_methods.targeting import ALL_LINEAR_IN_BLOCKS, default_targets, find_modules, replace_module
 
 # Hard-concrete constants from Louizos et al.: temperature and stretch interval (gamma, zeta).
@@ -136,16 +137,16 @@ class DiffPruning(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.endswith((".diff_delta", ".diff_log_alpha"))
 
-    def row_deltas(self, base: nn.Module, config: DiffPruningConfig, state: dict[str, torch.Tensor]) -> list:
+    def row_deltas(self, base: nn.Module, config: DiffPruningConfig, state: dict[str, torch.Tensor]
+                   ) -> list[SparseDelta]:
         """Each layer's kept entries as a sparse weight difference."""
-        from peft_methods.mixed_batch import SparseDelta
-
         modules, deltas = dict(base.named_modules()), []
         for m in sorted(k[: -len(_INDICES)] for k in state if k.endswith(_INDICES)):
-            out_features, in_features = modules[m].weight.shape
+            shape = modules[m].weight.shape
             flat = state[m + _INDICES]
-            coords = torch.stack([flat // in_features, flat % in_features])
-            deltas.append(SparseDelta(m, torch.sparse_coo_tensor(coords, state[m + _VALUES], (out_features, in_features), check_invariants=True).coalesce()))
+            coords = torch.stack([flat // shape[1], flat % shape[1]])
+            sparse = torch.sparse_coo_tensor(coords, state[m + _VALUES], tuple(shape), check_invariants=True)
+            deltas.append(SparseDelta(m, sparse.coalesce()))
         return deltas
 
     def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
@@ -160,7 +161,10 @@ class DiffPruning(PeftMethod):
         total = sum(cached) if cached else sum(m.expected_l0() for _, m in layers)
         # Normalised by the number of gated entries: an unnormalised sum over millions of gates
         # swamps the task loss and, through gradient clipping, starves the task head of updates.
-        gated = sum(m.diff_log_alpha.ds_numel if hasattr(m.diff_log_alpha, "ds_numel") else m.diff_log_alpha.numel() for _, m in layers)
+        gated = sum(
+            m.diff_log_alpha.ds_numel if hasattr(m.diff_log_alpha, "ds_numel") else m.diff_log_alpha.numel()
+            for _, m in layers
+        )
         return applied_config(model).l0_weight * total / gated
 
     def _head_parameters(self, model: nn.Module) -> set[str]:
@@ -194,7 +198,9 @@ class DiffPruning(PeftMethod):
                 raise ValueError(f"{self.name}: {name} indices must be distinct and in [0, {numel})")
         for n in expected & params.keys():
             if params[n].shape != state[n].shape:
-                raise ValueError(f"{self.name}: {n} has shape {tuple(state[n].shape)}, model expects {tuple(params[n].shape)}")
+                raise ValueError(
+                    f"{self.name}: {n} has shape {tuple(state[n].shape)}, model expects {tuple(params[n].shape)}"
+                )
         with torch.no_grad():
             for n in expected & params.keys():
                 params[n].copy_(state[n])

@@ -30,6 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod, check_state_keys
+from peft_methods.row_deltas import RowOverride
 from peft_methods.targeting import ALL_LINEAR_IN_BLOCKS, default_targets, find_modules, replace_module
 
 # Names (in the targeting tables) of the projections that feed FFN units, per architecture.
@@ -132,10 +133,8 @@ class FAR(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.endswith((".far_weight", ".far_bias"))
 
-    def row_deltas(self, base: nn.Module, config: FARConfig, state: dict[str, torch.Tensor]) -> list:
+    def row_deltas(self, base: nn.Module, config: FARConfig, state: dict[str, torch.Tensor]) -> list[RowOverride]:
         """Each adapted layer's trained rows replace the base's rows for the adapter's requests."""
-        from peft_methods.mixed_batch import RowOverride
-
         return [RowOverride(m, state[m + _ROWS], state[m + ".far_weight"], state.get(m + ".far_bias"))
                 for m in sorted(k[: -len(_ROWS)] for k in state if k.endswith(_ROWS))]
 
@@ -197,7 +196,9 @@ class FAR(PeftMethod):
                 raise ValueError(f"{self.name}: {name}{_ROWS} must be distinct rows in [0, {n_out})")
         for n in expected & params.keys():
             if params[n].shape != state[n].shape:
-                raise ValueError(f"{self.name}: {n} has shape {tuple(state[n].shape)}, model expects {tuple(params[n].shape)}")
+                raise ValueError(
+                    f"{self.name}: {n} has shape {tuple(state[n].shape)}, model expects {tuple(params[n].shape)}"
+                )
         with torch.no_grad():
             for name, layer in layers.items():
                 layer.far_rows.copy_(state[name + _ROWS])

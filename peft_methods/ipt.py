@@ -32,7 +32,14 @@ from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
 from peft_methods.prompt_tuning import PromptEmbeddings, input_embedding_table, install_prompt
-from peft_methods.virtual_tokens import PROMPT_KEY, from_hf_keys, hf_prompt_learning_config, load_prompt_state, to_hf_keys
+from peft_methods.row_deltas import Prompt
+from peft_methods.virtual_tokens import (
+    PROMPT_KEY,
+    from_hf_keys,
+    hf_prompt_learning_config,
+    load_prompt_state,
+    to_hf_keys,
+)
 
 _ATTR = "peft_prompt"
 VECTOR_KEY = "intrinsic_vector"
@@ -53,12 +60,18 @@ class IPTConfig(MethodConfig):
         ),
     )
     intrinsic_dim: int | None = Field(
-        default=None, gt=0, le=4096,
-        description=f"Size of the trained vector z. With a subspace: its dimension (unset or equal). Without: default {RANDOM_DIM}.",
+        default=None,
+        gt=0,
+        le=4096,
+        description=f"Size of the trained vector z. With a subspace: its dimension (unset or equal). "
+        f"Without: default {RANDOM_DIM}.",
     )
     num_virtual_tokens: int | None = Field(
-        default=None, gt=0, le=1024,
-        description=f"Length of the decoded prompt. With a subspace: its length (unset or equal). Without: default {RANDOM_TOKENS}.",
+        default=None,
+        gt=0,
+        le=1024,
+        description=f"Length of the decoded prompt. With a subspace: its length (unset or equal). "
+        f"Without: default {RANDOM_TOKENS}.",
     )
     seed: int = Field(default=0, ge=0, description="Seeds the random subspace (used only without `subspace`).")
     decoded: bool = Field(
@@ -139,7 +152,9 @@ class IPT(PeftMethod):
                                               torch.zeros(config.intrinsic_dim, **like))
         else:
             if config.subspace is None:
-                decoder, z = random_subspace(table, config.intrinsic_dim or RANDOM_DIM, config.num_virtual_tokens or RANDOM_TOKENS, config.seed)
+                decoder, z = random_subspace(
+                    table, config.intrinsic_dim or RANDOM_DIM, config.num_virtual_tokens or RANDOM_TOKENS, config.seed
+                )
             else:
                 decoder, z = load_subspace(config.subspace, hidden)
             _check_matches(config, decoder)
@@ -164,7 +179,9 @@ class IPT(PeftMethod):
         prompt, z = state.get(PROMPT_KEY), state.get(VECTOR_KEY)
         if prompt is None or z is None or prompt.dim() != 2 or z.dim() != 1:
             raise ValueError(f"ipt: an adapter needs a 2-D {PROMPT_KEY} and a 1-D {VECTOR_KEY}")
-        return config.model_copy(update={"decoded": True, "num_virtual_tokens": prompt.shape[0], "intrinsic_dim": z.shape[0]})
+        return config.model_copy(
+            update={"decoded": True, "num_virtual_tokens": prompt.shape[0], "intrinsic_dim": z.shape[0]}
+        )
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         module = getattr(model, _ATTR)
@@ -182,9 +199,7 @@ class IPT(PeftMethod):
             VECTOR_KEY: (tuple(module.intrinsic.shape), setter(module.intrinsic)),
         })
 
-    def row_deltas(self, base: nn.Module, config: IPTConfig, state: dict[str, torch.Tensor]) -> list[Any]:
-        from peft_methods.mixed_batch import Prompt
-
+    def row_deltas(self, base: nn.Module, config: IPTConfig, state: dict[str, torch.Tensor]) -> list[Prompt]:
         return [Prompt(state[PROMPT_KEY])]  # the decoded prompt: served like prompt tuning
 
     def to_file_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -305,14 +320,26 @@ def read_subspace_info(folder: str | os.PathLike) -> dict[str, Any]:
 def load_subspace(folder: str | os.PathLike, hidden_size: int) -> tuple[PromptDecoder, torch.Tensor]:
     """The frozen decoder and the initial code of a verified subspace folder for a model of ``hidden_size``."""
     if not Path(folder).is_dir():
-        raise ValueError(f"ipt: subspace {str(folder)!r} is not a folder (job specs resolve registered names; Python needs the folder)")
+        raise ValueError(
+            f"ipt: subspace {str(folder)!r} is not a folder (job specs resolve registered names; Python needs the "
+            "folder)"
+        )
     info = read_subspace_info(folder)
     if info["hidden_size"] != hidden_size:
-        raise ValueError(f"ipt: the subspace decodes prompts of width {info['hidden_size']}, the model's embeddings are {hidden_size} wide")
+        raise ValueError(
+            f"ipt: the subspace decodes prompts of width {info['hidden_size']}, the model's embeddings are "
+            f"{hidden_size} wide"
+        )
     tensors = load_file(Path(folder) / SUBSPACE_TENSORS)
     n, d, width = info["num_virtual_tokens"], info["intrinsic_dim"], info["num_virtual_tokens"] * hidden_size
     inner = tensors["in_weight"].shape[0] if "in_weight" in tensors else -1
-    expected = {"in_weight": (inner, d), "in_bias": (inner,), "out_weight": (width, inner), "out_bias": (width,), "init_code": (d,)}
+    expected = {
+        "in_weight": (inner, d),
+        "in_bias": (inner,),
+        "out_weight": (width, inner),
+        "out_bias": (width,),
+        "init_code": (d,),
+    }
     if {k: tuple(v.shape) for k, v in tensors.items()} != expected:
         raise ValueError(f"ipt: subspace {folder} holds tensors of unexpected names or shapes")
     init = tensors.pop("init_code")

@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
+from peft_methods.row_deltas import LowRank
 from peft_methods.targeting import ATTENTION_QV, default_targets, find_modules, hf_task_type, replace_module
 
 
@@ -90,9 +91,7 @@ class LoRA(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".lora_A." in name or ".lora_B." in name
 
-    def row_deltas(self, base: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor]) -> list[Any]:
-        from peft_methods.mixed_batch import LowRank
-
+    def row_deltas(self, base: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor]) -> list[LowRank]:
         scale = config.alpha / config.r
         return [LowRank(k[: -len(".lora_A.weight")], state[k], state[k.replace(".lora_A.", ".lora_B.")] * scale)
                 for k in sorted(state) if k.endswith(".lora_A.weight")]

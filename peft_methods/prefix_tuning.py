@@ -14,7 +14,6 @@ so loading gives plain prefixes and ``peft.PeftModel.from_pretrained`` reads our
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -23,9 +22,19 @@ from pydantic import Field
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
+from peft_methods.row_deltas import PrefixKV
 from peft_methods.virtual_tokens import (
-    PROMPT_KEY, batch_size, cache_kwarg, extend_attention_mask, from_hf_keys, hf_prompt_learning_config,
-    install_input_hook, load_prompt_state, to_hf_keys,
+    PROMPT_KEY,
+    KVLayout,
+    batch_size,
+    cache_kwarg,
+    extend_attention_mask,
+    from_hf_keys,
+    hf_prompt_learning_config,
+    install_input_hook,
+    load_prompt_state,
+    prefix_keys_values,
+    to_hf_keys,
 )
 
 _ATTR = "peft_prefix"  # the module holding the prefix on the model
@@ -46,29 +55,6 @@ class PrefixTuningConfig(MethodConfig):
     encoder_hidden_size: int = Field(
         default=128, gt=0, le=65536, description="Hidden width of the re-parametrisation MLP (prefix_projection only)."
     )
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """How one layer's keys/values are shaped: HF PEFT's token_dim is heads * head_dim."""
-
-    layers: int
-    heads: int
-    head_dim: int
-
-    @property
-    def token_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def width(self) -> int:  # one virtual token's keys and values across all layers
-        return self.layers * 2 * self.token_dim
-
-    @classmethod
-    def of(cls, config: Any) -> KVLayout:
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, heads, head_dim)
 
 
 class Prefix(nn.Module):
@@ -128,9 +114,7 @@ class PrefixTuning(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.startswith(_ATTR + ".")
 
-    def row_deltas(self, base: nn.Module, config: PrefixTuningConfig, state: dict[str, torch.Tensor]) -> list[Any]:
-        from peft_methods.mixed_batch import PrefixKV
-
+    def row_deltas(self, base: nn.Module, config: PrefixTuningConfig, state: dict[str, torch.Tensor]) -> list[PrefixKV]:
         return [PrefixKV(state[PROMPT_KEY])]
 
     # -- saved: the computed prefix (MLP folded away) plus the task head ---------------------
@@ -160,7 +144,9 @@ class PrefixTuning(PeftMethod):
         """HF PEFT's PrefixTuningConfig; prefix_projection is false because the saved prefix is folded."""
         layout = KVLayout.of(model.config)
         return {
-            **hf_prompt_learning_config(model, "PREFIX_TUNING", config.num_virtual_tokens, layout.token_dim, layout.heads),
+            **hf_prompt_learning_config(
+                model, "PREFIX_TUNING", config.num_virtual_tokens, layout.token_dim, layout.heads
+            ),
             "encoder_hidden_size": config.encoder_hidden_size,
             "prefix_projection": False,
         }
@@ -169,10 +155,8 @@ class PrefixTuning(PeftMethod):
 def _cache_of(table: torch.Tensor, batch: int, layout: KVLayout) -> Any:
     from transformers import DynamicCache
 
-    n = table.shape[0]
-    # HF PEFT's layout: per token, layer-major, then key/value, then heads, then head_dim.
-    kv = table.view(n, layout.layers, 2, layout.heads, layout.head_dim).permute(1, 2, 3, 0, 4)
-    shape = (batch, layout.heads, n, layout.head_dim)
+    kv = prefix_keys_values(table, layout)
+    shape = (batch, layout.heads, table.shape[0], layout.head_dim)
     return DynamicCache([(kv[i, 0].expand(shape), kv[i, 1].expand(shape)) for i in range(layout.layers)])
 
 
@@ -203,7 +187,11 @@ def _real_token_prefix(model: nn.Module, n: int, layout: KVLayout, key: str) -> 
 
 
 def _add_prefix(model: nn.Module, kwargs: dict[str, Any], n: int, layout: KVLayout, key: str) -> None:
-    if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    if (
+        model.training
+        and torch.is_grad_enabled()
+        and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    ):
         # transformers' checkpointed layers drop the KV cache, which would silently drop the prefix.
         raise ValueError("prefix_tuning does not work with gradient checkpointing; disable it")
     kwargs[key] = _cache_of(getattr(model, _ATTR)(), batch_size(kwargs), layout)

@@ -19,10 +19,18 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
+from peft_methods.row_deltas import Prompt
 from peft_methods.targeting import hf_task_type
 from peft_methods.virtual_tokens import (
-    PROMPT_KEY, batch_size, extend_attention_mask, from_hf_keys, hf_prompt_learning_config,
-    install_input_hook, load_prompt_state, prepend, to_hf_keys,
+    PROMPT_KEY,
+    batch_size,
+    extend_attention_mask,
+    from_hf_keys,
+    hf_prompt_learning_config,
+    install_input_hook,
+    load_prompt_state,
+    prepend,
+    to_hf_keys,
 )
 
 _ATTR = "peft_prompt"  # the module holding the virtual tokens on the model
@@ -31,7 +39,10 @@ _ATTR = "peft_prompt"  # the module holding the virtual tokens on the model
 class PromptTuningConfig(MethodConfig):
     method: Literal["prompt_tuning"] = Field(default="prompt_tuning", description="Selects prompt tuning.")
     num_virtual_tokens: int = Field(
-        default=20, gt=0, le=1024, description="Trainable embeddings prepended to every input (the soft prompt's length)."
+        default=20,
+        gt=0,
+        le=1024,
+        description="Trainable embeddings prepended to every input (the soft prompt's length).",
     )
     init: Literal["random", "text"] = Field(
         default="random",
@@ -89,9 +100,7 @@ class PromptTuning(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name.startswith(_ATTR + ".")
 
-    def row_deltas(self, base: nn.Module, config: MethodConfig, state: dict[str, torch.Tensor]) -> list[Any]:
-        from peft_methods.mixed_batch import Prompt
-
+    def row_deltas(self, base: nn.Module, config: MethodConfig, state: dict[str, torch.Tensor]) -> list[Prompt]:
         return [Prompt(state[PROMPT_KEY])]
 
     # -- HF PEFT's layout: `prompt_embeddings` (num_virtual_tokens, hidden) plus the task head --
@@ -160,7 +169,9 @@ def _initial_prompt(model: nn.Module, table: torch.Tensor, config: PromptTuningC
     if not ids:
         raise ValueError(f"prompt_tuning: init_text {config.init_text!r} tokenizes to nothing")
     if max(ids) >= table.shape[0]:
-        raise ValueError(f"prompt_tuning: tokenizer {source!r} yields ids beyond the model's vocabulary of {table.shape[0]}")
+        raise ValueError(
+            f"prompt_tuning: tokenizer {source!r} yields ids beyond the model's vocabulary of {table.shape[0]}"
+        )
     ids = (ids * math.ceil(n / len(ids)))[:n]
     return table.detach()[torch.tensor(ids, device=table.device)].clone()
 

@@ -23,7 +23,9 @@ ATTENTION_QV = {
     "distilbert": ["q_lin", "v_lin"],
 }
 ALL_LINEAR_IN_BLOCKS = {
-    **{t: ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"] for t in _BERT_LIKE},
+    **{
+        t: ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"] for t in _BERT_LIKE
+    },
     **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] for t in _LLAMA_LIKE},
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
 }
@@ -77,7 +79,9 @@ def find_modules(
     unused = [p for p in patterns if p not in used]
     if unused:
         sample = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kind)})
-        raise ValueError(f"target_modules {unused} match no {kind.__name__} in the model; its {kind.__name__} names end in {sample}")
+        raise ValueError(
+            f"target_modules {unused} match no {kind.__name__} in the model; its {kind.__name__} names end in {sample}"
+        )
     return found
 
 

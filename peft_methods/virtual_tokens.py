@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,36 @@ from peft_methods.targeting import hf_task_type
 PROMPT_KEY = "prompt_embeddings"
 HEAD_PREFIX = "base_model."  # HF PEFT's prefix for modules_to_save of prompt-learning adapters
 _CACHE_KWARGS = ("cache", "past_key_values")  # transformers 5.x renamed past_key_values to cache
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How one layer's keys/values are shaped: HF PEFT's token_dim is heads * head_dim."""
+
+    layers: int
+    heads: int
+    head_dim: int
+
+    @property
+    def token_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def width(self) -> int:  # one virtual token's keys and values across all layers
+        return self.layers * 2 * self.token_dim
+
+    @classmethod
+    def of(cls, config: Any) -> KVLayout:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, heads, head_dim)
+
+
+def prefix_keys_values(table: torch.Tensor, layout: KVLayout) -> torch.Tensor:
+    """A saved prefix (n, layers * 2 * kv_dim) as (layers, 2, heads, n, head_dim): keys and values per
+    layer, as a KV cache holds them. HF PEFT's layout is per token, layer-major, then key/value, then
+    heads, then head_dim; prefix tuning's training hook and the mixed-batch bank both read it here."""
+    return table.view(table.shape[0], layout.layers, 2, layout.heads, layout.head_dim).permute(1, 2, 3, 0, 4)
 
 
 def install_input_hook(model: nn.Module, rewrite: Callable[[nn.Module, dict[str, Any]], None]) -> None:
@@ -96,7 +127,9 @@ def to_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def from_hf_keys(method_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     strange = [k for k in tensors if k != PROMPT_KEY and not k.startswith(HEAD_PREFIX)]
     if strange or PROMPT_KEY not in tensors:
-        raise ValueError(f"{method_name}: expected {PROMPT_KEY!r} and {HEAD_PREFIX}* tensors, found {sorted(tensors)[:4]}")
+        raise ValueError(
+            f"{method_name}: expected {PROMPT_KEY!r} and {HEAD_PREFIX}* tensors, found {sorted(tensors)[:4]}"
+        )
     return {k if k == PROMPT_KEY else k[len(HEAD_PREFIX):]: v for k, v in tensors.items()}
 
 
@@ -107,7 +140,9 @@ def load_prompt_state(method: Any, model: nn.Module, state: dict[str, torch.Tens
     that name (the task heads)."""
     check_state_keys(method.name, set(method.adapter_state_dict(model)), state)
     params = dict(model.named_parameters())
-    shapes = {k: params[k].shape for k in state if k not in special} | {k: torch.Size(s) for k, (s, _) in special.items()}
+    shapes = {k: params[k].shape for k in state if k not in special} | {
+        k: torch.Size(s) for k, (s, _) in special.items()
+    }
     for k, t in state.items():  # check everything before changing anything
         if t.shape != shapes[k]:
             raise ValueError(f"{method.name}: {k} has shape {tuple(t.shape)}, model expects {tuple(shapes[k])}")

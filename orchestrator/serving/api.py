@@ -1,6 +1,6 @@
 """The HTTP API's shapes, following OpenAI's so existing clients work unchanged: request bodies,
 responses, server-sent-event chunks and the error object ``{"error": {"message", "type",
-"param", "code"}}``."""
+"param", "code"}}``; and how a chat request becomes prompt tokens (training's rule)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobs.training.prompts import prompt_ids
 
 
 class _Request(BaseModel):
@@ -50,6 +52,12 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    """The prompt tokens of a chat request: exactly what an SFT job trained on for the same
+    conversation (:func:`jobs.training.prompts.prompt_ids`), so adapters see served chats as in training."""
+    return prompt_ids(tokenizer, [m.model_dump() for m in messages])
+
+
 class ClassifyRequest(_Request):
     input: str | list[str] = Field(description="One text or a list of texts.")
 
@@ -61,7 +69,8 @@ class ClassifyRequest(_Request):
         return v
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -75,24 +84,16 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return "; ".join(lines) or "invalid request body", param
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """``text`` up to the first stop string, and whether one occurred."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _finish(tokens: int, max_tokens: int, stopped: bool) -> str:
-    return "stop" if stopped or tokens < max_tokens else "length"
-
-
-def completion_response(model: str, text: str, prompt_tokens: int, tokens: int, max_tokens: int, stopped: bool, chat: bool) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(tokens, max_tokens, stopped), "logprobs": None}
+def completion_response(model: str, text: str, prompt_tokens: int, tokens: int, finish_reason: str,
+                        chat: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
     return {
-        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "object": "chat.completion" if chat else "text_completion",
+        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()), "model": model, "choices": [choice],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens},
     }
@@ -104,7 +105,8 @@ def stream_chunk(stream_id: str, model: str, text: str | None, finish: str | Non
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-    body = {"id": stream_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+    body = {"id": stream_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
             "model": model, "choices": [choice]}
     return f"data: {json.dumps(body)}\n\n"
 
@@ -112,5 +114,6 @@ def stream_chunk(stream_id: str, model: str, text: str | None, finish: str | Non
 def classify_response(model: str, rows: list[list[tuple[str, float]]]) -> dict[str, Any]:
     return {
         "object": "list", "model": model,
-        "data": [{"index": i, "label": max(scores, key=lambda s: s[1])[0], "scores": dict(scores)} for i, scores in enumerate(rows)],
+        "data": [{"index": i, "label": max(scores, key=lambda s: s[1])[0], "scores": dict(scores)}
+                 for i, scores in enumerate(rows)],
     }

@@ -19,10 +19,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from orchestrator.serving.api import (
-    ChatRequest, ClassifyRequest, CompletionRequest, classify_response, completion_response, cut_at_stop, error_body,
-    stream_chunk, validation_message,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    chat_prompt_ids,
+    classify_response,
+    completion_response,
+    error_body,
+    stream_chunk,
+    validation_message,
 )
-from orchestrator.serving.engine import AdapterResolver, ApiError, Engine
+from orchestrator.serving.engine import AdapterResolver, ApiError, Engine, Finished
 
 app = FastAPI(title="peftfleet", docs_url=None, redoc_url=None)
 
@@ -66,7 +73,7 @@ class AdapterServer:
 
         from jobs.base_models import load_base_model
         from jobs.store import JobStore
-        from peft_methods.mixed_batch import AdapterBank
+        from peft_methods.adapter_bank import AdapterBank
 
         opts = ServeOptions(**options)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -74,10 +81,12 @@ class AdapterServer:
         store = JobStore(opts.store_url, storage_url=opts.storage_url, home=opts.home)
         base = store.register_base_model(opts.base)
         # The base's own head is a placeholder: classification adapters bring theirs.
-        model, self.tokenizer = load_base_model(opts.base, opts.task, num_labels=2 if opts.task == "sequence-classification" else None, home=opts.home)
+        num_labels = 2 if opts.task == "sequence-classification" else None
+        model, self.tokenizer = load_base_model(opts.base, opts.task, num_labels=num_labels, home=opts.home)
         self.bank = AdapterBank(model, capacity=opts.capacity)
         self.tokenizer.padding_side = self.bank.padding_side
-        self.resolver = AdapterResolver(store, opts.base, base.fingerprint, set(opts.adapters) if opts.adapters is not None else None)
+        allowed = set(opts.adapters) if opts.adapters is not None else None
+        self.resolver = AdapterResolver(store, opts.base, base.fingerprint, allowed)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.engine = Engine(self.bank, self.tokenizer, self.resolver, max_batch_size=opts.max_batch_size,
                              batch_wait_s=opts.batch_wait_s, max_positions=self.max_positions)
@@ -101,7 +110,8 @@ class AdapterServer:
         """What this replica holds now: loaded adapters (LRU order, oldest first) and recent batches."""
         self._authorize(request)
         names = self.resolver.names
-        return {"loaded": [names.get(k, str(k)) for k in self.bank.loaded], "capacity": self.bank.capacity, "batches": self.engine.batches[-20:]}
+        return {"loaded": [names.get(k, str(k)) for k in self.bank.loaded], "capacity": self.bank.capacity,
+                "batches": self.engine.batches[-20:]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -114,13 +124,7 @@ class AdapterServer:
     async def chat(self, body: ChatRequest, request: Request):
         self._authorize(request)
         self._causal()
-        messages = [m.model_dump() for m in body.messages]
-        if self.tokenizer.chat_template:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        else:
-            ids = self.tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:", add_special_tokens=False)["input_ids"]
-        return await self._complete(body, ids, chat=True)
+        return await self._complete(body, chat_prompt_ids(self.tokenizer, body.messages), chat=True)
 
     @app.post("/v1/classify")
     async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
@@ -129,7 +133,8 @@ class AdapterServer:
             raise ApiError(400, "this server serves causal-lm adapters; use /v1/completions", code="wrong_task")
         adapter = self.resolver.resolve(body.model)
         if adapter is None:
-            raise ApiError(400, "the base model has no trained classification head; name an adapter", param="model", code="no_head")
+            raise ApiError(400, "the base model has no trained classification head; name an adapter", param="model",
+                           code="no_head")
         texts = [body.input] if isinstance(body.input, str) else body.input
         rows = []
         for text in texts:
@@ -141,41 +146,37 @@ class AdapterServer:
         return classify_response(body.model, rows)
 
     async def _complete(self, body, ids: list[int], *, chat: bool):
+        """The engine sends text pieces (stop strings already cut) and then a Finished; both answers
+        only pass them on. The first item is awaited before answering, so a request the engine
+        refuses (too long, adapter not servable) gets its HTTP error status when streaming too."""
         adapter = self.resolver.resolve(body.model)
-        if self.max_positions and len(ids) + body.max_tokens > self.max_positions:
-            raise ApiError(400, f"This model's maximum context length is {self.max_positions} tokens; the prompt has {len(ids)} "
-                           f"and max_tokens asks for {body.max_tokens} more", param="prompt", code="context_length_exceeded")
         seed = body.seed if body.seed is not None else uuid.uuid4().int % 2**31
         queue = await self.engine.generate(adapter, ids, max_tokens=body.max_tokens, temperature=body.temperature,
                                            top_p=body.top_p, seed=seed, stop=body.stop)
+        first = await queue.get()
+        if isinstance(first, ApiError):
+            raise first
         if body.stream:
-            return StreamingResponse(self._stream(queue, body, chat), media_type="text/event-stream")
-        tokens, stopped = [], False
-        while (token := await queue.get()) is not None:
-            if isinstance(token, ApiError):
-                raise token
-            tokens.append(token)
-        text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), body.stop)
-        return completion_response(body.model, text, len(ids), len(tokens), body.max_tokens, stopped or self.engine.ended(tokens), chat)
+            return StreamingResponse(self._stream(first, queue, body, chat), media_type="text/event-stream")
+        pieces, item = [], first
+        while not isinstance(item, Finished):
+            pieces.append(item)
+            item = await queue.get()
+            if isinstance(item, ApiError):
+                raise item
+        return completion_response(body.model, "".join(pieces), len(ids), item.completion_tokens, item.reason, chat)
 
-    async def _stream(self, queue, body, chat: bool):
+    async def _stream(self, item, queue, body, chat: bool):
         stream_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        tokens, sent, stopped = [], "", False
         if chat:
             yield stream_chunk(stream_id, body.model, "", None, chat)
-        while (token := await queue.get()) is not None:
-            if isinstance(token, ApiError):
-                yield f"data: {json.dumps(error_body(token.message, token.type, token.param, token.code))}\n\n"
+        while not isinstance(item, Finished):
+            if isinstance(item, ApiError):
+                yield f"data: {json.dumps(error_body(item.message, item.type, item.param, item.code))}\n\n"
                 return
-            if stopped:
-                continue  # drain what the batch still produced for this row
-            tokens.append(token)
-            text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), body.stop)
-            if len(text) > len(sent):
-                yield stream_chunk(stream_id, body.model, text[len(sent):], None, chat)
-                sent = text
-        finish = "stop" if stopped or self.engine.ended(tokens) or len(tokens) < body.max_tokens else "length"
-        yield stream_chunk(stream_id, body.model, None, finish, chat)
+            yield stream_chunk(stream_id, body.model, item, None, chat)
+            item = await queue.get()
+        yield stream_chunk(stream_id, body.model, None, item.reason, chat)
         yield "data: [DONE]\n\n"
 
 
@@ -185,7 +186,8 @@ def build_app(options: ServeOptions, *, num_replicas: int | str = 1, autoscaling
     scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}
     return AdapterServer.options(
         **scaling, max_ongoing_requests=max(64, options.max_batch_size * 4),
-        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica, "runtime_env": {"env_vars": env or {}}},
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica,
+                           "runtime_env": {"env_vars": env or {}}},
     ).bind(vars(options))
 
 
@@ -195,10 +197,13 @@ def build(args: dict[str, Any]):
     autoscaling, cpus_per_replica, gpus_per_replica; the store and storage come from the
     environment (PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, PEFTFLEET_API_KEY)."""
     args = dict(args)
-    scaling = {k: args.pop(k) for k in ("num_replicas", "autoscaling", "cpus_per_replica", "gpus_per_replica") if k in args}
-    options = ServeOptions(**{"store_url": os.environ.get("PEFTFLEET_STORE_URL"), "storage_url": os.environ.get("PEFTFLEET_STORAGE_URL"),
+    scaling = {k: args.pop(k) for k in ("num_replicas", "autoscaling", "cpus_per_replica", "gpus_per_replica")
+               if k in args}
+    options = ServeOptions(**{"store_url": os.environ.get("PEFTFLEET_STORE_URL"),
+                              "storage_url": os.environ.get("PEFTFLEET_STORAGE_URL"),
                               "api_key": os.environ.get("PEFTFLEET_API_KEY") or None, **args})
-    env = {k: v for k, v in os.environ.items() if k.startswith("PEFTFLEET_") or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("PEFTFLEET_") or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     return build_app(options, env=env, **scaling)
 
 
@@ -213,7 +218,8 @@ class Serving:
         serve.delete(self.name)
 
 
-def start(options: ServeOptions, *, name: str = "peftfleet", host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
+def start(options: ServeOptions, *, name: str = "peftfleet", host: str = "127.0.0.1", port: int = 8000,
+          route_prefix: str = "/",
           **scaling: Any) -> Serving:
     """Deploy (or update) the application on the connected Ray cluster; returns once replicas are ready.
 

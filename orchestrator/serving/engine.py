@@ -3,8 +3,9 @@
 Requests wait in one queue. A loop takes the first, gathers more for ``batch_wait_s`` (up to
 ``max_batch_size``), loads the adapters the batch needs into the bank (hash- and base-checked,
 LRU), and runs the batch as one mixed forward in a worker thread, so the event loop keeps
-answering HTTP meanwhile. Generated tokens flow back to each request's own queue as they come,
-which is what streaming reads.
+answering HTTP meanwhile. Each request's own queue receives its text as pieces are decoded (stop
+strings already cut, see :mod:`orchestrator.serving.decoding`), then one :class:`Finished`; the
+deployment only forwards them, whether it streams or not.
 """
 
 from __future__ import annotations
@@ -16,16 +17,24 @@ from typing import Any
 
 import torch
 
-from jobs.adapter_registry import AdapterNotFound
 from jobs.store import JobStore
+from jobs.store.adapter_registry import AdapterNotFound
+from orchestrator.serving.decoding import (
+    ContextLengthExceeded,
+    Generation,
+    GenerationRequest,
+    check_context_length,
+    generate,
+)
+from peft_methods.adapter_bank import AdapterBank, NotServable
 from peft_methods.adapter_files import AdapterIntegrityError, BaseModelMismatch, read_adapter
-from peft_methods.mixed_batch import AdapterBank, GenerationRequest, NotServable, eos_ids
 
 
 class ApiError(Exception):
     """An error for the client, in OpenAI's shape: HTTP status, type, message, optional param."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -48,22 +57,28 @@ class AdapterResolver:
         except AdapterNotFound:
             record = self.store.adapters.promoted(self.fingerprint, model) if _is_name(model) else None
             if record is None:
-                raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model", "model_not_found") from None
+                raise ApiError(404, f"The model '{model}' does not exist", "invalid_request_error", "model",
+                               "model_not_found") from None
         if record.base_fingerprint != self.fingerprint:
-            raise ApiError(400, f"adapter '{record.name}' was trained on base {record.base_fingerprint[:19]}…; this server serves "
-                           f"{self.base_name} ({self.fingerprint[:19]}…)", "invalid_request_error", "model", "wrong_base_model")
+            raise ApiError(400, f"adapter '{record.name}' was trained on base {record.base_fingerprint[:19]}…; "
+                           f"this server serves {self.base_name} ({self.fingerprint[:19]}…)", "invalid_request_error",
+                           "model", "wrong_base_model")
         if self.allowed is not None and record.name not in self.allowed:
-            raise ApiError(404, f"The model '{record.name}' is not served here", "invalid_request_error", "model", "model_not_found")
+            raise ApiError(404, f"The model '{record.name}' is not served here", "invalid_request_error", "model",
+                           "model_not_found")
         self.names[record.id] = record.name
         return record.id
 
     def models(self) -> list[dict[str, Any]]:
-        adapters = [a for a in self.store.adapters.list(base=self.fingerprint) if self.allowed is None or a.name in self.allowed]
-        base = {"id": self.base_name, "object": "model", "owned_by": "peftfleet", "created": 0, "peftfleet": {"kind": "base", "fingerprint": self.fingerprint}}
+        adapters = self.store.adapters.list(base=self.fingerprint)
+        base = {"id": self.base_name, "object": "model", "owned_by": "peftfleet", "created": 0,
+                "peftfleet": {"kind": "base", "fingerprint": self.fingerprint}}
         return [base] + [
-            {"id": a.name, "object": "model", "owned_by": "peftfleet", "created": int(a.created_at), "parent": self.base_name,
-             "peftfleet": {"kind": "adapter", "method": a.method, "task": a.task, "task_name": a.task_name, "promoted": a.promoted}}
-            for a in adapters
+            {"id": a.name, "object": "model", "owned_by": "peftfleet", "created": int(a.created_at),
+             "parent": self.base_name,
+             "peftfleet": {"kind": "adapter", "method": a.method, "task": a.task, "task_name": a.task_name,
+                           "promoted": a.promoted}}
+            for a in adapters if self.allowed is None or a.name in self.allowed
         ]
 
     def read(self, name: str) -> tuple[Any, dict[str, torch.Tensor], list[str] | None]:
@@ -72,14 +87,24 @@ class AdapterResolver:
         try:
             config, state, manifest = read_adapter(self.store.adapters.local_folder(name))
         except AdapterIntegrityError as e:
-            raise ApiError(500, f"adapter '{self.names.get(name, name)}' failed its integrity check: {e}", "server_error", "model", "adapter_integrity_error") from None
+            raise ApiError(500, f"adapter '{self.names.get(name, name)}' failed its integrity check: {e}",
+                           "server_error", "model", "adapter_integrity_error") from None
         if manifest.get("metadata", {}).get("base_fingerprint") != self.fingerprint:
-            raise ApiError(400, f"adapter '{self.names.get(name, name)}' records another base", "invalid_request_error", "model", "wrong_base_model")
+            raise ApiError(400, f"adapter '{self.names.get(name, name)}' records another base", "invalid_request_error",
+                           "model", "wrong_base_model")
         return config, state, manifest.get("metadata", {}).get("labels")
 
 
 def _is_name(value: str) -> bool:
     return bool(value) and len(value) <= 64
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item of a generation's queue: why it ended and how many tokens it produced."""
+
+    reason: str
+    completion_tokens: int
 
 
 @dataclass
@@ -88,7 +113,7 @@ class _Pending:
     adapter: str | None
     ids: list[int]
     params: dict[str, Any] = field(default_factory=dict)
-    queue: asyncio.Queue | None = None  # generate: token ids, then None; errors as ApiError
+    queue: asyncio.Queue | None = None  # generate: text pieces, then a Finished; errors as ApiError
     future: asyncio.Future | None = None  # classify: the row's logits
 
 
@@ -109,7 +134,8 @@ class Engine:
 
     # -- the two kinds of work ---------------------------------------------------------------------
     async def generate(self, adapter: str | None, ids: list[int], **params: Any) -> asyncio.Queue:
-        """Queue a completion; returns the queue its token ids arrive in (then None, or an ApiError)."""
+        """Queue a completion (``params``: GenerationRequest's fields); returns the queue its text
+        pieces arrive in, then a :class:`Finished` (or an ApiError instead)."""
         self.start()
         item = _Pending("generate", adapter, ids, params, queue=asyncio.Queue())
         await self.queue.put(item)
@@ -120,10 +146,6 @@ class Engine:
         item = _Pending("classify", adapter, ids, future=asyncio.get_running_loop().create_future())
         await self.queue.put(item)
         return await item.future
-
-    def ended(self, tokens: list[int]) -> bool:
-        """Whether a generation ended with the model's end-of-sequence token."""
-        return bool(tokens) and tokens[-1] in eos_ids(self.bank.model)
 
     # -- batching -----------------------------------------------------------------------------------
     async def _batching_loop(self) -> None:
@@ -169,13 +191,15 @@ class Engine:
             if not ready:
                 return
             names = self.resolver.names
-            self.batches.append({"kind": kind, "size": len(ready), "adapters": sorted({names.get(p.adapter, str(p.adapter)) for p in ready})})
+            adapters = sorted({names.get(p.adapter, str(p.adapter)) for p in ready})
+            self.batches.append({"kind": kind, "size": len(ready), "adapters": adapters})
             del self.batches[:-100]
             try:
                 if kind == "classify":
                     logits = self.bank.forward_rows([p.ids for p in ready], [p.adapter for p in ready]).logits
                     for p, row in zip(ready, logits):
-                        loop.call_soon_threadsafe(_set_result, p.future, row[: self.bank.num_labels(p.adapter)].float().cpu())
+                        scores = row[: self.bank.num_labels(p.adapter)].float().cpu()
+                        loop.call_soon_threadsafe(_set_result, p.future, scores)
                 else:
                     self._generate(ready, loop)
             except Exception as e:  # noqa: BLE001 - one bad batch must not take the server down
@@ -183,34 +207,28 @@ class Engine:
                     self._fail(p, ApiError(500, f"{type(e).__name__}: {e}", "server_error"), loop)
 
     def _generate(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
-        requests = [GenerationRequest(p.ids, p.adapter, p.params["max_tokens"], p.params["temperature"], p.params["top_p"], p.params["seed"])
-                    for p in batch]
-        texts = [[] for _ in batch]
+        def on_update(row: int, piece: str, result: Generation) -> None:
+            queue = batch[row].queue
+            if piece:
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
+            if result.finish_reason is not None:
+                loop.call_soon_threadsafe(queue.put_nowait, Finished(result.finish_reason, len(result.tokens)))
 
-        def on_token(row: int, token: int) -> bool:
-            loop.call_soon_threadsafe(batch[row].queue.put_nowait, token)
-            stop = batch[row].params.get("stop") or []
-            if not stop:
-                return False
-            texts[row].append(token)
-            text = self.tokenizer.decode(texts[row], skip_special_tokens=True)
-            return any(s in text for s in stop)
-
-        self.bank.generate(requests, on_token)
-        for p in batch:
-            loop.call_soon_threadsafe(p.queue.put_nowait, None)
+        generate(self.bank, [GenerationRequest(p.ids, p.adapter, **p.params) for p in batch], self.tokenizer, on_update)
 
     def _check_length(self, p: _Pending) -> None:
         """With the adapter's virtual tokens counted, the row must fit the model's positions."""
-        if self.max_positions is None:
-            return
-        total = len(p.ids) + self.bank.prompt_length(p.adapter) + p.params.get("max_tokens", 0)
-        if total > self.max_positions:
-            raise ApiError(400, f"This model's maximum context length is {self.max_positions} tokens; the request needs {total} "
-                           "(prompt, the adapter's virtual tokens and max_tokens)", param="prompt", code="context_length_exceeded")
+        try:
+            check_context_length(len(p.ids), self.bank.prompt_length(p.adapter), p.params.get("max_tokens", 0),
+                                 self.max_positions)
+        except ContextLengthExceeded as e:
+            raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
 
     def _ensure_loaded(self, adapter: str | None) -> None:
-        if adapter is None or adapter in self.bank:
+        if adapter is None:
+            return
+        if adapter in self.bank:
+            self.bank.touch(adapter)  # used by this batch: loading another must not evict it
             return
         config, state, labels = self.resolver.read(adapter)
         if labels:
@@ -218,7 +236,8 @@ class Engine:
         try:
             self.bank.load(adapter, config, state)
         except (NotServable, BaseModelMismatch, ValueError) as e:
-            raise ApiError(400, f"adapter '{self.resolver.names.get(adapter, adapter)}' cannot be served: {e}", "invalid_request_error",
+            name = self.resolver.names.get(adapter, adapter)
+            raise ApiError(400, f"adapter '{name}' cannot be served: {e}", "invalid_request_error",
                            "model", "adapter_not_servable") from None
 
     @staticmethod

@@ -23,23 +23,38 @@ ADAPTERS = {"lora": {"method": "lora", "r": 4}, "prompt": {"method": "prompt_tun
 
 
 def _tiny_llama(folder, seed: int):
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(resolve_base_model("smollm2", home=SHARED_MODELS)).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(resolve_base_model("smollm2", home=SHARED_MODELS)).save_pretrained(
+        folder
+    )
     return folder
 
 
 def _register(client, base_folder, name, config, *, task="causal-lm", task_name="qa", seed=0, labels=None):
     fingerprint = client.store.register_base_model(str(base_folder)).fingerprint
-    loader = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
+    loader = (
+        transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
+    )
     kwargs = {} if task == "causal-lm" else {"num_labels": len(labels)}
     model = peft_methods.apply(loader.from_pretrained(base_folder, **kwargs).eval(), config)
     torch.manual_seed(seed)
     randomize_adapter(model, scale=0.5)
-    folder = peft_methods.save_adapter(model, base_folder.parent / f"out-{name}-{seed}",
-                                       metadata={"base_fingerprint": fingerprint, **({"labels": labels} if labels else {})})
+    folder = peft_methods.save_adapter(
+        model,
+        base_folder.parent / f"out-{name}-{seed}",
+        metadata={"base_fingerprint": fingerprint, **({"labels": labels} if labels else {})},
+    )
     return client.adapters.register(folder, name=name, base_fingerprint=fingerprint, task=task, task_name=task_name)
 
 
@@ -59,8 +74,12 @@ def server(ray_cluster, tmp_path_factory):
 
 
 def _complete(url, model, prompt="hello there", **kw):
-    r = requests.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0, **kw},
-                      headers=AUTH, timeout=120)
+    r = requests.post(
+        f"{url}/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0, **kw},
+        headers=AUTH,
+        timeout=120,
+    )
     return r
 
 
@@ -82,7 +101,9 @@ def test_a_mixed_batch_equals_each_request_served_alone(server):
     assert [r.json()["choices"][0]["text"] for r in together] == alone
     assert len(set(alone)) > 1, "the adapters made no difference"
     batches = requests.get(f"{serving.url}/v1/stats", headers=AUTH, timeout=60).json()["batches"]
-    assert any(b["size"] >= 3 and len(b["adapters"]) >= 3 for b in batches), batches  # rows of different adapters, one batch
+    assert any(b["size"] >= 3 and len(b["adapters"]) >= 3 for b in batches), (
+        batches
+    )  # rows of different adapters, one batch
 
 
 def test_lru_evicts_and_reloads_with_the_same_results(server):
@@ -98,7 +119,10 @@ def test_lru_evicts_and_reloads_with_the_same_results(server):
 
 def test_task_names_reach_the_promoted_adapter_and_new_adapters_need_no_restart(server):
     client, serving, base = server
-    assert _complete(serving.url, "task-lora").json()["choices"][0]["text"] == _complete(serving.url, "lora").json()["choices"][0]["text"]
+    assert (
+        _complete(serving.url, "task-lora").json()["choices"][0]["text"]
+        == _complete(serving.url, "lora").json()["choices"][0]["text"]
+    )
     assert _complete(serving.url, "late").status_code == 404
     _register(client, base, "late", {"method": "lora", "r": 2}, seed=9)
     r = _complete(serving.url, "late")
@@ -115,12 +139,33 @@ def test_errors_come_back_in_openai_shape_and_the_server_stays_up(server):
         (_complete(url, "no-such-adapter"), 404, "model_not_found"),
         (_complete(url, "other-base"), 400, "wrong_base_model"),
         (_complete(url, "lora", prompt="word " * 80), 400, "context_length_exceeded"),
-        (_complete(url, "prompt", prompt="word " * 58), 400, "context_length_exceeded"),  # fits only without the 4 virtual tokens
-        (requests.post(f"{url}/v1/completions", data="{not json", headers={**AUTH, "Content-Type": "application/json"}, timeout=60), 400, "invalid_json"),
-        (requests.post(f"{url}/v1/completions", json={"model": "lora"}, headers=AUTH, timeout=60), 422, "invalid_value"),
+        (
+            _complete(url, "prompt", prompt="word " * 58),
+            400,
+            "context_length_exceeded",
+        ),  # fits only without the 4 virtual tokens
+        (
+            requests.post(
+                f"{url}/v1/completions",
+                data="{not json",
+                headers={**AUTH, "Content-Type": "application/json"},
+                timeout=60,
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            requests.post(f"{url}/v1/completions", json={"model": "lora"}, headers=AUTH, timeout=60),
+            422,
+            "invalid_value",
+        ),
         (_complete(url, "lora", temperature=-1), 422, "invalid_value"),
         (requests.get(f"{url}/v1/models", timeout=60), 401, "invalid_api_key"),
-        (requests.post(f"{url}/v1/classify", json={"model": "lora", "input": "x"}, headers=AUTH, timeout=60), 400, "wrong_task"),
+        (
+            requests.post(f"{url}/v1/classify", json={"model": "lora", "input": "x"}, headers=AUTH, timeout=60),
+            400,
+            "wrong_task",
+        ),
     ]
     for response, status, code in cases:
         assert response.status_code == status, response.text
@@ -142,8 +187,13 @@ def test_errors_come_back_in_openai_shape_and_the_server_stays_up(server):
 def test_streaming_sends_the_same_text_as_events(server):
     _, serving, _ = server
     full = _complete(serving.url, "prompt").json()["choices"][0]["text"]
-    r = requests.post(f"{serving.url}/v1/completions", json={"model": "prompt", "prompt": "hello there", "max_tokens": 5, "temperature": 0,
-                                                             "stream": True}, headers=AUTH, stream=True, timeout=120)
+    r = requests.post(
+        f"{serving.url}/v1/completions",
+        json={"model": "prompt", "prompt": "hello there", "max_tokens": 5, "temperature": 0, "stream": True},
+        headers=AUTH,
+        stream=True,
+        timeout=120,
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -154,8 +204,12 @@ def test_streaming_sends_the_same_text_as_events(server):
 
 def test_chat_completions_and_stop_strings(server):
     _, serving, _ = server
-    r = requests.post(f"{serving.url}/v1/chat/completions", json={"model": "lora", "messages": [{"role": "user", "content": "hi"}],
-                                                                  "max_tokens": 4, "temperature": 0}, headers=AUTH, timeout=120)
+    r = requests.post(
+        f"{serving.url}/v1/chat/completions",
+        json={"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0},
+        headers=AUTH,
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
@@ -175,10 +229,14 @@ def test_the_official_openai_client_works_unchanged(server):
     assert {m.id for m in api.models.list()} >= {str(base), "lora", "prompt"}
     done = api.completions.create(model="lora", prompt="hello there", max_tokens=5, temperature=0)
     assert done.choices[0].text == _complete(serving.url, "lora").json()["choices"][0]["text"]
-    streamed = "".join(c.choices[0].text for c in api.completions.create(model="lora", prompt="hello there", max_tokens=5,
-                                                                          temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in api.completions.create(model="lora", prompt="hello there", max_tokens=5, temperature=0, stream=True)
+    )
     assert streamed == done.choices[0].text
-    chat = api.chat.completions.create(model="prompt", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+    chat = api.chat.completions.create(
+        model="prompt", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 3
     with pytest.raises(openai.NotFoundError) as err:
         api.completions.create(model="nope", prompt="x", max_tokens=1)
@@ -190,20 +248,34 @@ def test_the_official_openai_client_works_unchanged(server):
 def test_classification_adapters_and_two_replicas(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("classify")
     base = root / "bert"
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    cfg = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
     torch.manual_seed(0)
     transformers.BertModel(cfg).save_pretrained(base)
     transformers.AutoTokenizer.from_pretrained(resolve_base_model("minilm")).save_pretrained(base)
     client = Client(home=root / "home")
-    _register(client, base, "sentiment", {"method": "lora", "r": 4}, task="sequence-classification", labels=["negative", "positive"])
-    _register(client, base, "topic", {"method": "bitfit"}, task="sequence-classification", labels=["a", "b", "c"], seed=1)
+    _register(
+        client,
+        base,
+        "sentiment",
+        {"method": "lora", "r": 4},
+        task="sequence-classification",
+        labels=["negative", "positive"],
+    )
+    _register(
+        client, base, "topic", {"method": "bitfit"}, task="sequence-classification", labels=["a", "b", "c"], seed=1
+    )
     serving = client.serve(str(base), adapters=["sentiment", "topic"], num_replicas=2, port=8123, cpus_per_replica=0.5,
                            name="cls", route_prefix="/cls", batch_wait_s=0.3)
     try:
         status = serve.status().applications["cls"].deployments["AdapterServer"]
         assert status.replica_states.get("RUNNING") == 2
         texts = ["a fine film", "what a waste of time", "who wrote it?"]
-        post = lambda model, text: requests.post(f"{serving.url}/v1/classify", json={"model": model, "input": text}, timeout=120)  # noqa: E731
+
+        def post(model, text):
+            return requests.post(f"{serving.url}/v1/classify", json={"model": model, "input": text}, timeout=120)
+
         alone = {(m, t): post(m, t).json()["data"][0] for m in ("sentiment", "topic") for t in texts}
         with ThreadPoolExecutor(6) as pool:
             together = dict(zip(alone, pool.map(lambda k: post(*k).json()["data"][0], alone)))

@@ -57,7 +57,9 @@ def test_saved_artifact_is_the_size_and_layout_of_one_bottleneck_adapter_unless_
     size = {d: peft_methods.read_manifest(tmp_path / d)["num_parameters"] for d in ("adamix", "bottleneck", "kept")}
     assert size["adamix"] == size["bottleneck"]
     averaged = peft_methods.adapter_state_dict(adamix)
-    assert {k: v.shape for k, v in averaged.items()} == {k: v.shape for k, v in peft_methods.adapter_state_dict(bottleneck).items()}
+    assert {k: v.shape for k, v in averaged.items()} == {
+        k: v.shape for k, v in peft_methods.adapter_state_dict(bottleneck).items()
+    }
     experts = sum(p.numel() for n, p in adamix.named_parameters() if ".adamix_experts." in n)
     assert size["kept"] == size["adamix"] + experts
 
@@ -69,7 +71,9 @@ def test_eval_equals_a_single_bottleneck_adapter_with_the_averaged_weights(case)
     # The averaged export uses a bottleneck adapter's tensor names, so it loads into one as is.
     peft_methods.get_method("bottleneck").load_adapter_state_dict(bottleneck, peft_methods.adapter_state_dict(adamix))
     with torch.no_grad():
-        torch.testing.assert_close(adamix(**_inputs(case)).logits, bottleneck(**_inputs(case)).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            adamix(**_inputs(case)).logits, bottleneck(**_inputs(case)).logits, atol=1e-6, rtol=0
+        )
 
 
 def test_averaged_weights_are_the_mean_of_the_experts():
@@ -197,9 +201,15 @@ def test_cannot_be_merged_into_the_base():
 
 @pytest.mark.parametrize(
     "bad,field",
-    [({"num_experts": 0}, "num_experts"), ({"num_experts": -1}, "num_experts"), ({"reduction_factor": 0}, "reduction_factor"),
-     ({"nonlinearity": "swish"}, "nonlinearity"), ({"consistency_weight": -1}, "consistency_weight"),
-     ({"placement": "everywhere"}, "placement"), ({"keep_experts": "sometimes"}, "keep_experts")],
+    [
+        ({"num_experts": 0}, "num_experts"),
+        ({"num_experts": -1}, "num_experts"),
+        ({"reduction_factor": 0}, "reduction_factor"),
+        ({"nonlinearity": "swish"}, "nonlinearity"),
+        ({"consistency_weight": -1}, "consistency_weight"),
+        ({"placement": "everywhere"}, "placement"),
+        ({"keep_experts": "sometimes"}, "keep_experts"),
+    ],
 )
 def test_invalid_config_names_the_field(bad, field):
     with pytest.raises(pydantic.ValidationError) as err:

@@ -23,7 +23,11 @@ def saved(tmp_path):
 
 def test_folder_layout_and_manifest(saved):
     model, path = saved
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "peftfleet.json"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "peftfleet.json",
+    ]
     manifest = json.loads((path / "peftfleet.json").read_text())
     assert manifest["method"] == "lora" and manifest["config"]["r"] == 2
     assert manifest["files"] == {n: sha256_file(path / n) for n in ("adapter_config.json", "adapter_model.safetensors")}

@@ -26,11 +26,15 @@ def _adapted(model) -> list[str]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("placement,per_block", [("houlsby", 2), ("pfeiffer", 1)])
 @pytest.mark.parametrize("reduction_factor", [4, 16, 64])
-def test_parameter_count_is_two_projections_with_biases_per_adapted_sublayer(case, placement, per_block, reduction_factor):
+def test_parameter_count_is_two_projections_with_biases_per_adapted_sublayer(
+    case, placement, per_block, reduction_factor
+):
     base = case.fresh()
     hidden, layers = base.config.hidden_size, base.config.num_hidden_layers
     head = sum(p.numel() for p in base.classifier.parameters()) if case.classification else 0
-    model = peft_methods.apply(base, {"method": "bottleneck", "placement": placement, "reduction_factor": reduction_factor})
+    model = peft_methods.apply(
+        base, {"method": "bottleneck", "placement": placement, "reduction_factor": reduction_factor}
+    )
     b = max(1, hidden // reduction_factor)  # 64 > hidden: the bottleneck still keeps one unit
     assert len(_adapted(model)) == layers * per_block
     expected = layers * per_block * (2 * hidden * b + b + hidden) + head
@@ -64,7 +68,15 @@ def test_training_starts_from_the_base_models_outputs(case):
     torch.testing.assert_close(out, expected, atol=1e-2, rtol=0)
 
 
-@pytest.mark.parametrize("nonlinearity,act", [("relu", torch.relu), ("gelu", torch.nn.functional.gelu), ("silu", torch.nn.functional.silu), ("tanh", torch.tanh)])
+@pytest.mark.parametrize(
+    "nonlinearity,act",
+    [
+        ("relu", torch.relu),
+        ("gelu", torch.nn.functional.gelu),
+        ("silu", torch.nn.functional.silu),
+        ("tanh", torch.tanh),
+    ],
+)
 def test_adapter_adds_up_of_act_of_down_to_the_projection_output(nonlinearity, act):
     model = peft_methods.apply(TINY_LLAMA.fresh(), {"method": "bottleneck", "nonlinearity": nonlinearity})
     randomize_adapter(model, scale=0.5)

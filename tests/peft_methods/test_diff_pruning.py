@@ -72,7 +72,9 @@ def test_regularization_is_the_weighted_expected_fraction_of_open_gates_and_shri
 
     first = penalty()
     assert first.dim() == 0 and first.item() > 0
-    expected = sum(torch.sigmoid(m.diff_log_alpha - BETA * math.log(-GAMMA / ZETA)).sum() for m in _layers(model).values())
+    expected = sum(
+        torch.sigmoid(m.diff_log_alpha - BETA * math.log(-GAMMA / ZETA)).sum() for m in _layers(model).values()
+    )
     gated = sum(m.diff_log_alpha.numel() for m in _layers(model).values())
     torch.testing.assert_close(first, 1e-3 * expected / gated)
     first.backward()

@@ -20,7 +20,9 @@ def _inputs(case, seed=0):
 def _ffn(model, case):
     """(first FFN projections per block, the FFN output projection per block)."""
     if case is TINY_LLAMA:
-        return [[m.mlp.gate_proj, m.mlp.up_proj] for m in model.model.layers], [m.mlp.down_proj for m in model.model.layers]
+        return [[m.mlp.gate_proj, m.mlp.up_proj] for m in model.model.layers], [
+            m.mlp.down_proj for m in model.model.layers
+        ]
     blocks = model.bert.encoder.layer
     return [[b.intermediate.dense] for b in blocks], [b.output.dense for b in blocks]
 

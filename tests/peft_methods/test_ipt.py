@@ -30,7 +30,9 @@ def _low_rank_prompts(k: int, rank: int, seed: int = 0) -> torch.Tensor:
 def subspace(tmp_path):
     prompts = _low_rank_prompts(k=6, rank=2)
     tensors, init, stats = fit_subspace(prompts, intrinsic_dim=2, inner_dim=16, steps=1500, lr=1e-2, seed=0)
-    folder = save_subspace(tmp_path / "subspace", tensors, init, num_virtual_tokens=N, hidden_size=HIDDEN, metadata={"note": "t"})
+    folder = save_subspace(
+        tmp_path / "subspace", tensors, init, num_virtual_tokens=N, hidden_size=HIDDEN, metadata={"note": "t"}
+    )
     return folder, prompts, stats
 
 
@@ -49,7 +51,9 @@ def test_fitting_needs_two_different_tasks():
     with pytest.raises(ValueError, match="at least 2 tasks"):
         fit_subspace(_low_rank_prompts(k=1, rank=1), intrinsic_dim=1, inner_dim=4, steps=1, lr=1e-2, seed=0)
     with pytest.raises(ValueError, match="identical"):
-        fit_subspace(_low_rank_prompts(k=1, rank=1).repeat(3, 1, 1), intrinsic_dim=1, inner_dim=4, steps=1, lr=1e-2, seed=0)
+        fit_subspace(
+            _low_rank_prompts(k=1, rank=1).repeat(3, 1, 1), intrinsic_dim=1, inner_dim=4, steps=1, lr=1e-2, seed=0
+        )
 
 
 @pytest.mark.parametrize("case", [TINY_BERT, TINY_LLAMA], ids=lambda c: c.name)
@@ -94,7 +98,9 @@ def test_saved_adapter_loads_without_the_subspace_and_in_hf_peft(subspace, tmp_p
 
 
 def test_random_subspace_is_reproducible_from_its_seed():
-    prompts = [peft_methods.apply(TINY_BERT.fresh(), {"method": "ipt", "seed": s}).peft_prompt.prompt() for s in (0, 0, 1)]
+    prompts = [
+        peft_methods.apply(TINY_BERT.fresh(), {"method": "ipt", "seed": s}).peft_prompt.prompt() for s in (0, 0, 1)
+    ]
     assert prompts[0].shape == (20, HIDDEN)
     assert torch.equal(prompts[0], prompts[1]) and not torch.equal(prompts[0], prompts[2])
 

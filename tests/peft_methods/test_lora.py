@@ -17,7 +17,11 @@ def _linear_shapes(model, suffixes):
             if isinstance(m, torch.nn.Linear) and n.endswith(suffixes)]
 
 
-@pytest.mark.parametrize("case,targets", [(TINY_BERT, ("query", "value")), (TINY_LLAMA, ("q_proj", "v_proj")), (MINILM, ("query", "value"))], ids=lambda x: getattr(x, "name", None))
+@pytest.mark.parametrize(
+    "case,targets",
+    [(TINY_BERT, ("query", "value")), (TINY_LLAMA, ("q_proj", "v_proj")), (MINILM, ("query", "value"))],
+    ids=lambda x: getattr(x, "name", None),
+)
 @pytest.mark.parametrize("r", [1, 4])
 def test_parameter_count_is_r_times_din_plus_dout_per_target(case, targets, r):
     base = case.fresh()
@@ -51,8 +55,12 @@ def test_all_attention_and_mlp_projections_of_a_llama_by_pattern():
 
 
 def test_pattern_with_a_layer_index_adapts_that_layer_only():
-    model = peft_methods.apply(TINY_BERT.fresh(), {"method": "lora", "target_modules": ["layer.1.attention.self.query"]})
-    assert [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] == ["bert.encoder.layer.1.attention.self.query"]
+    model = peft_methods.apply(
+        TINY_BERT.fresh(), {"method": "lora", "target_modules": ["layer.1.attention.self.query"]}
+    )
+    assert [n for n, m in model.named_modules() if isinstance(m, LoRALinear)] == [
+        "bert.encoder.layer.1.attention.self.query"
+    ]
 
 
 def test_a_pattern_that_matches_nothing_names_the_available_layers():
@@ -98,7 +106,14 @@ def test_dropout_acts_only_while_training():
 
 @pytest.mark.parametrize(
     "bad,field",
-    [({"r": 0}, "r"), ({"r": -3}, "r"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"), ({"target_modules": []}, "target_modules"), ({"r": "eight"}, "r")],
+    [
+        ({"r": 0}, "r"),
+        ({"r": -3}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"target_modules": []}, "target_modules"),
+        ({"r": "eight"}, "r"),
+    ],
 )
 def test_invalid_config_names_the_field(bad, field):
     with pytest.raises(pydantic.ValidationError) as err:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import peft_methods
-from peft_methods.adapter_files import read_adapter
-from peft_methods.mixed_batch import AdapterBank, GenerationRequest, NotServable
 import transformers
 
+import peft_methods
+from peft_methods.adapter_bank import AdapterBank, NotServable
+from peft_methods.adapter_files import read_adapter
+from peft_methods.api import PeftMethod
+from peft_methods.mixed_module import MixedModule
+from peftfleet_example_plugin.ia3 import IA3
 from tests.conftest import TINY_BERT, TINY_LLAMA, ModelCase, randomize_adapter
 
 
@@ -24,7 +26,7 @@ TINY_LLAMA_CLS = ModelCase("tiny-llama-cls", _tiny_llama_classifier, 97, True)  
 
 SERVABLE = ["lora", "bitfit", "bottleneck", "adamix", "prompt_tuning", "ipt", "far", "diff_pruning", "prefix_tuning"]
 CONFIGS = {m: {"method": m} for m in SERVABLE} | {
-    "lora-r2-all": {"method": "lora", "r": 2, "alpha": 4, "target_modules": ["*"]} ,
+    "lora-r2-all": {"method": "lora", "r": 2, "alpha": 4, "target_modules": ["*"]},
     "prompt-short": {"method": "prompt_tuning", "num_virtual_tokens": 3},
     "prefix-short": {"method": "prefix_tuning", "num_virtual_tokens": 2},
 }
@@ -50,7 +52,11 @@ def adapters(request, tmp_path):
 
 def _rows(case, n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(5)
-    return [torch.randint(5, case.vocab_size, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(3, 9, (1,), generator=g))
+        rows.append(torch.randint(5, case.vocab_size, (length,), generator=g).tolist())
+    return rows
 
 
 def _alone(case, folder, ids) -> torch.Tensor:
@@ -99,47 +105,68 @@ def test_rows_without_an_adapter_see_the_plain_base_even_after_evictions(adapter
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
 
 
-def test_mixed_generation_equals_generating_each_request_alone():
-    case = TINY_LLAMA
-    tmp = {}
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp())
-    for name in ("lora", "prompt_tuning", "bitfit"):
+def test_decoding_with_the_cache_equals_full_forwards_of_each_adapted_model(tmp_path):
+    """Greedy decoding through ``bank.decode`` (prompts, prefixes and module deltas in one batch, one
+    KV cache) picks the tokens each adapted model picks by full forwards of its whole sequence."""
+    case, folder = TINY_LLAMA, {}
+    for i, name in enumerate(("lora", "prompt_tuning", "bitfit", "prefix_tuning", "bottleneck")):
         model = peft_methods.apply(case.fresh(), {"method": name})
+        torch.manual_seed(i)
         randomize_adapter(model, scale=0.5)
-        tmp[name] = peft_methods.save_adapter(model, folder / name)
-    bank = _bank(case, tmp)
-    prompts = _rows(case, 4)
-    requests = [GenerationRequest(p, k, max_tokens=6) for p, k in zip(prompts, [None, "lora", "prompt_tuning", "bitfit"])]
-    requests.append(GenerationRequest(prompts[0], "lora", max_tokens=6, temperature=0.8, top_p=0.9, seed=3))
-    together = bank.generate(requests)
-    alone = [bank.generate([r])[0] for r in requests]
-    assert together == alone
-    assert all(len(t) == 6 for t in together)
-    assert len({tuple(t) for t in together[:4]}) > 1  # the adapters change what is generated
-    # Greedy decoding with the cache matches greedy decoding by full forwards of the adapted model.
-    model = peft_methods.load_adapter(case.fresh(), tmp["lora"]).eval()
-    ids = list(prompts[1])
-    with torch.no_grad():
-        for _ in range(6):
-            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    assert together[1] == ids[len(prompts[1]):]
+        folder[name] = peft_methods.save_adapter(model, tmp_path / name)
+    keys = [None, *folder, "lora"]
+    prompts = _rows(case, len(keys))
+    bank, steps = _bank(case, folder), 6
+    got = [[] for _ in keys]
+    with bank.decode(prompts, keys) as batch:
+        logits = batch.logits
+        for _ in range(steps):
+            ids = logits.argmax(-1).tolist()
+            for row, token in zip(got, ids):
+                row.append(token)
+            logits = batch.step(ids)
+    assert len({tuple(g) for g in got}) > 1  # the adapters change what is generated
+    for prompt, key, tokens in zip(prompts, keys, got):
+        model = case.fresh() if key is None else peft_methods.load_adapter(case.fresh(), folder[key]).eval()
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(steps):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert tokens == ids[len(prompt):], key
+    assert bank.router.slots is None  # the rows' adapters are released when the block ends
 
 
-def test_stop_callback_and_max_tokens_end_rows_independently():
-    bank = AdapterBank(TINY_LLAMA.fresh(), capacity=1)
-    seen = []
-    out = bank.generate([GenerationRequest([5, 6, 7], max_tokens=5), GenerationRequest([8, 9], max_tokens=2)],
-                        on_token=lambda row, tok: seen.append(row) or (row == 0 and len([r for r in seen if r == 0]) == 3))
-    assert [len(o) for o in out] == [3, 2]
+@pytest.mark.parametrize("case", [TINY_LLAMA, TINY_BERT], ids=lambda c: c.name)
+def test_a_plugin_method_serves_with_its_own_delta_kinds_beside_lora(case, tmp_path):
+    """IA³ (the third-party example plugin) brings its own RowDelta kinds: output scales on keys and
+    values, an input scale on the feed-forward's second layer. Nothing in the bank knows them."""
+    ff = "down_proj" if case is TINY_LLAMA else "layer.[0-9].output.dense"
+    configs = {"ia3": {"method": "ia3", "feedforward_modules": [ff]}, "lora": {"method": "lora"}}
+    folders = {}
+    for i, (name, config) in enumerate(configs.items()):
+        model = peft_methods.apply(case.fresh(), config)
+        torch.manual_seed(i)
+        randomize_adapter(model, scale=0.3)
+        folders[name] = peft_methods.save_adapter(model, tmp_path / name)
+    bank = _bank(case, folders)
+    grouped = {type(d).__name__ for m in bank.model.modules() if isinstance(m, MixedModule)
+               for deltas in m.grouped.values() for d in deltas}
+    assert grouped == {"OutputScale", "InputScale"}  # the plugin's own kinds, both in play
+    keys = ["ia3", "lora", None, "ia3"]
+    rows = _rows(case, len(keys))
+    out = bank.forward_rows(rows, keys).logits
+    for i, (ids, key) in enumerate(zip(rows, keys)):
+        expected = _alone(case, folders.get(key), ids)
+        got = out[i, : expected.shape[-1]] if case.classification else out[i, -len(ids):]
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=0, msg=f"row {i} ({key})")
+    assert not torch.allclose(_alone(case, folders["ia3"], rows[0]), _alone(case, None, rows[0]))
 
 
-def test_methods_without_row_deltas_are_refused_by_name(tmp_path):
-    model = peft_methods.apply(TINY_LLAMA.fresh(), {"method": "ia3"})  # the third-party example plugin
+def test_methods_without_row_deltas_are_refused_by_name(tmp_path, monkeypatch):
+    model = peft_methods.apply(TINY_LLAMA.fresh(), {"method": "ia3"})
     folder = peft_methods.save_adapter(model, tmp_path / "p")
     config, state, _ = read_adapter(folder)
+    monkeypatch.setattr(IA3, "row_deltas", PeftMethod.row_deltas)  # as a method that never described its deltas
     bank = AdapterBank(TINY_LLAMA.fresh(), capacity=2)
     with pytest.raises(NotServable, match="ia3"):
         bank.load("p", config, state)

@@ -61,7 +61,12 @@ def test_hf_peft_loads_our_llama_adapter_and_gives_the_same_outputs(projection, 
     peft_methods.save_adapter(model, tmp_path / "a")
     assert set(load_file(tmp_path / "a" / "adapter_model.safetensors")) == {"prompt_embeddings"}
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert (cfg["peft_type"], cfg["token_dim"], cfg["num_attention_heads"], cfg["prefix_projection"]) == ("PREFIX_TUNING", 16, 2, False)
+    assert (cfg["peft_type"], cfg["token_dim"], cfg["num_attention_heads"], cfg["prefix_projection"]) == (
+        "PREFIX_TUNING",
+        16,
+        2,
+        False,
+    )
 
     hf = PeftModel.from_pretrained(TINY_LLAMA.fresh(), tmp_path / "a").eval()
     with torch.no_grad():
@@ -91,8 +96,10 @@ def test_hf_peft_loads_our_bert_adapter_into_the_same_prefix(tmp_path):
 
 
 @pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="HF PEFT 0.21 looks for `past_key_values` in BertModel.forward's signature, renamed `cache` in transformers 5.x",
+    strict=True,
+    raises=ValueError,
+    reason="HF PEFT 0.21 looks for `past_key_values` in BertModel.forward's signature, "
+    "renamed `cache` in transformers 5.x",
 )
 def test_hf_peft_forward_on_a_bert_classifier(tmp_path):
     model, hf = _hf_bert(tmp_path)
@@ -103,8 +110,10 @@ def test_hf_peft_forward_on_a_bert_classifier(tmp_path):
 
 @pytest.mark.parametrize("case", [TINY_BERT, TINY_LLAMA], ids=lambda c: c.name)
 def test_folding_the_projection_preserves_outputs(case, tmp_path):
-    model = peft_methods.apply(case.fresh(), {"method": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True,
-                                              "encoder_hidden_size": 16})
+    model = peft_methods.apply(
+        case.fresh(),
+        {"method": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True, "encoder_hidden_size": 16},
+    )
     randomize_adapter(model)
     inputs = _inputs(case)
     with torch.no_grad():

@@ -59,14 +59,17 @@ def test_text_init_copies_the_token_embeddings_repeated_to_length():
     ids = AutoTokenizer.from_pretrained(base.config._name_or_path)("great movie", add_special_tokens=False)["input_ids"]
     assert len(ids) == 2
     table = base.get_input_embeddings().weight.detach().clone()
-    model = peft_methods.apply(base, {"method": "prompt_tuning", "num_virtual_tokens": 5, "init": "text", "init_text": "great movie"})
+    model = peft_methods.apply(
+        base, {"method": "prompt_tuning", "num_virtual_tokens": 5, "init": "text", "init_text": "great movie"}
+    )
     expected = table[torch.tensor([ids[0], ids[1], ids[0], ids[1], ids[0]])]
     assert torch.equal(model.peft_prompt.weight.detach(), expected)
 
 
 def test_text_init_with_an_explicit_tokenizer_truncates_to_length():
-    from jobs.base_models import resolve_base_model
     from transformers import AutoTokenizer
+
+    from jobs.base_models import resolve_base_model
 
     folder = str(resolve_base_model("minilm"))
     base = MINILM.fresh()
@@ -116,7 +119,9 @@ def test_inputs_embeds_work_like_input_ids():
     inputs = _inputs(TINY_LLAMA)
     with torch.no_grad():
         embeds = model.get_input_embeddings()(inputs["input_ids"])
-        assert torch.equal(model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits, model(**inputs).logits)
+        assert torch.equal(
+            model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits, model(**inputs).logits
+        )
 
 
 def test_a_kv_cache_forward_is_refused():
@@ -133,10 +138,27 @@ def test_adapter_config_is_hf_peft_prompt_tuning(tmp_path):
     model = peft_methods.apply(TINY_LLAMA.fresh(), {"method": "prompt_tuning", "num_virtual_tokens": 7})
     peft_methods.save_adapter(model, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert {k: cfg[k] for k in ("peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
-                                "num_layers", "prompt_tuning_init", "inference_mode")} == {
-        "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 7, "token_dim": 32,
-        "num_transformer_submodules": 1, "num_layers": 2, "prompt_tuning_init": "RANDOM", "inference_mode": True,
+    assert {
+        k: cfg[k]
+        for k in (
+            "peft_type",
+            "task_type",
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_layers",
+            "prompt_tuning_init",
+            "inference_mode",
+        )
+    } == {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": 7,
+        "token_dim": 32,
+        "num_transformer_submodules": 1,
+        "num_layers": 2,
+        "prompt_tuning_init": "RANDOM",
+        "inference_mode": True,
     }
 
 

@@ -61,7 +61,9 @@ def plugin_dir(tmp_path, monkeypatch):
 
 
 def _load(tmp_path):
-    eps = [ep for d in importlib.metadata.distributions(path=[str(tmp_path)]) for ep in d.entry_points if ep.group == GROUP]
+    eps = [
+        ep for d in importlib.metadata.distributions(path=[str(tmp_path)]) for ep in d.entry_points if ep.group == GROUP
+    ]
     return load_methods(eps)
 
 
@@ -82,7 +84,10 @@ def test_a_broken_plugin_names_its_entry_point(plugin_dir, tmp_path):
 def test_a_duplicate_name_names_both_entry_points(plugin_dir, tmp_path):
     plugin_dir("dup-a", {"dupm": "dupa:Method"}, {"dupa": VALID_METHOD.format(name="dupm")})
     plugin_dir("dup-b", {"dupm": "dupb:Method"}, {"dupb": VALID_METHOD.format(name="dupm")})
-    with pytest.raises(PluginError, match=r"duplicate method name 'dupm'.*dupa:Method.*dupb:Method|duplicate method name 'dupm'.*dupb:Method.*dupa:Method"):
+    with pytest.raises(
+        PluginError,
+        match=r"duplicate method name 'dupm'.*(dupa:Method.*dupb:Method|dupb:Method.*dupa:Method)",
+    ):
         _load(tmp_path)
 
 
@@ -99,9 +104,20 @@ def test_a_plugin_cannot_shadow_a_builtin(plugin_dir, tmp_path):
         (VALID_METHOD.format(name="Upper"), "must be lower-case"),
         (VALID_METHOD.format(name="other"), "differs from the method's name 'other'"),
         ("class Method:\n    name = 'badm'\n", "not a subclass of peft_methods.PeftMethod"),
-        (VALID_METHOD.format(name="badm").replace(', description="the method"', ""), r"fields \['method'\] have no description"),
-        (VALID_METHOD.format(name="badm").replace("class Config(MethodConfig):", "class Config(MethodConfig):\n    model_config = {'extra': 'allow'}"), "must forbid extra fields"),
-        (VALID_METHOD.format(name="badm").replace('    name = "badm"', '    name = "badm"\n    Config = int'), "must subclass peft_methods.MethodConfig"),
+        (
+            VALID_METHOD.format(name="badm").replace(', description="the method"', ""),
+            r"fields \['method'\] have no description",
+        ),
+        (
+            VALID_METHOD.format(name="badm").replace(
+                "class Config(MethodConfig):", "class Config(MethodConfig):\n    model_config = {'extra': 'allow'}"
+            ),
+            "must forbid extra fields",
+        ),
+        (
+            VALID_METHOD.format(name="badm").replace('    name = "badm"', '    name = "badm"\n    Config = int'),
+            "must subclass peft_methods.MethodConfig",
+        ),
     ],
     ids=["upper-case", "name-mismatch", "not-a-method", "undocumented-field", "extra-allowed", "config-not-pydantic"],
 )

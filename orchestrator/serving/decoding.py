@@ -1,0 +1,252 @@
+"""Decoding for the server: the batched generation loop over an adapter bank, sampling, and the
+text a client receives (end of sequence, stop strings, why a row finished).
+
+The bank (:mod:`peft_methods.adapter_bank`) runs forwards; this module decides what to do with the
+logits. Every row carries its own text state, so the work per generated token is bounded whatever
+the output's length: a :class:`TextStream` decodes each new token with a few tokens before it as
+context (never the whole output again), and :class:`StopStrings` looks for stop strings only in
+the new text plus the few characters held back because they could start one. Held-back text is
+released once it cannot, so streamed pieces concatenate to exactly the non-streamed text.
+
+The rules a response reports are written once here: :func:`finish_reason` and
+:func:`check_context_length`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_methods.adapter_bank import AdapterBank
+
+# Tokens a TextStream holds back while they show no new printable text (skipped special tokens,
+# bytes of a character still incomplete); a UTF-8 character takes at most four byte tokens.
+MAX_HELD_TOKENS = 8
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    adapter: Hashable | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class Generation:
+    """One row's output so far: its tokens, the text pieces released, and why it ended (None: running)."""
+
+    tokens: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def finish_reason(*, stopped: bool, eos: bool, tokens: int, max_tokens: int) -> str | None:
+    """Why a row ends, or None while it runs: "stop" at a stop string or end-of-sequence, "length" at max_tokens."""
+    if stopped or eos:
+        return "stop"
+    return "length" if tokens >= max_tokens else None
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt, the adapter's virtual tokens and max_tokens do not fit the model's positions."""
+
+
+def check_context_length(prompt_tokens: int, virtual_tokens: int, max_tokens: int, max_positions: int | None) -> None:
+    """Raise :class:`ContextLengthExceeded` unless prompt + virtual tokens + max_tokens ≤ max_positions."""
+    total = prompt_tokens + virtual_tokens + max_tokens
+    if max_positions is not None and total > max_positions:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_positions} tokens; the request needs {total} "
+            f"({prompt_tokens} in the prompt, {virtual_tokens} virtual tokens of the adapter, max_tokens {max_tokens})")
+
+
+def eos_ids(model: nn.Module) -> list[int]:
+    """The model's end-of-sequence ids (generation config first); [] when it has none."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Greedy at temperature 0, else a draw from the tempered distribution cut to its top-p nucleus."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class TextStream:
+    """One row's text, a piece per token, equal in sum to ``tokenizer.decode(ids, skip_special_tokens=True)``.
+
+    Each step decodes only the tokens since the last piece, behind the tokens of that piece as
+    context (spaces, word pieces and multi-byte characters depend on the neighbours): a window of a
+    few tokens, so a long output costs linear work, not a full decode per token. A piece ending in
+    an incomplete character waits for the next token. Fast tokenizers are decoded by their Rust
+    backend directly unless the Python tokenizer cleans up spaces after it.
+    """
+
+    def __init__(self, tokenizer: Any):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        if getattr(tokenizer, "is_fast", False) and backend is not None and not cleans_up:
+            self._decode: Callable[[list[int]], str] = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.window: list[int] = []  # the last piece's tokens (context), then the tokens held since
+        self.held = 0
+        self.context = ""  # the context tokens' text, decoded on their own
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the new text it completes (possibly empty)."""
+        self.window.append(token)
+        self.held += 1
+        text = self._decode(self.window)
+        if len(text) > len(self.context) and not text.endswith("\ufffd"):
+            return self._advance(text)
+        if self.held >= MAX_HELD_TOKENS:  # keep the window bounded
+            if len(text) <= len(self.context):  # held tokens that show nothing (skipped special tokens)
+                del self.window[-self.held:]
+                self.held = 0
+                return ""
+            return self._advance(text)  # bytes that never formed a character: shown as a full decode shows them
+        return ""
+
+    def finish(self) -> str:
+        """Whatever is still held back at the end (an incomplete character), as a full decode shows it."""
+        return self._advance(self._decode(self.window)) if self.held else ""
+
+    def _advance(self, text: str) -> str:
+        piece = text[len(self.context):]
+        del self.window[: len(self.window) - self.held]
+        self.held = 0
+        self.context = self._decode(self.window)
+        return piece
+
+
+class StopStrings:
+    """Cuts a row's text at the first stop string, looking at each piece once.
+
+    Text that could be the start of a stop string is held back (at most the longest stop's length
+    minus one characters) until the next piece shows whether it is; only that tail and the new
+    piece are searched."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.held = ""
+
+    def release(self, new: str) -> tuple[str, bool]:
+        """The text that may go to the client now, and whether a stop string ended the row there."""
+        if not self.stops:
+            return new, False
+        text = self.held + new
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.held = ""
+            return text[: min(cuts)], True
+        keep = self._partial_stop(text)
+        self.held = text[len(text) - keep:]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+    def _partial_stop(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string."""
+        for k in range(min(len(text), self.longest - 1), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+
+class _Row:
+    """One request's decoding state: its sampler, its text and its result."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: Any, eos: list[int]):
+        if request.stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.request, self.eos = request, eos
+        self.generator = torch.Generator().manual_seed(request.seed)
+        self.text = TextStream(tokenizer) if tokenizer is not None else None
+        self.stops = StopStrings(request.stop)
+        self.result = Generation()
+        self.result.finish_reason = self._reason(stopped=False, eos=False)  # max_tokens 0 ends at once
+
+    @property
+    def done(self) -> bool:
+        return self.result.finish_reason is not None
+
+    def add(self, token: int) -> str:
+        """Record a sampled token; returns the text released by it."""
+        tokens, eos = self.result.tokens, token in self.eos
+        tokens.append(token)
+        last = eos or len(tokens) >= self.request.max_tokens
+        piece, stopped = "", False
+        if self.text is not None:
+            piece, stopped = self.stops.release(self.text.push(token) + (self.text.finish() if last else ""))
+            if last and not stopped:
+                piece += self.stops.flush()
+        if piece:
+            self.result.pieces.append(piece)
+        self.result.finish_reason = self._reason(stopped=stopped, eos=eos)
+        return piece
+
+    def _reason(self, *, stopped: bool, eos: bool) -> str | None:
+        tokens, max_tokens = len(self.result.tokens), self.request.max_tokens
+        return finish_reason(stopped=stopped, eos=eos, tokens=tokens, max_tokens=max_tokens)
+
+
+def generate(bank: AdapterBank, requests: Sequence[GenerationRequest], tokenizer: Any = None,
+             on_update: Callable[[int, str, Generation], None] | None = None) -> list[Generation]:
+    """Sample continuations for rows that use different adapters, in one batch with a KV cache.
+
+    Rows end at a stop string (needs ``tokenizer``), end-of-sequence or ``max_tokens``; a finished
+    row stays in the batch (fed a filler token) until all have. ``on_update(row, piece, result)``
+    is called whenever a row releases text or finishes (``result.finish_reason`` is then set).
+    Without a tokenizer only token ids are produced."""
+    eos = eos_ids(bank.model)
+    rows = [_Row(r, tokenizer, eos) for r in requests]
+    for i, row in enumerate(rows):
+        if row.done and on_update:
+            on_update(i, "", row.result)
+    if all(row.done for row in rows):
+        return [row.result for row in rows]
+    filler = eos[0] if eos else 0
+    with bank.decode([r.prompt_ids for r in requests], [r.adapter for r in requests]) as batch:
+        logits = batch.logits
+        while True:
+            next_ids = []
+            for i, (row, req) in enumerate(zip(rows, requests)):
+                if row.done:
+                    next_ids.append(filler)
+                    continue
+                token = sample(logits[i], req.temperature, req.top_p, row.generator)
+                next_ids.append(token)
+                piece = row.add(token)
+                if on_update and (piece or row.done):
+                    on_update(i, piece, row.result)
+            if all(row.done for row in rows):
+                break
+            logits = batch.step(next_ids)
+    return [row.result for row in rows]
