@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 	$(PY) -m orchestrator.demo
 
 test: $(VENV)/.installed-test
+	$(PY) -m ruff check .  # lint first: line length, import order, pyflakes (pyproject.toml)
 	$(PY) -m pytest -q --ignore=tests/cluster
 	$(PY) -m pytest -q tests/cluster  # its own process: a multi-node Ray cluster of its own
 
