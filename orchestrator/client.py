@@ -32,10 +32,10 @@ from jobs.store.subspace_registry import SubspaceRecord, SubspaceRegistry
 from jobs.training.subspaces import check_references
 from orchestrator.cluster import JOB_ENV, Cluster, InfeasibleJob, check_feasible, connect, launch, stop_and_wait
 from orchestrator.reconciler import settle_orphans
+from orchestrator.tune.sweeps import SweepHandle, Sweeps, start_sweep
 
 if TYPE_CHECKING:
     from orchestrator.serving.deployment import Serving
-    from orchestrator.tune.sweeps import SweepHandle
 
 
 class JobHandle:
@@ -195,8 +195,6 @@ class Client:
         self.home = Path(peftfleet_home(home))
         self.store = JobStore(store_url, storage_url=storage_url, home=self.home)
         self.jobs = Jobs(self)
-        from orchestrator.tune.sweeps import Sweeps
-
         self.sweeps = Sweeps(self)
         self.adapters: AdapterRegistry = self.store.adapters
         self.subspaces: SubspaceRegistry = self.store.subspaces
@@ -324,8 +322,6 @@ class Client:
         Raises:
             JobSpecError, InfeasibleJob: as :meth:`tune`; nothing is stored.
         """
-        from orchestrator.tune.sweeps import start_sweep
-
         return start_sweep(self, sweep)
 
     def cancel(self, job_id: str, *, timeout: float = 120) -> JobRecord:

@@ -26,22 +26,11 @@ MODULES = {module_name(p): p for package in PACKAGES for p in sorted((ROOT / pac
 TREES = {name: ast.parse(path.read_text(), str(path)) for name, path in MODULES.items()}
 
 
-def runtime_nodes(tree: ast.AST):
-    """Every node except what sits under ``if TYPE_CHECKING:`` (never imported at run time)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
-
-
 def imports(name: str) -> list[tuple[str, list[str]]]:
-    """``(module, names)`` for every run-time import in module ``name``, relative ones resolved."""
+    """``(module, names)`` for every import in module ``name`` — lazy ones and those only for type
+    checking included, since each still ties the two modules together — relative ones resolved."""
     found = []
-    for node in runtime_nodes(TREES[name]):
+    for node in ast.walk(TREES[name]):
         if isinstance(node, ast.Import):
             found.extend((a.name, []) for a in node.names)
         elif isinstance(node, ast.ImportFrom):

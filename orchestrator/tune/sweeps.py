@@ -13,16 +13,30 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from jobs.spec import JobSpecError
+from jobs.store import JobRecord, JobStore
 from jobs.store.sweep_registry import LIVE_SWEEP, SweepRecord
 from jobs.sweep_spec import load_sweep_spec, parse_sweep_spec, trial_spec, validation_configs
 from jobs.training.subspaces import check_references
-from orchestrator.cluster import RAY_TERMINAL, check_feasible, launch, stop_and_wait
+from orchestrator.cluster import RAY_TERMINAL, Cluster, check_feasible, launch, stop_and_wait
 
-if TYPE_CHECKING:
-    from orchestrator.client import Client
+
+class Client(Protocol):
+    """What sweeps need of ``orchestrator.client.Client`` (which builds them; named here, not imported)."""
+
+    store: JobStore
+    home: Path
+    cluster: Cluster
+
+    def process_env(self) -> dict[str, str]: ...
+
+    def ray_connected(self) -> bool: ...
+
+    def settle_orphans(self) -> list[JobRecord]: ...
+
+    def cancel(self, job_id: str, *, timeout: float = 120) -> JobRecord: ...
 
 TRIAL_CPU = 0.1  # what a trial's own process reserves; its Ray Train workers reserve the rest
 
