@@ -115,7 +115,9 @@ class DeepSpeedSpec(_Spec):
         default=False, description="Keep optimizer state in CPU memory (ZeRO ≥ 1, GPU jobs)."
     )
     offload_params: bool = Field(default=False, description="Keep parameters in CPU memory (ZeRO 3, GPU jobs).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fp32 on CPU; bf16/fp16 need GPUs.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Training precision: fp32, bf16 (GPUs, or CPUs that have it), fp16 (GPUs only)."
+    )
 
 
 class ResourcesSpec(_Spec):
@@ -248,10 +250,10 @@ def _build_job_spec() -> type[BaseModel]:
                     "method.decoded", "is the form a trained IPT adapter loads in; a job trains z inside the subspace"
                 )
             ds, gpus = self.deepspeed, self.resources.gpus_per_worker
-            if ds.precision != "fp32" and gpus == 0:
+            if ds.precision == "fp16" and gpus == 0:
                 raise _At(
                     "deepspeed.precision",
-                    f"{ds.precision} needs GPUs (resources.gpus_per_worker > 0); CPU training runs in fp32",
+                    "fp16 needs GPUs (resources.gpus_per_worker > 0); CPU training runs in fp32 or bf16",
                 )
             if ds.offload_params and ds.zero_stage != 3:
                 raise _At("deepspeed.offload_params", "needs zero_stage 3")

@@ -55,7 +55,7 @@ def problems(data) -> dict[str, str]:
         ({"training": {"lr": -1}}, "training.lr", "greater than 0"),
         ({"training": {"eval_fraction": 1.5}}, "training.eval_fraction", "less than 1"),
         ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage", "Input should be 0, 1, 2 or 3"),
-        ({"deepspeed": {"precision": "bf16"}}, "deepspeed.precision", "needs GPUs"),
+        ({"deepspeed": {"precision": "fp16"}}, "deepspeed.precision", "needs GPUs"),
         (
             {"deepspeed": {"offload_params": True, "zero_stage": 2}, "resources": {"gpus_per_worker": 1}},
             "deepspeed.offload_params",
