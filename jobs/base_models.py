@@ -79,9 +79,12 @@ def _converted_smollm2(cache: Path) -> Path:
 
 
 def load_base_model(
-    ref: str, task: str, *, num_labels: int | None = None, home: str | os.PathLike | None = None
+    ref: str, task: str, *, num_labels: int | None = None, home: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) for ``task`` in fp32; a classification head is freshly initialised."""
+    """Load (model, tokenizer) for ``task`` with weights in ``dtype`` straight from the files (never an
+    fp32 copy first); a classification head is freshly initialised. Under an active ZeRO-3 config
+    (``transformers.integrations.HfDeepSpeedConfig``) the weights are partitioned as they load."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_base_model(ref, home=home)
@@ -92,11 +95,11 @@ def load_base_model(
         if not num_labels:
             raise ValueError("sequence-classification needs num_labels")
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=torch.float32, trust_remote_code=False
+            path, num_labels=num_labels, dtype=dtype, trust_remote_code=False
         )
         model.config.pad_token_id = tokenizer.pad_token_id
     elif task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     return model, tokenizer

@@ -104,10 +104,16 @@ class PromptDecoder(nn.Module):
         return (self.in_weight if self.in_weight is not None else self.out_weight).shape[1]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Computed in ``z``'s dtype: bf16 while a bf16 engine trains (it casts parameters, not buffers),
+        fp32 when the adapter is saved from the optimizer's fp32 master of ``z``."""
         h = z
         if self.in_weight is not None:
-            h = torch.tanh(F.linear(h, self.in_weight, self.in_bias))
-        return F.linear(h, self.out_weight, self.out_bias).view(self.shape)
+            h = torch.tanh(F.linear(h, *self._weights("in", z.dtype)))
+        return F.linear(h, *self._weights("out", z.dtype)).view(self.shape)
+
+    def _weights(self, which: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = getattr(self, f"{which}_weight"), getattr(self, f"{which}_bias")
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 class IntrinsicPrompt(nn.Module):

@@ -1,15 +1,21 @@
 """The training recipe every worker of a job runs, in named phases (as torchtune's recipes read):
 
 setup_data       the job's training and held-out examples, and how they become batches
-setup_model      load the frozen base, apply the PEFT method (FAR and friends look at a few batches)
+setup_model      load the frozen base in the job's precision on this rank's device (under ZeRO-3
+                 partitioned as it loads), apply the PEFT method (FAR and friends look at a few batches)
 setup_optimizer  a DeepSpeed engine whose optimizer holds only the trainable parameters (ZeRO 0–3;
-                 gloo on CPU, NCCL on GPU), restored from a checkpoint when there is one
+                 gloo on CPU, NCCL on GPU; DeepSpeed's CPU Adam when the optimizer is offloaded),
+                 restored from a checkpoint when there is one
 train            each optimizer step consumes one global batch, split into micro-batches across ranks
                  and accumulation steps, so N workers follow the same trajectory as one worker;
-                 evaluates and checkpoints (adapter + optimizer state only) on schedule
+                 evaluates and checkpoints (adapter + optimizer state only) on schedule; the next
+                 step's batches are tokenised in a background thread while this one computes
 evaluate         metrics on the held-out split, summed across ranks
-save             rank 0 writes the adapter (under ZeRO-3 after gathering just the adapter's
-                 partitions) and registers it
+save             rank 0 writes the adapter from the optimizer's fp32 master weights (under ZeRO-3
+                 gathering just the adapter's) and registers it
+
+Every batch, metric and collective goes through one :class:`jobs.training.devices.Placement`, so
+each lives on the rank's device; the host waits on the device only when a metric is logged.
 
 The recipe knows nothing of Ray or the store: it talks to the outside world through a
 :class:`jobs.training.reporter.Reporter`, so it runs in a unit test with an in-memory one.
@@ -24,6 +30,7 @@ import random
 import resource
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any
 
@@ -35,6 +42,7 @@ from jobs.base_models import load_base_model
 from jobs.spec import JobSpec
 from jobs.training.batches import Batches
 from jobs.training.data import load_for_job
+from jobs.training.devices import Placement, all_sum, make_optimizer, master_weights
 from jobs.training.reporter import Reporter
 
 CHECKPOINT_TAG = "peftfleet"
@@ -73,43 +81,42 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-def all_sum(values: list[float]) -> list[float]:
-    """Element-wise sums over every rank (the values themselves when training alone)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def evaluate(model: Any, batches: Batches, examples: list, *, batch_size: int, rank: int = 0,
-             world: int = 1) -> dict[str, float]:
+             world: int = 1, placement: Placement | None = None) -> dict[str, float]:
     """Held-out metrics of ``model`` (a module or a DeepSpeed engine): loss and accuracy for classifiers,
     loss and perplexity over response tokens for causal LMs. Each rank takes every world-th example and
-    the sums are all-reduced, so every rank returns the same numbers."""
+    the sums are all-reduced, so every rank returns the same numbers. Sums stay on the model's device
+    until the one all-reduce at the end."""
+    placement = placement or Placement(_device_of(model))
     classify = batches.task == "sequence-classification"
     was_training = model.training
     model.eval()
     mine = examples[rank::world]
-    loss_sum = correct = count = tokens = 0.0
+    sums = placement.zeros(4)  # loss × n, correct, examples, response tokens
     for i in range(0, max(len(mine), 1), batch_size):
         chunk = mine[i : i + batch_size] or examples[:1]  # every rank runs the same number of forwards (ZeRO-3 gathers)
         weight = 1.0 if mine[i : i + batch_size] else 0.0
-        batch = batches(chunk)
+        batch = placement.batch(batches(chunk))
         out = model(**batch)
         if classify:
             n = len(chunk) * weight
-            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item() * weight
-            count += n
+            sums[1] += (out.logits.argmax(-1) == batch["labels"]).sum() * weight
+            sums[2] += n
         else:
-            n = (batch["labels"][:, 1:] != -100).sum().item() * weight
-            tokens += n
-        loss_sum += out.loss.item() * n
-    loss_sum, correct, count, tokens = all_sum([loss_sum, correct, count, tokens])
+            n = (batch["labels"][:, 1:] != -100).sum() * weight
+            sums[3] += n
+        sums[0] += out.loss.detach().double() * n
+    loss_sum, correct, count, tokens = all_sum(sums)
     model.train(was_training)
     if classify:
         return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
     return {"eval_loss": loss_sum / tokens, "eval_perplexity": math.exp(min(20.0, loss_sum / tokens))}
+
+
+def _device_of(model: Any) -> torch.device:
+    device = getattr(model, "device", None)  # DeepSpeed engines and transformers models say it
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
 class Recipe:
@@ -123,6 +130,7 @@ class Recipe:
         self.method_config = method_config if method_config is not None else spec.method
         self.metadata, self.home, self.init_checkpoint = dict(metadata or {}), home, init_checkpoint
         self.step = 0
+        self._order: tuple[int, list] | None = None  # (epoch, its shuffled examples)
 
     def run(self) -> str | None:
         """Every phase in order; returns the registered adapter's name on rank 0 (None elsewhere)."""
@@ -153,30 +161,52 @@ class Recipe:
         transformers.logging.set_verbosity_error()  # a fresh task head is expected, not news
         t = self.spec.training
         torch.manual_seed(t.seed)  # the same fresh head on every rank
+        import deepspeed
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a 30–50 s compile; gloo suffices
         num_labels = len(self.labels) if self.labels else None
-        self.model, tokenizer = load_base_model(
-            self.spec.base_model, self.spec.task, num_labels=num_labels, home=self.home
-        )
+        self.placement = Placement.for_job(self.spec.deepspeed.precision)
+        self.zero3 = self.spec.deepspeed.zero_stage == 3
+        if self.zero3:
+            # transformers loads under deepspeed.zero.Init while this object lives: each rank keeps only
+            # its partition of every weight, never a whole copy (kept for the job's lifetime, as documented)
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.hf_deepspeed_config = HfDeepSpeedConfig(deepspeed_config(self.spec, self.world))
+        self.model, tokenizer = load_base_model(self.spec.base_model, self.spec.task, num_labels=num_labels,
+                                                home=self.home, dtype=self.placement.dtype)
+        if not self.zero3:
+            self.model.to(self.placement.device)
         self.method = peft_methods.get_method(self.method_config.method)
-        self.method.apply(self.model, self.method_config)
         self.batches = Batches(self.spec.task, tokenizer, t.max_length)
         train = self.data.train
-        self.method.prime(self.model, (self.batches(train[i : i + t.batch_size])
-                                       for i in range(0, min(len(train), 8 * t.batch_size), t.batch_size)))
+        with self._base_gathered():
+            self.method.apply(self.model, self.method_config)
+            self.method.prime(self.model, (self.placement.batch(self.batches(train[i : i + t.batch_size]))
+                                           for i in range(0, min(len(train), 8 * t.batch_size), t.batch_size)))
+
+    def _base_gathered(self):
+        """Under ZeRO-3 the base's partitions, gathered while the method is applied and primed (it may read
+        base weights and run forwards before any engine exists): one transient copy in the job's precision."""
+        if not self.zero3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
     def setup_optimizer(self) -> None:
         import deepspeed
 
         t = self.spec.training
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.summary = {"trainable_parameters": sum(p.numel() for p in trainable),
-                        "total_parameters": sum(p.numel() for p in self.model.parameters())}
-        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        self.summary = {"trainable_parameters": sum(_numel(p) for p in trainable),
+                        "total_parameters": sum(_numel(p) for p in self.model.parameters())}
+        optimizer = make_optimizer(trainable, lr=t.lr, weight_decay=t.weight_decay,
+                                   offload=self.spec.deepspeed.offload_optimizer)
         warmup = int(t.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(t.lr_schedule, warmup, self.total_steps)
         )
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a 30–50 s compile; gloo suffices
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model,
             optimizer=optimizer,
@@ -214,52 +244,65 @@ class Recipe:
         started, first = time.perf_counter(), self.step
         metrics: dict[str, float] = {}
         self.engine.train()
-        while self.step < self.total_steps:
-            loss = self.train_step()
-            self.step += 1
-            step = self.step
-            if step % log_every == 0 or step == self.total_steps:
-                (mean_loss,) = all_sum([loss / self.world])
-                self.reporter.metrics(step, {"train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
-                self._say(f"step {step}/{self.total_steps} loss {mean_loss:.4f} "
-                          f"({(step - first) / (time.perf_counter() - started):.2f} steps/s)", rank0=True)
-            evaluated = step % eval_every == 0 or step == self.total_steps
-            if evaluated:
-                metrics = self.evaluate()
-                self.reporter.metrics(step, metrics)
-                self._say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), rank0=True)
-            if (step % ckpt_every == 0) and step < self.total_steps:
-                with tempfile.TemporaryDirectory() as folder:
-                    self.save_checkpoint(folder)
-                    self.reporter.progress(step, metrics if evaluated else {}, checkpoint=folder)
-                self.reporter.metrics(step, {"checkpoint_step": step})  # persisted: a sweep may hand it on
-            elif evaluated:
-                self.reporter.progress(step, metrics)
+        with ThreadPoolExecutor(1, thread_name_prefix="peftfleet-batches") as prefetch:
+            upcoming = prefetch.submit(self.micro_batches, self.step)
+            while self.step < self.total_steps:
+                micro = upcoming.result()
+                if self.step + 1 < self.total_steps:
+                    upcoming = prefetch.submit(self.micro_batches, self.step + 1)
+                loss = self.train_step(micro)
+                self.step += 1
+                step = self.step
+                if step % log_every == 0 or step == self.total_steps:
+                    (mean_loss,) = all_sum(loss.reshape(1) / self.world)  # the only wait on the device
+                    self.reporter.metrics(step, {"train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
+                    self._say(f"step {step}/{self.total_steps} loss {mean_loss:.4f} "
+                              f"({(step - first) / (time.perf_counter() - started):.2f} steps/s)", rank0=True)
+                evaluated = step % eval_every == 0 or step == self.total_steps
+                if evaluated:
+                    metrics = self.evaluate()
+                    self.reporter.metrics(step, metrics)
+                    self._say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), rank0=True)
+                if (step % ckpt_every == 0) and step < self.total_steps:
+                    with tempfile.TemporaryDirectory() as folder:
+                        self.save_checkpoint(folder)
+                        self.reporter.progress(step, metrics if evaluated else {}, checkpoint=folder)
+                    self.reporter.metrics(step, {"checkpoint_step": step})  # persisted: a sweep may hand it on
+                elif evaluated:
+                    self.reporter.progress(step, metrics)
         # this worker's peak resident memory, for sizing (Linux reports KiB)
         self.reporter.metrics(self.step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         return metrics
 
-    def train_step(self) -> float:
-        """One optimizer step over this rank's share of the global batch; returns its mean loss."""
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's tokenised micro-batches of global step ``step``, host side (what the prefetch
+        thread prepares while the previous step computes)."""
         t = self.spec.training
-        epoch, index = divmod(self.step, self.steps_per_epoch)
-        order = list(self.data.train)
-        random.Random(t.seed + epoch).shuffle(order)  # identical on every rank
-        examples = order[index * self.global_batch : (index + 1) * self.global_batch]
-        loss_sum = 0.0
-        for a in range(t.grad_accum_steps):
-            start = (a * self.world + self.rank) * t.batch_size
-            loss = self.engine(**self.batches(examples[start : start + t.batch_size])).loss
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            order = list(self.data.train)
+            random.Random(t.seed + epoch).shuffle(order)  # identical on every rank; once per epoch
+            self._order = (epoch, order)
+        examples = self._order[1][index * self.global_batch : (index + 1) * self.global_batch]
+        starts = ((a * self.world + self.rank) * t.batch_size for a in range(t.grad_accum_steps))
+        return [self.placement.prepare(self.batches(examples[s : s + t.batch_size])) for s in starts]
+
+    def train_step(self, micro: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns their mean loss, on the device
+        (reading it waits for the step, so only logging does)."""
+        total = None
+        for batch in micro:
+            loss = self.engine(**self.placement.batch(batch)).loss
             extra = self.method.regularization_loss(self.engine.module)
             self.engine.backward(loss if extra is None else loss + extra)
             self.engine.step()
-            loss_sum += loss.item()
-        return loss_sum / t.grad_accum_steps
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        return total / len(micro)
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on the held-out split, summed across ranks (see :func:`evaluate`)."""
         return evaluate(self.engine, self.batches, self.data.eval, batch_size=self.spec.training.batch_size,
-                        rank=self.rank, world=self.world)
+                        rank=self.rank, world=self.world, placement=self.placement)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, folder: str) -> None:
@@ -279,16 +322,11 @@ class Recipe:
     # -- save ------------------------------------------------------------------------------------
     def save(self, metrics: dict[str, float]) -> str | None:
         """Write and register the adapter on rank 0; every rank returns once it is registered."""
-        model, spec = self.engine.module, self.spec
-        owned = [p for n, p in model.named_parameters() if self.method.owns(model, n)]
-        gather = nullcontext()
-        if spec.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(owned, modifier_rank=None)  # only the adapter, never the base
+        model = self.engine.module
+        owned = [(n, p) for n, p in model.named_parameters() if self.method.owns(model, n)]
         name = None
         scores = {k: float(v) for k, v in metrics.items() if k.startswith("eval_")}
-        with gather:
+        with master_weights(owned):  # the adapter's fp32 masters, gathered under ZeRO-3; never the base
             if self.rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     folder = peft_methods.save_adapter(model, os.path.join(tmp, "adapter"), metadata={
@@ -304,3 +342,7 @@ class Recipe:
     def _say(self, message: str, *, rank0: bool = False) -> None:
         if not rank0 or self.rank == 0:
             print(message if rank0 else f"[rank {self.rank}] {message}", flush=True)
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition reports its whole size there
