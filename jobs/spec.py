@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 import peft_methods
 from jobs.base_models import BUILTIN_MODELS
@@ -123,11 +123,46 @@ class DeepSpeedSpec(_Spec):
 class ResourcesSpec(_Spec):
     num_workers: int = Field(default=1, ge=1, le=1024, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(default=1, gt=0, le=1024, description="CPUs reserved per worker.")
-    gpus_per_worker: float = Field(default=0, ge=0, le=16, description="GPUs reserved per worker (0 = CPU training).")
+    gpus_per_worker: float = Field(
+        default=0,
+        ge=0,
+        allow_inf_nan=False,
+        description="GPUs per worker: 0 (CPU training), 1 (one GPU per rank), or a fraction below 1 to share a GPU "
+        "with other jobs (one worker per GPU: num_workers 1 or STRICT_SPREAD).",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         default="PACK",
         description="How workers are placed on nodes (Ray placement groups): STRICT_SPREAD = one per node.",
     )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _one_device_per_rank(cls, v: float, info: ValidationInfo) -> float:
+        if v > 1 and v.is_integer():
+            workers = info.data.get("num_workers")
+            instead = f"num_workers: {workers * int(v)}" if isinstance(workers, int) else "num_workers: N"
+            raise ValueError(
+                f"a worker drives one GPU, so {v:g} GPUs per worker would leave {v - 1:g} of each worker's GPUs idle; "
+                f"use one worker per GPU instead ({instead}, gpus_per_worker: 1)"
+            )
+        if v > 1:
+            raise ValueError(
+                f"{v:g} GPUs per worker is not a whole number: a worker drives one GPU (1), or shares one with other "
+                "jobs (a fraction below 1)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _no_two_ranks_on_one_gpu(self) -> ResourcesSpec:
+        gpus = self.gpus_per_worker
+        if 0 < gpus < 1 and self.num_workers > 1 and self.placement_strategy != "STRICT_SPREAD":
+            raise _At(
+                "gpus_per_worker",
+                f"a fraction of a GPU ({gpus:g}) with {self.num_workers} workers could put two ranks of this job on "
+                "one GPU, which NCCL refuses; a fraction is for sharing a GPU with other jobs, one worker per GPU: "
+                "use num_workers 1, placement_strategy STRICT_SPREAD (one worker per node), or gpus_per_worker 1",
+            )
+        return self
 
 
 class _Submission(_Spec):

@@ -5,6 +5,6 @@
 """
 
 from orchestrator.client import Client, JobHandle
-from orchestrator.cluster import InfeasibleJob
+from orchestrator.feasibility import InfeasibleJob
 
 __all__ = ["Client", "InfeasibleJob", "JobHandle"]

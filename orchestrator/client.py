@@ -30,7 +30,8 @@ from jobs.store import JobRecord, JobStore, Metric
 from jobs.store.adapter_registry import AdapterRecord, AdapterRegistry
 from jobs.store.subspace_registry import SubspaceRecord, SubspaceRegistry
 from jobs.training.subspaces import check_references
-from orchestrator.cluster import JOB_ENV, Cluster, InfeasibleJob, check_feasible, connect, launch, stop_and_wait
+from orchestrator.cluster import JOB_ENV, Cluster, connect, launch, stop_and_wait
+from orchestrator.feasibility import InfeasibleJob, check_feasible
 from orchestrator.reconciler import settle_orphans
 from orchestrator.tune.sweeps import SweepHandle, Sweeps, start_sweep
 

@@ -1,5 +1,6 @@
-"""What the client and the sweep code both need from the Ray cluster: connecting to it, checking a
-job can ever get its resources, launching a peftfleet process as a Ray job, and stopping one.
+"""What the client and the sweep code both need from the Ray cluster: connecting to it, launching a
+peftfleet process as a Ray job, and stopping one (whether a job can ever get its resources is
+:mod:`orchestrator.feasibility`).
 
 >>> cluster = connect()                                   # local Ray, or RAY_ADDRESS   # doctest: +SKIP
 >>> check_feasible(cluster, spec)                        # InfeasibleJob if never      # doctest: +SKIP
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+
+from orchestrator.feasibility import NodeShape, read_node_shapes
 
 # Environment every job process gets: offline models, DeepSpeed's CPU accelerator unless GPUs are
 # used, and a Ray Train worker-group start timeout long enough to wait in the queue for resources.
@@ -37,11 +40,6 @@ PASSTHROUGH_ENV = (
 RAY_TERMINAL = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})  # a Ray job in one of these runs nothing any more
 RAY_LIVE = frozenset({"PENDING", "RUNNING"})
 
-
-class InfeasibleJob(ValueError):
-    """The cluster can never give the job the resources it asks for."""
-
-
 @dataclass(frozen=True)
 class Cluster:
     dashboard_url: str
@@ -54,8 +52,9 @@ class Cluster:
         url = self.dashboard_url if "://" in self.dashboard_url else f"http://{self.dashboard_url}"
         return JobSubmissionClient(url)
 
-    def resources(self) -> dict[str, float]:
-        return ray.cluster_resources()
+    def node_shapes(self) -> list[NodeShape] | None:
+        """The shapes of the nodes this cluster has or can grow to (see ``feasibility.read_node_shapes``)."""
+        return read_node_shapes()
 
     def ray_job_status(self, submission_id: str) -> str | None:
         """The Ray job's status (``PENDING``, ``RUNNING``, ``STOPPED``, ...), or None when Ray does not know it."""
@@ -84,20 +83,6 @@ def connect(
         object_store_memory=object_store_memory, logging_level="WARNING",
     )
     return Cluster(ctx.dashboard_url, started_here=True)
-
-
-def check_feasible(cluster: Cluster, spec: Any, *, extra_cpus: float = 0, what: str | None = None) -> None:
-    """Raise :class:`InfeasibleJob` when the cluster can never give ``spec``'s workers (plus
-    ``extra_cpus`` for a process of their own, e.g. a sweep trial) their resources."""
-    total = cluster.resources()
-    r = spec.resources
-    need = {"CPU": r.num_workers * r.cpus_per_worker + extra_cpus, "GPU": r.num_workers * r.gpus_per_worker}
-    short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
-    if short:
-        detail = ", ".join(f"{v:g} {k} (the cluster has {have:g})" for k, (v, have) in short.items())
-        raise InfeasibleJob(
-            f"{what or f'job {spec.name!r}'} needs {detail}; lower resources.num_workers or its per-worker resources"
-        )
 
 
 def launch(cluster: Cluster, module_args: str, *, submission_id: str, resources: Any, env: dict[str, str],

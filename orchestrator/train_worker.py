@@ -121,6 +121,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec = parse_job_spec(config["spec"])
+    if spec.resources.gpus_per_worker:  # this rank's own GPU, before DeepSpeed and NCCL pick a device
+        import torch
+        from ray.train.torch import get_device
+
+        device = get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
     reporter = RayTrainReporter(config, spec, rank, world)
     # Registry references in the method config (an IPT subspace) become verified local folders.
     method_config, lineage = resolve_method_config(

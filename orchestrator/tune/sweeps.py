@@ -20,7 +20,8 @@ from jobs.store import JobRecord, JobStore
 from jobs.store.sweep_registry import LIVE_SWEEP, SweepRecord
 from jobs.sweep_spec import load_sweep_spec, parse_sweep_spec, trial_spec, validation_configs
 from jobs.training.subspaces import check_references
-from orchestrator.cluster import RAY_TERMINAL, Cluster, check_feasible, launch, stop_and_wait
+from orchestrator.cluster import RAY_TERMINAL, Cluster, launch, stop_and_wait
+from orchestrator.feasibility import check_feasible
 
 
 class Client(Protocol):
@@ -44,17 +45,23 @@ TRIAL_CPU = 0.1  # what a trial's own process reserves; its Ray Train workers re
 def start_sweep(client: Client, sweep: Any) -> SweepHandle:
     """Validate, store and launch a sweep's driver as a Ray job; see ``Client.tune``."""
     spec = load_sweep_spec(sweep) if isinstance(sweep, (str, os.PathLike)) else parse_sweep_spec(sweep)
-    specs = [trial_spec(spec, params, 0, label=label) for label, params in validation_configs(spec)]
+    labelled = [(label, trial_spec(spec, params, 0, label=label)) for label, params in validation_configs(spec)]
+    specs = [s for _, s in labelled]
     for s in specs:
         check_references(client.store, s)
     largest = max(specs, key=lambda s: s.resources.num_workers * s.resources.cpus_per_worker)
-    # A trial's own process takes TRIAL_CPU besides its workers (lower resources.cpus_per_worker, e.g. to 0.9).
-    check_feasible(
-        client.cluster,
-        largest,
-        extra_cpus=TRIAL_CPU,
-        what=f"sweep {spec.name!r}: its largest trial ({TRIAL_CPU} CPU for the trial itself and its workers)",
-    )
+    # Every trial's workers must fit (the search space may set their resources). A trial's own process takes
+    # TRIAL_CPU besides its workers (lower resources.cpus_per_worker, e.g. to 0.9).
+    checked = set()
+    for label, s in labelled:
+        if s.resources not in checked:
+            checked.add(s.resources)
+            check_feasible(
+                client.cluster,
+                s,
+                extra_cpus=TRIAL_CPU,
+                what=f"sweep {spec.name!r} ({label}: {TRIAL_CPU} CPU for the trial itself besides its workers)",
+            )
     record = client.store.sweeps.create(spec)
     submission_id = f"peftfleet-sweep-{record.id}-{uuid.uuid4().hex[:6]}"
     client.store.sweeps.update(

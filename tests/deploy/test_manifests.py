@@ -1,20 +1,26 @@
 """deploy/: every manifest validates offline — KubeRay objects against the CRDs' openAPIV3Schema
 (`kuberay-schemas/`, extracted from `../shared/kuberay-crds/`; made strict so a misspelt field
 fails), plain Kubernetes objects against Kubernetes' own schemas (kubernetes-validate, strict) —
-and a broken manifest fails."""
+and a broken manifest fails. GPU pods are ready for NCCL (a memory-backed /dev/shm, NCCL settings,
+a shape the autoscaler can read), and the GPU install (Makefile, Dockerfile, constraints) pins the
+same torch as the CPU one."""
 
 from __future__ import annotations
 
 import copy
 import gzip
 import json
+import os
 import re
+import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from jobs.spec import JobSpecError, parse_job_spec
 from orchestrator.serving.deployment import ServeOptions
@@ -57,7 +63,7 @@ def _vendored() -> dict[tuple[str, str], dict]:
 
 RAW = _vendored()
 SCHEMAS = {key: _strict(schema) for key, schema in RAW.items()}
-
+TORCH_VERSION = re.search(r"^TORCH_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
 def documents(path: Path) -> list[dict]:
@@ -121,7 +127,7 @@ def test_the_deploy_folder_has_what_a_cluster_needs():
     assert base.startswith("rayproject/ray:2.60."), base  # the official image of the Ray we pin
     for src in re.findall(r"^COPY (\S+)", dockerfile, re.M):
         assert (ROOT / src.rstrip("/")).exists(), f"Dockerfile copies {src}, which the repository does not have"
-    assert '"torch==2.13.0"' in dockerfile and "requirements/no-deps.txt" in dockerfile
+    assert f'"torch=={TORCH_VERSION}"' in dockerfile and "requirements/no-deps.txt" in dockerfile
 
 
 BROKEN = [
@@ -161,3 +167,225 @@ def test_a_broken_job_spec_or_serve_config_fails():
     service["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace("capacity: 64", "capacty: 64")
     with pytest.raises(TypeError, match="capacty"):
         validate(service)
+
+
+# GPU pods and the GPU install. Nothing here has run on a GPU: these are the properties a first GPU
+# run depends on that can be checked without one.
+
+GIB = 2**30
+UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": GIB, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity(value) -> float:
+    """A Kubernetes quantity (``"16Gi"``, ``"8"``, ``"500m"``) as a number (bytes, cores)."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) / 1000 if unit == "m" else float(number) * UNITS.get(unit, 1)
+
+
+def ray_clusters(docs_by_file=None):
+    """(file, cluster spec, autoscaled) for every Ray cluster the manifests describe."""
+    docs_by_file = docs_by_file or {p.name: documents(p) for p in MANIFESTS}
+    for name, docs in docs_by_file.items():
+        for doc in docs:
+            spec = doc.get("spec", {})
+            cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"),
+                       "RayService": spec.get("rayClusterConfig")}.get(doc.get("kind"))
+            if cluster:
+                yield name, cluster, bool(cluster.get("enableInTreeAutoscaling"))
+
+
+def gpu_groups(cluster):
+    """(group, its pod spec, its GPU containers) for each group of a cluster whose pods ask for GPUs."""
+    for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+        pod = group["template"]["spec"]
+        containers = [
+            c for c in pod["containers"]
+            if any("nvidia.com/gpu" in c.get("resources", {}).get(k, {}) for k in ("requests", "limits"))
+        ]
+        if containers:
+            yield group, pod, containers
+
+
+def all_gpu_groups(docs_by_file=None):
+    return [(name, auto, *g) for name, cluster, auto in ray_clusters(docs_by_file) for g in gpu_groups(cluster)]
+
+
+def test_every_ray_manifest_has_gpu_workers_and_no_gpu_head():
+    files = {name for name, *_ in all_gpu_groups()}
+    assert files == {"raycluster.yaml", "rayjob.yaml", "rayservice.yaml"}  # the checks below are not vacuous
+    for name, cluster, _ in ray_clusters():
+        assert not list(gpu_groups({"headGroupSpec": cluster["headGroupSpec"]})), f"{name}: the head asks for a GPU"
+
+
+def check_dev_shm(docs_by_file=None):
+    for name, _, group, pod, containers in all_gpu_groups(docs_by_file):
+        where = f"{name}: group {group.get('groupName', 'head')}"
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in containers:
+            mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"), None)
+            assert mount, f"{where}: {c['name']} does not mount /dev/shm (64 MiB by default; NCCL needs more)"
+            empty_dir = volumes[mount["name"]].get("emptyDir")
+            assert empty_dir and empty_dir.get("medium") == "Memory", f"{where}: /dev/shm is not a Memory emptyDir"
+            size, memory = quantity(empty_dir["sizeLimit"]), quantity(c["resources"]["limits"]["memory"])
+            # Ray's object store lives in /dev/shm (30% of the pod's memory by default, falling back
+            # to a slow /tmp when it does not fit), and tmpfs pages count against the memory limit.
+            assert 0.3 * memory <= size < memory, f"{where}: /dev/shm {empty_dir['sizeLimit']} for {memory / GIB} Gi"
+
+
+def check_nccl_env(docs_by_file=None):
+    for name, _, group, _, containers in all_gpu_groups(docs_by_file):
+        for c in containers:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("NCCL_DEBUG") == "WARN", f"{name}: {c['name']} lacks NCCL_DEBUG=WARN"
+            assert env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == "1", f"{name}: {c['name']}: a failed collective hangs"
+
+
+def check_gpu_group_shape(docs_by_file=None):
+    for name, autoscaled, group, _, containers in all_gpu_groups(docs_by_file):
+        where = f"{name}: group {group.get('groupName', 'head')}"
+        res = containers[0]["resources"]
+        assert res["requests"] == res["limits"], f"{where}: GPU pod requests differ from its limits"
+        params = group.get("rayStartParams", {})  # what the autoscaler reads first
+        for param, limit in (("num-gpus", "nvidia.com/gpu"), ("num-cpus", "cpu")):
+            assert param in params, f"{where}: rayStartParams does not declare {param}"
+            assert quantity(params[param]) == quantity(res["limits"][limit]), f"{where}: {param} vs its limit"
+        if autoscaled:  # the autoscaler reads the group's shape; it need not keep a node to show it
+            assert group["minReplicas"] == 0, f"{where}: an autoscaled GPU group should start at 0"
+        else:  # no autoscaler: the group is what it starts with
+            assert group["replicas"] == group["minReplicas"] == group["maxReplicas"], where
+
+
+def check_declared_node_types(docs_by_file=None):
+    """KubeRay's autoscaler does not publish its worker groups to Ray, so the feasibility check reads them
+    from PEFTFLEET_NODE_TYPES: every pod's copy must describe exactly the cluster's worker groups."""
+    from orchestrator.feasibility import NODE_TYPES_ENV, parse_node_types
+
+    for name, cluster, _ in ray_clusters(docs_by_file):
+        groups = cluster.get("workerGroupSpecs", [])
+        expected = sorted((g["groupName"], quantity(g["rayStartParams"]["num-cpus"]),
+                           quantity(g["rayStartParams"].get("num-gpus", 0)), g["maxReplicas"]) for g in groups)
+        for group in [cluster["headGroupSpec"], *groups]:
+            for c in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert env.get(NODE_TYPES_ENV), f"{name}: {c['name']} does not declare {NODE_TYPES_ENV}"
+                declared = sorted((t.name, t.resources.get("CPU", 0), t.resources.get("GPU", 0), t.count)
+                                  for t in parse_node_types(env[NODE_TYPES_ENV]))
+                assert declared == expected, f"{name}: {NODE_TYPES_ENV} says {declared}, the groups are {expected}"
+
+
+GPU_CHECKS = {"dev_shm": check_dev_shm, "nccl_env": check_nccl_env, "gpu_group_shape": check_gpu_group_shape,
+              "node_types": check_declared_node_types}
+
+
+@pytest.mark.parametrize("check", GPU_CHECKS.values(), ids=GPU_CHECKS.keys())
+def test_gpu_pods(check):
+    check()
+
+
+def _shm(pod):
+    return next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]
+
+
+def _worker(docs, kind="RayCluster"):
+    doc = next(d for d in docs if d["kind"] == kind)
+    cluster = {"RayCluster": doc["spec"], "RayJob": doc["spec"].get("rayClusterSpec"),
+               "RayService": doc["spec"].get("rayClusterConfig")}[kind]
+    return cluster["workerGroupSpecs"][0]
+
+
+GPU_BREAKS = [
+    ("dev_shm", "rayjob.yaml", lambda g: g["template"]["spec"]["containers"][0]["volumeMounts"].pop()),
+    ("dev_shm", "raycluster.yaml", lambda g: _shm(g["template"]["spec"]).pop("medium")),
+    ("dev_shm", "rayservice.yaml", lambda g: _shm(g["template"]["spec"]).update(sizeLimit="2Gi")),
+    ("nccl_env", "rayservice.yaml", lambda g: g["template"]["spec"]["containers"][0].update(env=[])),
+    ("gpu_group_shape", "raycluster.yaml",
+     lambda g: g["template"]["spec"]["containers"][0]["resources"]["requests"].update({"nvidia.com/gpu": "0"})),
+    ("gpu_group_shape", "raycluster.yaml", lambda g: g.update(rayStartParams={})),
+    ("gpu_group_shape", "raycluster.yaml", lambda g: g.update(minReplicas=1)),
+    ("gpu_group_shape", "rayjob.yaml", lambda g: g.update(minReplicas=0)),
+    ("node_types", "raycluster.yaml", lambda g: g.update(maxReplicas=16)),
+    ("node_types", "rayservice.yaml", lambda g: g["rayStartParams"].update({"num-gpus": "2"})),
+]
+
+
+@pytest.mark.parametrize("check,name,breaks", GPU_BREAKS, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(GPU_BREAKS)])
+def test_a_gpu_pod_without_what_it_needs_fails(check, name, breaks):
+    docs_by_file = {p.name: documents(p) for p in MANIFESTS}  # fresh copies: anchors are shared objects
+    kind = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "rayservice.yaml": "RayService"}[name]
+    breaks(_worker(docs_by_file[name], kind))
+    with pytest.raises(AssertionError):
+        GPU_CHECKS[check](docs_by_file)
+
+
+def constraints(path: Path) -> dict[str, Requirement]:
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    reqs = [Requirement(line) for line in lines if line]
+    return {r.name.lower(): r for r in reqs}
+
+
+def check_constraints_agree(cpu: dict[str, Requirement], gpu: dict[str, Requirement]) -> None:
+    assert set(cpu) == set(gpu), f"only in one constraints file: {set(cpu) ^ set(gpu)}"
+    for name in set(cpu) - {"torch"}:
+        assert str(cpu[name]) == str(gpu[name]), f"{name}: {cpu[name]} (CPU) vs {gpu[name]} (GPU)"
+    assert str(cpu["torch"].specifier) == f"=={TORCH_VERSION}+cpu"
+    spec = gpu["torch"].specifier
+    assert spec.contains(TORCH_VERSION) and spec.contains(f"{TORCH_VERSION}+cu128"), spec  # PyPI's, PyTorch's
+    assert not spec.contains(f"{TORCH_VERSION}+cpu"), f"{spec} lets the local CPU wheel in"
+    assert not spec.contains("2.99.0"), f"{spec} does not pin torch"
+
+
+def test_gpu_constraints_are_the_cpu_constraints_but_for_torch():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert f"torch=={TORCH_VERSION}" in pyproject["project"]["dependencies"]  # one torch version everywhere
+    cpu = constraints(ROOT / "requirements" / "constraints.txt")
+    gpu = constraints(ROOT / "requirements" / "constraints-gpu.txt")
+    check_constraints_agree(cpu, gpu)
+    drifted = {**gpu, "numpy": Requirement("numpy==2.0")}  # a pin added to one file only
+    with pytest.raises(AssertionError, match="only in one"):
+        check_constraints_agree(cpu, drifted)
+    with pytest.raises(AssertionError, match="lets the local CPU wheel in"):
+        check_constraints_agree(cpu, {**gpu, "torch": Requirement(f"torch=={TORCH_VERSION}")})
+
+
+def make_dry_run(*args: str) -> list[str]:
+    """The commands `make` would run (-n: none is run), as if on a fresh machine (-B), outside any `make test`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "TORCH_INDEX_URL")}
+    out = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_setup_gpu_installs_a_cuda_torch_in_its_own_venv_and_leaves_the_cpu_install_alone():
+    cpu = make_dry_run("setup-test", "VENV=/tmp/cpu-venv", "GPU_VENV=/tmp/gpu-venv")
+    gpu = make_dry_run("setup-gpu", "VENV=/tmp/cpu-venv", "GPU_VENV=/tmp/gpu-venv")
+    assert not any("gpu-venv" in line or "constraints-gpu" in line for line in cpu)
+    assert not any("cpu-venv" in line or "constraints.txt" in line for line in gpu)
+    assert [line for line in cpu if "torch.version.cuda is None" in line], "the CPU guard rejects CUDA builds"
+    pips = [line for line in gpu if " -m pip install" in line and "--no-deps" not in line]
+    assert pips and all("-c requirements/constraints-gpu.txt" in line for line in pips), pips
+    assert pips[0].endswith(f"torch=={TORCH_VERSION}"), "torch first"
+    checks = [i for i, line in enumerate(gpu) if "torch.version.cuda is not None" in line]
+    assert len(checks) == 2 and checks[0] == gpu.index(pips[0]) + 1 and checks[1] == len(gpu) - 2, gpu
+    with_index = make_dry_run("setup-gpu", "GPU_VENV=/tmp/gpu-venv", "TORCH_INDEX_URL=https://example.org/whl/cu128")
+    assert [line for line in with_index if " -m pip install" in line][0].count("--index-url") == 1
+    assert sum("--index-url" in line for line in with_index) == 1  # only torch comes from that index
+
+
+def test_the_image_builds_torch_and_deepspeed_ops_for_its_own_cuda():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    cuda = re.search(r"^ARG CUDA=(cu\d+)$", dockerfile, re.M)
+    assert cuda, "one build argument names the CUDA"
+    assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-\$\{CUDA\}$", dockerfile, re.M), "Ray's image for it"
+    assert "--index-url \"https://download.pytorch.org/whl/${CUDA}\" \"torch==" in dockerfile, "torch's wheel for it"
+    assert "torch and the image disagree on CUDA" in dockerfile  # and the build compares them
+    assert re.search(r'^ARG TORCH_CUDA_ARCH_LIST="[0-9.;+PTX]+"$', dockerfile, re.M)
+    code = "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
+    runs = re.sub(r"\\\n", " ", code).split("\nRUN ")  # one item per instruction, continuations joined
+    build = next((r for r in runs if "--no-build-isolation" in r), "")  # DeepSpeed against the torch above
+    for flag in ("DS_BUILD_OPS=0", "DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=", "DS_ACCELERATOR=cuda"):
+        assert flag in build.split("pip install --no-cache-dir --no-build-isolation")[0], flag
+    assert re.search(r"^ARG DS_BUILD_CPU_ADAM=1$", dockerfile, re.M)
+    assert "CPUAdamBuilder" in dockerfile and "FusedAdamBuilder" in dockerfile  # loaded once built
+    deepspeed = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+                     if d.startswith("deepspeed"))
+    assert f'"{deepspeed}"' in dockerfile, f"the image's DeepSpeed is not pyproject's {deepspeed}"
+    assert dockerfile.count("-c requirements/constraints-gpu.txt -c /tmp/torch-build.txt") == 2

@@ -78,6 +78,76 @@ def test_several_bad_fields_are_all_reported():
     assert {"name", "method.r", "method.dropout"} <= set(found)
 
 
+# -- gpus_per_worker: a worker drives one device; a fraction shares a GPU with other jobs, one rank per GPU ----
+@pytest.mark.parametrize(
+    "resources,fragment",
+    [
+        (
+            {"num_workers": 2, "gpus_per_worker": 2},
+            "a worker drives one GPU, so 2 GPUs per worker would leave 1 of each worker's GPUs idle; use one worker "
+            "per GPU instead (num_workers: 4, gpus_per_worker: 1)",
+        ),
+        ({"gpus_per_worker": 1.5}, "1.5 GPUs per worker is not a whole number"),
+        ({"gpus_per_worker": 16.5}, "16.5 GPUs per worker is not a whole number"),
+        ({"num_workers": 2, "gpus_per_worker": 0.5}, "could put two ranks of this job on one GPU"),
+        (
+            {"num_workers": 4, "gpus_per_worker": 0.25, "placement_strategy": "SPREAD"},
+            "use num_workers 1, placement_strategy STRICT_SPREAD (one worker per node), or gpus_per_worker 1",
+        ),
+        ({"gpus_per_worker": float("inf")}, "finite number"),
+        ({"gpus_per_worker": -1}, "greater than or equal to 0"),
+    ],
+)
+def test_gpus_per_worker_refuses_idle_or_shared_devices_within_a_job(resources, fragment):
+    found = problems(minilm_spec(resources=resources))
+    assert fragment in found["resources.gpus_per_worker"], found
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"num_workers": 4, "gpus_per_worker": 0},
+        {"num_workers": 8, "gpus_per_worker": 1, "placement_strategy": "PACK"},
+        {"gpus_per_worker": 0.5},
+        {"num_workers": 3, "gpus_per_worker": 0.25, "placement_strategy": "STRICT_SPREAD"},
+    ],
+)
+def test_whole_gpus_and_one_rank_per_shared_gpu_are_accepted(resources):
+    assert parse_job_spec(minilm_spec(resources=resources)).resources.gpus_per_worker == resources["gpus_per_worker"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gpus=st.one_of(st.floats(allow_nan=True), st.integers(-2, 40), st.sampled_from([0.5, 1, 1.0, 2, 0.999])),
+    workers=st.integers(1, 9),
+    strategy=st.sampled_from(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]),
+)
+def test_gpus_per_worker_is_accepted_exactly_when_no_device_idles_or_hosts_two_ranks(gpus, workers, strategy):
+    data = minilm_spec(resources={"num_workers": workers, "gpus_per_worker": gpus, "placement_strategy": strategy})
+    one_rank_per_gpu = gpus in (0, 1) or (0 < gpus < 1 and (workers == 1 or strategy == "STRICT_SPREAD"))
+    try:
+        parse_job_spec(data)
+    except JobSpecError as e:
+        assert not one_rank_per_gpu and [p for p, _ in e.problems] == ["resources.gpus_per_worker"]
+    else:
+        assert one_rank_per_gpu
+
+
+def test_subspace_fits_and_sweep_trials_follow_the_gpu_rules():
+    from jobs.sweep_spec import parse_sweep_spec
+
+    subspace = {"kind": "ipt-subspace", "name": "sub", "base_model": "minilm"}
+    assert parse_job_spec({**subspace, "resources": {"gpus_per_worker": 0.5}}).resources.gpus_per_worker == 0.5
+    assert "resources.gpus_per_worker" in problems({**subspace, "resources": {"gpus_per_worker": 2}})
+    sweep = {"name": "s", "spec": minilm_spec(resources={"num_workers": 2}),
+             "search_space": {"resources.gpus_per_worker": {"choice": [1, 0.5]}}}
+    with pytest.raises(JobSpecError) as err:
+        parse_sweep_spec(sweep)
+    (path, message), = err.value.problems  # the first trial that draws 0.5 is refused, naming the field
+    assert path.startswith("search_space (") and path.endswith("): resources.gpus_per_worker")
+    assert "could put two ranks of this job on one GPU" in message
+
+
 def test_local_csv_and_jsonl_with_column_mapping(tmp_path):
     (tmp_path / "d.csv").write_text("question,kind\nwhat is x ?,DESC\n")
     spec = parse_job_spec(
