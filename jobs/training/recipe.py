@@ -30,8 +30,9 @@ import random
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -167,14 +168,9 @@ class Recipe:
         num_labels = len(self.labels) if self.labels else None
         self.placement = Placement.for_job(self.spec.deepspeed.precision)
         self.zero3 = self.spec.deepspeed.zero_stage == 3
-        if self.zero3:
-            # transformers loads under deepspeed.zero.Init while this object lives: each rank keeps only
-            # its partition of every weight, never a whole copy (kept for the job's lifetime, as documented)
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self.hf_deepspeed_config = HfDeepSpeedConfig(deepspeed_config(self.spec, self.world))
-        self.model, tokenizer = load_base_model(self.spec.base_model, self.spec.task, num_labels=num_labels,
-                                                home=self.home, dtype=self.placement.dtype)
+        with self._partitioned_loading():
+            self.model, tokenizer = load_base_model(self.spec.base_model, self.spec.task, num_labels=num_labels,
+                                                    home=self.home, dtype=self.placement.dtype)
         if not self.zero3:
             self.model.to(self.placement.device)
         self.method = peft_methods.get_method(self.method_config.method)
@@ -184,6 +180,24 @@ class Recipe:
             self.method.apply(self.model, self.method_config)
             self.method.prime(self.model, (self.placement.batch(self.batches(train[i : i + t.batch_size]))
                                            for i in range(0, min(len(train), 8 * t.batch_size), t.batch_size)))
+
+    @contextmanager
+    def _partitioned_loading(self) -> Iterator[None]:
+        """Under ZeRO-3, transformers loads inside ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig``
+        is registered: each rank keeps only its partition of every weight, never a whole copy. Unregistered
+        afterwards, so a later load in this process (a test, a benchmark) gets whole weights again."""
+        if not self.zero3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        registered = HfDeepSpeedConfig(deepspeed_config(self.spec, self.world))
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del registered
 
     def _base_gathered(self):
         """Under ZeRO-3 the base's partitions, gathered while the method is applied and primed (it may read
