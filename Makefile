@@ -5,6 +5,7 @@
 #   make setup-gpu   a CUDA build of the same torch, then peftfleet and its test extras, in .venv-gpu
 #                    (GPU_VENV=...); PyPI's torch 2.13.0 Linux wheel is a CUDA 13.0 build. For another CUDA:
 #                    make setup-gpu TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+#   make smoke-cpu   the CPU-possible parts of benchmarks/gpu_smoke.sh (the GPU smoke script)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -37,7 +38,7 @@ export DS_ACCELERATOR := cpu
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test setup setup-test setup-gpu benchmark clean
+.PHONY: demo test setup setup-test setup-gpu benchmark smoke-cpu clean
 
 demo: $(VENV)/.installed
 	$(PY) -m orchestrator.demo
@@ -49,6 +50,11 @@ test: $(VENV)/.installed-test
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/training_memory.py
+
+# The GPU smoke script's parts a CPU can run (bf16 on DeepSpeed's CPU accelerator); on a GPU machine
+# run `bash benchmarks/gpu_smoke.sh` itself (docs/benchmarks.md#gpu-smoke).
+smoke-cpu: $(VENV)/.installed
+	bash benchmarks/gpu_smoke.sh --cpu --parts env,methods,recipe
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
