@@ -121,13 +121,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec = parse_job_spec(config["spec"])
-    if spec.resources.gpus_per_worker:  # this rank's own GPU, before DeepSpeed and NCCL pick a device
-        import torch
+    # DeepSpeed's accelerator follows this job's resources, not whatever launched it (a sweep's driver
+    # serves trials with and without GPUs); set before DeepSpeed is first imported in this worker.
+    os.environ["DS_ACCELERATOR"] = "cuda" if spec.resources.gpus_per_worker else "cpu"
+    device = None
+    if spec.resources.gpus_per_worker:  # the GPU Ray gave this rank (not necessarily cuda:LOCAL_RANK)
         from ray.train.torch import get_device
 
         device = get_device()
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
     reporter = RayTrainReporter(config, spec, rank, world)
     # Registry references in the method config (an IPT subspace) become verified local folders.
     method_config, lineage = resolve_method_config(
@@ -135,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     metadata = {"base_fingerprint": config["base_fingerprint"], "job_id": config["job_id"], **lineage}
     Recipe(spec, reporter, rank=rank, world=world, method_config=method_config, metadata=metadata, home=config["home"],
-           init_checkpoint=config.get("init_checkpoint")).run()
+           init_checkpoint=config.get("init_checkpoint"), device=device).run()
 
 
 def _store(config: dict[str, Any]) -> JobStore:

@@ -19,17 +19,19 @@ import torch.distributed as dist
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def local_device() -> torch.device:
-    """This rank's device under DeepSpeed's accelerator: ``cuda:<LOCAL_RANK>`` (made current) on
-    GPUs, ``cpu`` on the CPU accelerator."""
-    from deepspeed.accelerator import get_accelerator
+def local_device(device: torch.device | None = None) -> torch.device:
+    """This rank's device, made current: ``device`` when the launcher says (Ray Train's GPU for the
+    rank), else ``cuda:<LOCAL_RANK>`` under DeepSpeed's CUDA accelerator, else ``cpu``."""
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    accelerator.set_device(local_rank)
-    return torch.device(accelerator.device_name(local_rank))
+        accelerator = get_accelerator()
+        if accelerator.device_name() == "cpu":
+            return torch.device("cpu")
+        device = torch.device(accelerator.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # zero.Init and NCCL use the current device
+    return device
 
 
 class Placement:
@@ -39,8 +41,8 @@ class Placement:
         self.device, self.dtype = torch.device(device), dtype
 
     @classmethod
-    def for_job(cls, precision: str) -> Placement:
-        return cls(local_device(), DTYPES[precision])
+    def for_job(cls, precision: str, device: torch.device | None = None) -> Placement:
+        return cls(local_device(device), DTYPES[precision])
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Host-side work that may run ahead of the step (a prefetch thread): pin for an async copy."""

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -126,10 +127,11 @@ class Recipe:
 
     def __init__(self, spec: JobSpec, reporter: Reporter, *, rank: int = 0, world: int = 1,  # type: ignore[valid-type]
                  method_config: Any = None, metadata: dict[str, Any] | None = None, home: str | None = None,
-                 init_checkpoint: str | None = None):
+                 init_checkpoint: str | None = None, device: torch.device | None = None):
         self.spec, self.reporter, self.rank, self.world = spec, reporter, rank, world
         self.method_config = method_config if method_config is not None else spec.method
         self.metadata, self.home, self.init_checkpoint = dict(metadata or {}), home, init_checkpoint
+        self.device = device  # this rank's device when the caller knows it (Ray Train), else cuda:LOCAL_RANK or cpu
         self.step = 0
         self._order: tuple[int, list] | None = None  # (epoch, its shuffled examples)
 
@@ -166,7 +168,7 @@ class Recipe:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a 30–50 s compile; gloo suffices
         num_labels = len(self.labels) if self.labels else None
-        self.placement = Placement.for_job(self.spec.deepspeed.precision)
+        self.placement = Placement.for_job(self.spec.deepspeed.precision, self.device)
         self.zero3 = self.spec.deepspeed.zero_stage == 3
         with self._partitioned_loading():
             self.model, tokenizer = load_base_model(self.spec.base_model, self.spec.task, num_labels=num_labels,
@@ -221,7 +223,9 @@ class Recipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(t.lr_schedule, warmup, self.total_steps)
         )
+        on_gpu = self.placement.device.type == "cuda"
         self.engine, _, _, _ = deepspeed.initialize(
+            args=SimpleNamespace(device_rank=self.placement.device.index) if on_gpu else None,  # the engine's device
             model=self.model,
             optimizer=optimizer,
             lr_scheduler=self.scheduler,
