@@ -13,7 +13,12 @@ row / (time of 16 tokens - time of 1). Compared, on the same prompts in one run:
 and end to end through the HTTP server (Ray Serve), to show what serving costs on top.
 
     python benchmarks/serving_throughput.py            # ~5 minutes on 2 CPUs; writes benchmarks/results/
-    python benchmarks/serving_throughput.py --device cuda --no-http
+    python benchmarks/serving_throughput.py --device cuda --dtype bf16 --no-http
+
+--device (auto, cpu, cuda, cuda:N) and --dtype (auto, fp32, bf16, fp16) are the server's own options
+(orchestrator/serving/device.py): every system loads the base in that dtype straight onto that device.
+Results go to benchmarks/results/serving_throughput_{cpu,gpu}.{md,json} by the device's kind; each
+records its dtype.
 """
 
 from __future__ import annotations
@@ -62,11 +67,19 @@ def prompts(tokenizer) -> list[list[int]]:
     return [torch.randint(100, high, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(N_ADAPTERS)]
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so a timing covers it (HF's generate may return before)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -88,19 +101,24 @@ def rates(t1: float, t16: float) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="auto: bf16 on CUDA where supported, else fp32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-http", action="store_true", help="skip the end-to-end HTTP measurement")
     args = parser.parse_args()
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from jobs.base_models import resolve_base_model
     from orchestrator.serving.decoding import GenerationRequest, generate
+    from orchestrator.serving.device import DTYPE_NAMES, load_base, resolve_device, resolve_dtype
     from peft_methods.adapter_bank import AdapterBank
     from peft_methods.adapter_files import read_adapter
 
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    device = resolve_device(args.device)  # CUDA asked for where there is none: a clear error, before any work
+    dtype = resolve_dtype(args.dtype, device)
+    args.device, args.dtype = str(device), DTYPE_NAMES[dtype]
     base_folder = resolve_base_model("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
     work = Path(tempfile.mkdtemp())
@@ -108,32 +126,32 @@ def main() -> None:
     rows = prompts(tokenizer)
     names = [f"a{i:02d}" for i in range(N_ADAPTERS)]
 
-    def load_base():
-        return AutoModelForCausalLM.from_pretrained(base_folder, dtype=dtype).to(args.device).eval()
+    def load_base_model():
+        return load_base(str(base_folder), "causal-lm", device=device, dtype=dtype)[0]
 
     results: dict[str, dict[str, float]] = {}
 
     # peftfleet's mixed batch, and the same loop with no adapter on any row (the base's limit).
-    bank = AdapterBank(load_base(), capacity=N_ADAPTERS)
+    bank = AdapterBank(load_base_model(), capacity=N_ADAPTERS)
     for name, folder in zip(names, folders):
         config, state, _ = read_adapter(folder)
         bank.load(name, config, state)
     mixed = [GenerationRequest(r, k) for r, k in zip(rows, names)]
     results["peftfleet"] = throughputs(lambda n: generate(bank, [replace(q, max_tokens=n) for q in mixed]),
                                        args.repeats)
-    plain = AdapterBank(load_base(), capacity=1)
+    plain = AdapterBank(load_base_model(), capacity=1)
     alone = [GenerationRequest(r) for r in rows]
     results["base"] = throughputs(lambda n: generate(plain, [replace(q, max_tokens=n) for q in alone]), args.repeats)
     plain = None  # free it before the next model loads
 
     # HF PEFT: all 32 adapters in one PeftModel.
-    hf = PeftModel.from_pretrained(load_base(), folders[0], adapter_name=names[0])
+    hf = PeftModel.from_pretrained(load_base_model(), folders[0], adapter_name=names[0])
     for name, folder in zip(names[1:], folders[1:]):
         hf.load_adapter(folder, adapter_name=name)
     hf.eval()
     tokenizer.padding_side = "left"
-    batch = {"input_ids": torch.tensor(rows, device=args.device),
-             "attention_mask": torch.ones(N_ADAPTERS, PROMPT_TOKENS, dtype=torch.long, device=args.device)}
+    batch = {"input_ids": torch.tensor(rows, device=device),
+             "attention_mask": torch.ones(N_ADAPTERS, PROMPT_TOKENS, dtype=torch.long, device=device)}
     eos = dict(eos_token_id=None, pad_token_id=tokenizer.pad_token_id or 0, do_sample=False)
 
     def hf_mixed(n: int) -> None:
@@ -152,7 +170,7 @@ def main() -> None:
     hf = None
 
     if not args.no_http:
-        results["http"] = http_end_to_end(base_folder, folders, names, rows, tokenizer)
+        results["http"] = http_end_to_end(base_folder, folders, names, rows, tokenizer, args)
 
     ours = results["peftfleet"]
     ratios = {
@@ -166,19 +184,22 @@ def main() -> None:
     write(results, ratios, args)
 
 
-def http_end_to_end(base_folder, folders, names, rows, tokenizer) -> dict[str, float]:
-    """The same 32 requests (16 tokens) through Ray Serve, all at once; requests/s and tokens/s."""
+def http_end_to_end(base_folder, folders, names, rows, tokenizer, args) -> dict[str, float]:
+    """The same 32 requests (16 tokens) through Ray Serve, all at once; requests/s and tokens/s. The
+    replica serves on the same device and dtype."""
     import requests
 
     from orchestrator import Client
 
-    client = Client(home=tempfile.mkdtemp(), num_cpus=os.cpu_count())
+    cuda = args.device.startswith("cuda")
+    client = Client(home=tempfile.mkdtemp(), num_cpus=os.cpu_count())  # a local Ray finds the GPUs itself
     fingerprint = client.store.register_base_model(str(base_folder)).fingerprint
     for name, folder in zip(names, folders):
         client.adapters.register(folder, name=f"bench-{name}", base_fingerprint=fingerprint, task="causal-lm",
                                  task_name=f"t{name}")
     serving = client.serve(str(base_folder), capacity=N_ADAPTERS, max_batch_size=N_ADAPTERS, batch_wait_s=0.5,
-                           port=8311, cpus_per_replica=os.cpu_count(), name="bench")
+                           port=8311, cpus_per_replica=os.cpu_count(), gpus_per_replica=1 if cuda else 0,
+                           name="bench", device="cuda" if cuda else "cpu", dtype=args.dtype)  # cuda:0 in the replica
     texts = [tokenizer.decode(r) for r in rows]
 
     def one(i: int, n: int) -> None:
@@ -200,14 +221,18 @@ def http_end_to_end(base_folder, folders, names, rows, tokenizer) -> dict[str, f
 
 def write(results: dict, ratios: dict, args) -> None:
     RESULTS.mkdir(exist_ok=True)
-    tag = "gpu" if args.device == "cuda" else "cpu"
-    info = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "torch_threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "machine": platform.machine(), "results": results, "ratios": ratios}
+    cuda = args.device.startswith("cuda")
+    tag = "gpu" if cuda else "cpu"  # the names benchmarks/gpu_smoke.py reads
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if cuda else None
+    info = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype, "gpu": gpu,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "results": results, "ratios": ratios}
     (RESULTS / f"serving_throughput_{tag}.json").write_text(json.dumps(info, indent=2) + "\n")
     lines = [
-        f"# Serving {N_ADAPTERS} LoRA adapters on SmolLM2-135M ({args.device})", "",
-        f"Measured {info['date']}, {info['cpus']} CPUs, torch threads {info['torch_threads']}, "
-        f"`python benchmarks/serving_throughput.py{' --device cuda' if args.device == 'cuda' else ''}`. "
+        f"# Serving {N_ADAPTERS} LoRA adapters on SmolLM2-135M ({args.device}, {args.dtype})", "",
+        f"Measured {info['date']}, {gpu + ', ' if gpu else ''}{info['cpus']} CPUs, torch threads "
+        f"{info['torch_threads']}, "
+        f"`python benchmarks/serving_throughput.py --device {args.device} --dtype {args.dtype}`. "
         f"Batch of {N_ADAPTERS} requests × {PROMPT_TOKENS} prompt tokens, each for a different LoRA adapter "
         f"(r=8, q/k/v/o), {NEW_TOKENS} greedy tokens. Medians of {args.repeats} runs.", "",
         "| system | prefill tok/s | generation tok/s | s (1 token) | s (16 tokens) |", "|---|---:|---:|---:|---:|",

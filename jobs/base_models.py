@@ -80,10 +80,11 @@ def _converted_smollm2(cache: Path) -> Path:
 
 def load_base_model(
     ref: str, task: str, *, num_labels: int | None = None, home: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) for ``task`` with weights in ``dtype`` straight from the files (never an
-    fp32 copy first); a classification head is freshly initialised. Under an active ZeRO-3 config
+    fp32 copy first), onto ``device`` as they are read when it is an accelerator (else the CPU); a
+    classification head is freshly initialised. Under an active ZeRO-3 config
     (``transformers.integrations.HfDeepSpeedConfig``) the weights are partitioned as they load."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -91,15 +92,16 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    where: dict = {"dtype": dtype, "trust_remote_code": False}
+    if device is not None and torch.device(device).type != "cpu":
+        where["device_map"] = {"": torch.device(device)}
     if task == "sequence-classification":
         if not num_labels:
             raise ValueError("sequence-classification needs num_labels")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype, trust_remote_code=False
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **where)
         model.config.pad_token_id = tokenizer.pad_token_id
     elif task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, **where)
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     return model, tokenizer

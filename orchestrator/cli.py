@@ -27,7 +27,8 @@ from jobs.store import JobNotFound
 from jobs.store.adapter_registry import AdapterNotFound
 from jobs.training.subspaces import check_references
 from orchestrator.client import Client
-from orchestrator.cluster import InfeasibleJob
+from orchestrator.feasibility import InfeasibleJob
+from orchestrator.serving.device import check_device, check_placement, resolve_device
 
 
 def _when(ts: float | None) -> str:
@@ -192,6 +193,11 @@ def cmd_subspaces(client: Client, args) -> int:
 
 
 def cmd_serve(client: Client, args) -> int:
+    device = check_device(args.device)
+    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1 if device.startswith("cuda") else 0)
+    check_placement(device, gpus)
+    if not client.ray_connected():  # the replicas will run on this machine: ask it now, not after Ray starts
+        resolve_device(device)
     serving = client.serve(
         args.base,
         adapters=args.adapters or "all",
@@ -204,7 +210,9 @@ def cmd_serve(client: Client, args) -> int:
         name=args.name,
         max_batch_size=args.max_batch_size,
         cpus_per_replica=args.cpus_per_replica,
-        gpus_per_replica=args.gpus_per_replica,
+        gpus_per_replica=gpus,
+        device=device,
+        dtype=args.dtype,
     )
     if args.json:
         _print_json({"name": serving.name, "url": serving.url, "openai_base_url": f"{serving.url}/v1"})
@@ -361,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=int, default=32, help="adapters kept loaded per replica (LRU)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--cpus-per-replica", type=float, default=1)
-    p.add_argument("--gpus-per-replica", type=float, default=0)
+    p.add_argument("--gpus-per-replica", type=float, help="default: 1 with --device cuda, else 0")
+    p.add_argument("--device", default="auto", help="auto (CUDA when the replica reserved a GPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="the base's dtype; auto: bf16 on CUDA where supported, else fp32")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

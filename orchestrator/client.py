@@ -372,6 +372,8 @@ class Client:
         batch_wait_s: float = 0.01,
         cpus_per_replica: float = 1,
         gpus_per_replica: float = 0,
+        device: str = "auto",
+        dtype: str = "auto",
     ) -> Serving:
         """Serve adapters from one copy of ``base`` per replica, over an OpenAI-shaped HTTP API.
 
@@ -387,13 +389,17 @@ class Client:
             host, port, name, route_prefix: where and under what name Serve exposes it.
             max_batch_size, batch_wait_s: how a replica gathers requests into one mixed batch.
             cpus_per_replica, gpus_per_replica: each replica's resources.
+            device, dtype: where each replica puts the base and its adapters (``auto``, ``cpu``, ``cuda``,
+                ``cuda:N``) and in what precision (``auto``, ``fp32``, ``bf16``, ``fp16``); ``auto`` is CUDA in
+                bf16 when the replica reserved a GPU, else the CPU in fp32 (``orchestrator.serving.device``).
 
         Returns:
             The running application; ``serving.url`` is the OpenAI base URL without ``/v1``.
 
         Raises:
             AdapterNotFound: an adapter named is not registered.
-            ValueError: an adapter was trained on another base or for another task.
+            ValueError: an adapter was trained on another base or for another task, or ``device`` asks
+                for a GPU the replicas do not reserve.
         """
         from orchestrator.serving.deployment import ServeOptions, start
 
@@ -408,7 +414,7 @@ class Client:
                 raise ValueError(f"adapter {adapter!r} is a {record.task} adapter; this server serves {task}")
         options = ServeOptions(base=base, task=task, adapters=names, capacity=capacity, max_batch_size=max_batch_size,
                                batch_wait_s=batch_wait_s, api_key=api_key, store_url=self.store.url,
-                               storage_url=self.store.artifacts.url, home=str(self.home))
+                               storage_url=self.store.artifacts.url, home=str(self.home), device=device, dtype=dtype)
         self.cluster  # noqa: B018 - connect (or start the local cluster) first
         env = {**JOB_ENV, "PEFTFLEET_HOME": str(self.home), "OMP_NUM_THREADS": str(max(1, int(cpus_per_replica)))}
         serving = start(

@@ -8,6 +8,11 @@ packed in front of the row's tokens. Rows whose adapter is ``None`` see the plai
 merged into the base and no adapter is swapped in per request, so results match running each
 request alone with its adapter.
 
+The bank lives where the base does: every tensor it holds for an adapter (stacked banks, grouped
+deltas, heads, prompts, prefixes) is on the base's device in the base's dtype. Adapters arrive as
+fp32 tensors on the host; the method turns them into deltas on the base's device in fp32, and only
+those are cast, so a bf16 base gets deltas rounded once (LoRA's scale is applied before rounding).
+
 The bank runs forwards, not decoding policies: :meth:`AdapterBank.forward_rows` is one forward,
 :meth:`AdapterBank.decode` a batch stepped one token per row with a KV cache. Sampling, stop
 strings and the generation loop live with the server (``orchestrator.serving.decoding``).
@@ -91,6 +96,10 @@ class AdapterBank:
             self.touch(key)
             return []
         method = get_method(config.method)
+        like = self._embedding_weight()
+        # On the base's device, still in the file's precision: a method may combine them with the
+        # base's own tensors (BitFit subtracts the base's bias) before the deltas are cast.
+        state = {k: v.to(like.device) for k, v in state.items()}
         heads = list(config.modules_to_save) if config.modules_to_save is not None else self._heads
         head_state = {k: v for k, v in state.items() if any(k.startswith(h + ".") for h in heads)}
         try:
@@ -108,13 +117,13 @@ class AdapterBank:
             evicted.append(old)
         used = {v.slot for v in self.loaded.values()}
         entry = _Slot(next(s for s in range(self.capacity) if s not in used), config.method)
-        like, modules = self._embedding_weight(), dict(self.model.named_modules())
+        modules = dict(self.model.named_modules())
         inputs = [d.to(like) for d in deltas if isinstance(d, InputDelta)]
         entry.prompt = _cat([d.embeddings() for d in inputs], dim=0)
         entry.prefix = _cat([d.keys_values(self.model.config) for d in inputs], dim=3)
         for delta in deltas:
             if isinstance(delta, RowDelta):
-                self._mixed(delta.module, modules).add(entry.slot, delta.to(like))
+                self._mixed(delta.module, modules).add(entry.slot, delta)  # cast to that module's dtype there
                 entry.modules.append(delta.module)
         for name, head in head_modules.items():
             self._mixed(name, modules).set_head(entry.slot, head)
@@ -181,9 +190,10 @@ class AdapterBank:
         gets the positions it would have alone; after a prefix they start at its length."""
         embed = self.model.get_input_embeddings()
         weight = embed.weight
+        flat = [t for ids in token_ids for t in ids]  # every row's tokens in one transfer and one lookup
+        embedded = embed(_to_device(flat, weight.device))
         rows = []
-        for ids, key in zip(token_ids, keys):
-            e = embed(torch.tensor(list(ids), dtype=torch.long, device=weight.device))
+        for e, key in zip(embedded.split([len(ids) for ids in token_ids]), keys):
             prompt = self.loaded[key].prompt if key is not None else None
             rows.append(e if prompt is None else torch.cat([prompt, e]))
         width = max(r.shape[0] for r in rows)
@@ -205,7 +215,7 @@ class AdapterBank:
             if key is not None:
                 self.touch(key)
         slots = [self.capacity if key is None else self.loaded[key].slot for key in keys]
-        return torch.tensor(slots, dtype=torch.long, device=self._embedding_weight().device)
+        return _to_device(slots, self._embedding_weight().device)
 
     @torch.no_grad()
     def forward_rows(self, token_ids: Sequence[Sequence[int]], keys: Sequence[Hashable | None], **kwargs: Any) -> Any:
@@ -230,7 +240,7 @@ class DecodingBatch:
     (and every module's gathered deltas) until the block ends.
 
     >>> with bank.decode([ids_a, ids_b], ["trec-lora", None]) as batch:               # doctest: +SKIP
-    ...     logits = batch.step(logits.argmax(-1).tolist())
+    ...     logits = batch.step(batch.logits.argmax(-1))      # token ids stay on the device
     """
 
     def __init__(self, bank: AdapterBank, token_ids: Sequence[Sequence[int]], keys: Sequence[Hashable | None]):
@@ -259,11 +269,15 @@ class DecodingBatch:
         self.bank.router.set(None)
 
     @torch.no_grad()
-    def step(self, next_ids: Sequence[int]) -> torch.Tensor:
-        """Append one token to every row; returns the rows' next-token logits (float32)."""
+    def step(self, next_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Append one token to every row (a tensor of ids, best already on the device, or a list);
+        returns the rows' next-token logits (float32, on the device)."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.positions = self.positions[:, -1:] + 1
-        ids = torch.tensor(list(next_ids), dtype=torch.long, device=self.mask.device)[:, None]
+        if isinstance(next_ids, torch.Tensor):
+            ids = next_ids.to(self.mask.device, torch.long, non_blocking=True).reshape(-1, 1)
+        else:
+            ids = _to_device(list(next_ids), self.mask.device)[:, None]
         result = self.bank.model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions,
                                  **{self.bank.cache_kwarg: self.cache}, use_cache=True)
         self.logits = result.logits[:, -1].float()
@@ -288,6 +302,12 @@ def _prefix_cache(prefixes: list[torch.Tensor | None],
     return DynamicCache([(keys[i], values[i]) for i in range(layers)]), mask, lengths
 
 
+def _to_device(ids: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints as a long tensor on ``device``, copied without waiting for the device's queued work
+    (a blocking copy to a GPU first waits for everything queued before it)."""
+    return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
+
+
 def _cat(tensors: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
     present = [t for t in tensors if t is not None]
     return torch.cat(present, dim=dim) if present else None
@@ -302,7 +322,7 @@ def _resized_linear(head: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Mod
     if not isinstance(head, nn.Linear):
         raise NotServable(f"a {type(head).__name__} head of another shape cannot be rebuilt")
     weight = tensors["weight"]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in tensors, dtype=weight.dtype,
-                    device=head.weight.device)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in tensors, dtype=head.weight.dtype,
+                    device=head.weight.device)  # the base's dtype, not the file's
     new.load_state_dict(tensors)
     return new

@@ -30,12 +30,17 @@ class RowRouter:
         self._rows: dict[int, torch.Tensor] = {}
 
     def set(self, slots: torch.Tensor | None) -> None:
+        """Route a batch (one slot per row, on the batch's device) or end it (None). The rows of each
+        slot are found on the host from one copy of ``slots``, not by a device search per slot."""
         self.slots = slots
         self.version += 1
         self._rows = {}
         if slots is not None:
-            for s in slots.unique().tolist():
-                self._rows[s] = (slots == s).nonzero().flatten()
+            by_slot: dict[int, list[int]] = {}
+            for row, s in enumerate(slots.tolist()):
+                by_slot.setdefault(s, []).append(row)
+            self._rows = {s: torch.tensor(rows, dtype=torch.long).to(slots.device, non_blocking=True)
+                          for s, rows in sorted(by_slot.items())}
 
     def rows(self, slot: int) -> torch.Tensor | None:
         return self._rows.get(slot)
@@ -64,13 +69,16 @@ class MixedModule(nn.Module):
 
     # -- loading -------------------------------------------------------------------------------------
     def add(self, slot: int, delta: RowDelta) -> None:
+        """Hold ``delta`` for ``slot``'s rows, on the base module's device and in its dtype."""
         self._planned = None
+        like = _parameter_like(self.base_layer)
+        delta = delta.to(like)
         if delta.bank is None:
             self.grouped.setdefault(slot, []).append(delta)
             return
         bank = self.banks.get(delta.bank)
         if bank is None:
-            bank = self.banks[delta.bank] = delta.bank(self.capacity, _parameter_like(self.base_layer))
+            bank = self.banks[delta.bank] = delta.bank(self.capacity, like)
         bank.add(slot, delta)
 
     def set_head(self, slot: int, head: nn.Module) -> None:

@@ -172,9 +172,8 @@ class Recipe:
         self.zero3 = self.spec.deepspeed.zero_stage == 3
         with self._partitioned_loading():
             self.model, tokenizer = load_base_model(self.spec.base_model, self.spec.task, num_labels=num_labels,
-                                                    home=self.home, dtype=self.placement.dtype)
-        if not self.zero3:
-            self.model.to(self.placement.device)
+                                                    home=self.home, dtype=self.placement.dtype,
+                                                    device=None if self.zero3 else self.placement.device)
         self.method = peft_methods.get_method(self.method_config.method)
         self.batches = Batches(self.spec.task, tokenizer, t.max_length)
         train = self.data.train

@@ -10,10 +10,17 @@ released once it cannot, so streamed pieces concatenate to exactly the non-strea
 
 The rules a response reports are written once here: :func:`finish_reason` and
 :func:`check_context_length`.
+
+The logits stay on the model's device. Each step chooses every row's next token there (greedy or
+sampled, :func:`sample`), marks rows that hit end-of-sequence or ``max_tokens`` there, and then
+copies the chosen ids and those flags to the host in one transfer: the step's only wait for the
+device. No vocabulary-sized tensor ever leaves the device. The host turns the ids into text and
+looks for stop strings; a row a stop string ends is marked on the device without waiting.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,16 +89,26 @@ def eos_ids(model: nn.Module) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Greedy at temperature 0, else a draw from the tempered distribution cut to its top-p nucleus."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor, *,
+           nucleus: bool = True) -> torch.Tensor:
+    """Every row's next token, on the logits' device: greedy where its temperature is 0, else drawn
+    from the tempered distribution cut to its top-p nucleus.
+
+    ``logits`` (rows, vocabulary); ``temperature``, ``top_p`` and ``uniforms`` (rows,), a row's
+    uniform in [0, 1) picking its token by the inverse of the cumulative distribution (the draw is
+    the row's alone, whatever else is in the batch). ``nucleus=False`` skips the sort when no row
+    has top_p < 1. Nothing is copied to the host."""
+    greedy = logits.argmax(-1)
+    hot = temperature > 0
+    probs = torch.softmax(logits / torch.where(hot, temperature, 1.0)[:, None], dim=-1)
+    if nucleus:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        probs = torch.where(probs.cumsum(-1) - probs < top_p[:, None], probs, 0.0)  # the smallest set reaching top_p
+    cdf = probs.cumsum(-1)
+    index = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True)
+    index = torch.minimum(index, (cdf < cdf[:, -1:]).sum(-1, keepdim=True))  # rounding never picks past the last kept
+    token = (order.gather(-1, index) if nucleus else index).squeeze(-1)
+    return torch.where(hot, token, greedy)
 
 
 class TextStream:
@@ -181,25 +198,25 @@ class StopStrings:
 
 
 class _Row:
-    """One request's decoding state: its sampler, its text and its result."""
+    """One request's decoding state on the host: its text and its result."""
 
-    def __init__(self, request: GenerationRequest, tokenizer: Any, eos: list[int]):
+    def __init__(self, request: GenerationRequest, tokenizer: Any):
         if request.stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        self.request, self.eos = request, eos
-        self.generator = torch.Generator().manual_seed(request.seed)
+        self.request = request
         self.text = TextStream(tokenizer) if tokenizer is not None else None
         self.stops = StopStrings(request.stop)
         self.result = Generation()
+        self.stopped = False
         self.result.finish_reason = self._reason(stopped=False, eos=False)  # max_tokens 0 ends at once
 
     @property
     def done(self) -> bool:
         return self.result.finish_reason is not None
 
-    def add(self, token: int) -> str:
-        """Record a sampled token; returns the text released by it."""
-        tokens, eos = self.result.tokens, token in self.eos
+    def add(self, token: int, eos: bool) -> str:
+        """Record a chosen token (``eos``: it ends the sequence); returns the text released by it."""
+        tokens = self.result.tokens
         tokens.append(token)
         last = eos or len(tokens) >= self.request.max_tokens
         piece, stopped = "", False
@@ -209,12 +226,53 @@ class _Row:
                 piece += self.stops.flush()
         if piece:
             self.result.pieces.append(piece)
+        self.stopped = stopped
         self.result.finish_reason = self._reason(stopped=stopped, eos=eos)
         return piece
 
     def _reason(self, *, stopped: bool, eos: bool) -> str | None:
         tokens, max_tokens = len(self.result.tokens), self.request.max_tokens
         return finish_reason(stopped=stopped, eos=eos, tokens=tokens, max_tokens=max_tokens)
+
+
+class _DeviceRows:
+    """The rows' state on the model's device: sampling settings, each row's uniforms for every step
+    (drawn up front from its own seeded generator), which rows have finished, the EOS ids."""
+
+    def __init__(self, requests: Sequence[GenerationRequest], rows: list[_Row], eos: list[int],
+                 device: torch.device):
+        def put(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        self.hot = any(r.temperature > 0 for r in requests)
+        self.nucleus = any(r.temperature > 0 and r.top_p < 1 for r in requests)
+        if self.hot:
+            self.temperature = put([r.temperature for r in requests], torch.float32)
+            self.top_p = put([r.top_p for r in requests], torch.float32)
+            steps = max(r.max_tokens for r in requests)
+            self.uniforms = torch.stack([
+                torch.rand(steps, generator=torch.Generator().manual_seed(r.seed)) if r.temperature > 0
+                else torch.zeros(steps) for r in requests]).to(device, non_blocking=True)
+        self.max_tokens = put([r.max_tokens for r in requests], torch.long)
+        self.done = put([row.done for row in rows], torch.bool)
+        self.eos = put(eos, torch.long)
+        self.filler = eos[0] if eos else 0
+
+    def choose(self, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s token for every row (the filler for finished ones) and whether it is an
+        end-of-sequence token; rows ending here (EOS, max_tokens) are marked finished."""
+        if self.hot:
+            ids = sample(logits, self.temperature, self.top_p, self.uniforms[:, step], nucleus=self.nucleus)
+        else:
+            ids = logits.argmax(-1)
+        ids = ids.masked_fill(self.done, self.filler)
+        eos = torch.isin(ids, self.eos) & ~self.done
+        self.done = self.done | eos | (self.max_tokens <= step + 1)  # a running row has step + 1 tokens now
+        return ids, eos
+
+    def finish(self, rows: list[int]) -> None:
+        """Mark rows a stop string ended (found on the host); copied to the device without waiting."""
+        self.done = self.done.index_fill(0, torch.tensor(rows).to(self.done.device, non_blocking=True), True)
 
 
 def generate(bank: AdapterBank, requests: Sequence[GenerationRequest], tokenizer: Any = None,
@@ -224,29 +282,33 @@ def generate(bank: AdapterBank, requests: Sequence[GenerationRequest], tokenizer
     Rows end at a stop string (needs ``tokenizer``), end-of-sequence or ``max_tokens``; a finished
     row stays in the batch (fed a filler token) until all have. ``on_update(row, piece, result)``
     is called whenever a row releases text or finishes (``result.finish_reason`` is then set).
-    Without a tokenizer only token ids are produced."""
+    Without a tokenizer only token ids are produced. Each step waits for the device once, for the
+    chosen ids (see the module docstring)."""
     eos = eos_ids(bank.model)
-    rows = [_Row(r, tokenizer, eos) for r in requests]
+    rows = [_Row(r, tokenizer) for r in requests]
     for i, row in enumerate(rows):
         if row.done and on_update:
             on_update(i, "", row.result)
     if all(row.done for row in rows):
         return [row.result for row in rows]
-    filler = eos[0] if eos else 0
     with bank.decode([r.prompt_ids for r in requests], [r.adapter for r in requests]) as batch:
         logits = batch.logits
-        while True:
-            next_ids = []
-            for i, (row, req) in enumerate(zip(rows, requests)):
+        state = _DeviceRows(requests, rows, eos, logits.device)
+        for step in itertools.count():
+            ids, ends = state.choose(logits, step)
+            tokens, eos_flags = torch.stack([ids, ends.to(ids.dtype)]).tolist()  # the step's one transfer
+            stopped = []
+            for i, row in enumerate(rows):
                 if row.done:
-                    next_ids.append(filler)
                     continue
-                token = sample(logits[i], req.temperature, req.top_p, row.generator)
-                next_ids.append(token)
-                piece = row.add(token)
+                piece = row.add(tokens[i], eos=bool(eos_flags[i]))
+                if row.stopped:
+                    stopped.append(i)
                 if on_update and (piece or row.done):
                     on_update(i, piece, row.result)
             if all(row.done for row in rows):
                 break
-            logits = batch.step(next_ids)
+            if stopped:
+                state.finish(stopped)
+            logits = batch.step(ids)
     return [row.result for row in rows]

@@ -3,7 +3,8 @@ OpenAI-shaped HTTP API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`,
 
 Replicas are independent: each has its own adapter bank (LRU), loads adapters on first use from
 artifact storage and reads the registry on every request, so adapters registered later are
-servable without a restart.
+servable without a restart. Each loads the base in its ``dtype`` onto its ``device``
+(:mod:`orchestrator.serving.device`); the bank keeps the adapters there too.
 """
 
 
@@ -29,6 +30,15 @@ from orchestrator.serving.api import (
     stream_chunk,
     validation_message,
 )
+from orchestrator.serving.device import (
+    DTYPE_NAMES,
+    check_device,
+    check_dtype,
+    check_placement,
+    load_base,
+    resolve_device,
+    resolve_dtype,
+)
 from orchestrator.serving.engine import AdapterResolver, ApiError, Engine, Finished
 
 app = FastAPI(title="peftfleet", docs_url=None, redoc_url=None)
@@ -50,7 +60,10 @@ async def _invalid_body(request: Request, e: RequestValidationError) -> JSONResp
 
 @dataclass
 class ServeOptions:
-    """What a serving application runs: which base, which adapters, how it batches and scales."""
+    """What a serving application runs: which base, which adapters, where, how it batches and scales.
+
+    ``device`` (auto, cpu, cuda, cuda:N) and ``dtype`` (auto, fp32, bf16, fp16): see
+    :mod:`orchestrator.serving.device`."""
 
     base: str
     task: str = "causal-lm"
@@ -62,27 +75,38 @@ class ServeOptions:
     store_url: str | None = None
     storage_url: str | None = None
     home: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check_dtype(self.dtype)
 
 
 @serve.deployment
 @serve.ingress(app)
 class AdapterServer:
     def __init__(self, options: dict[str, Any]):
+        import ray
         import torch
 
-        from jobs.base_models import load_base_model
         from jobs.store import JobStore
         from peft_methods.adapter_bank import AdapterBank
 
         opts = ServeOptions(**options)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.options = opts
+        # First, so a replica asked for a GPU it does not have fails at once, naming what it sees.
+        # Ray leaves every GPU visible to a replica that reserved none: "auto" goes by the reservation.
+        self.device = resolve_device(opts.device, has_gpu=bool(ray.get_gpu_ids()))
+        self.dtype = resolve_dtype(opts.dtype, self.device)
         store = JobStore(opts.store_url, storage_url=opts.storage_url, home=opts.home)
         base = store.register_base_model(opts.base)
         # The base's own head is a placeholder: classification adapters bring theirs.
         num_labels = 2 if opts.task == "sequence-classification" else None
-        model, self.tokenizer = load_base_model(opts.base, opts.task, num_labels=num_labels, home=opts.home)
+        model, self.tokenizer = load_base(opts.base, opts.task, device=self.device, dtype=self.dtype,
+                                          num_labels=num_labels, home=opts.home)
         self.bank = AdapterBank(model, capacity=opts.capacity)
         self.tokenizer.padding_side = self.bank.padding_side
         allowed = set(opts.adapters) if opts.adapters is not None else None
@@ -111,7 +135,7 @@ class AdapterServer:
         self._authorize(request)
         names = self.resolver.names
         return {"loaded": [names.get(k, str(k)) for k in self.bank.loaded], "capacity": self.bank.capacity,
-                "batches": self.engine.batches[-20:]}
+                "device": str(self.device), "dtype": DTYPE_NAMES[self.dtype], "batches": self.engine.batches[-20:]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -182,7 +206,9 @@ class AdapterServer:
 
 def build_app(options: ServeOptions, *, num_replicas: int | str = 1, autoscaling: dict[str, Any] | None = None,
               cpus_per_replica: float = 1, gpus_per_replica: float = 0, env: dict[str, str] | None = None):
-    """The Serve application for ``options`` (``num_replicas`` or ``autoscaling`` settings)."""
+    """The Serve application for ``options`` (``num_replicas`` or ``autoscaling`` settings). A CUDA
+    ``options.device`` needs ``gpus_per_replica`` > 0: refused here, before anything is deployed."""
+    check_placement(options.device, gpus_per_replica)
     scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}
     return AdapterServer.options(
         **scaling, max_ongoing_requests=max(64, options.max_batch_size * 4),
@@ -193,9 +219,9 @@ def build_app(options: ServeOptions, *, num_replicas: int | str = 1, autoscaling
 
 def build(args: dict[str, Any]):
     """Serve's application builder, for config files and KubeRay's RayService (``import_path:
-    orchestrator.serving.deployment:build``): ``args`` are ServeOptions fields plus num_replicas,
-    autoscaling, cpus_per_replica, gpus_per_replica; the store and storage come from the
-    environment (PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, PEFTFLEET_API_KEY)."""
+    orchestrator.serving.deployment:build``): ``args`` are ServeOptions fields (device and dtype
+    among them) plus num_replicas, autoscaling, cpus_per_replica, gpus_per_replica; the store and
+    storage come from the environment (PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, PEFTFLEET_API_KEY)."""
     args = dict(args)
     scaling = {k: args.pop(k) for k in ("num_replicas", "autoscaling", "cpus_per_replica", "gpus_per_replica")
                if k in args}

@@ -197,9 +197,9 @@ class Engine:
             try:
                 if kind == "classify":
                     logits = self.bank.forward_rows([p.ids for p in ready], [p.adapter for p in ready]).logits
+                    logits = logits.float().cpu()  # (rows, widest head): one copy to the host for the batch
                     for p, row in zip(ready, logits):
-                        scores = row[: self.bank.num_labels(p.adapter)].float().cpu()
-                        loop.call_soon_threadsafe(_set_result, p.future, scores)
+                        loop.call_soon_threadsafe(_set_result, p.future, row[: self.bank.num_labels(p.adapter)])
                 else:
                     self._generate(ready, loop)
             except Exception as e:  # noqa: BLE001 - one bad batch must not take the server down

@@ -106,6 +106,12 @@ def test_a_mixed_batch_equals_each_request_served_alone(server):
     )  # rows of different adapters, one batch
 
 
+def test_stats_say_where_the_replica_serves(server):
+    _, serving, _ = server
+    stats = requests.get(f"{serving.url}/v1/stats", headers=AUTH, timeout=60).json()
+    assert (stats["device"], stats["dtype"]) == ("cpu", "fp32")  # auto, on a replica that reserved no GPU
+
+
 def test_lru_evicts_and_reloads_with_the_same_results(server):
     _, serving, _ = server
     first = _complete(serving.url, "lora").json()["choices"][0]["text"]

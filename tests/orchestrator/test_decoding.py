@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 import transformers
+from torch.overrides import TorchFunctionMode
 
 import peft_methods
 from jobs.base_models import resolve_base_model
@@ -21,6 +22,7 @@ from orchestrator.serving.decoding import (
     check_context_length,
     finish_reason,
     generate,
+    sample,
 )
 from orchestrator.serving.engine import ApiError, Engine, Finished
 from peft_methods.adapter_bank import AdapterBank
@@ -111,6 +113,46 @@ def test_finish_reasons_and_context_length_are_one_rule_each():
         check_context_length(50, 5, 10, 64)
 
 
+# -- sampling -----------------------------------------------------------------------------------------
+
+def test_sampling_inverts_each_rows_nucleus_distribution_on_the_device():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.log()[None].repeat(6, 1)
+    t, p = torch.ones(6), torch.ones(6)
+    u = torch.tensor([0.0, 0.1, 0.55, 0.85, 0.95, 1.0])  # 1: as u × total may round up to the total
+    for nucleus in (False, True):
+        assert sample(logits, t, p, u, nucleus=nucleus).tolist() == [0, 0, 1, 2, 2, 2]  # never the 0-probability one
+    # top_p 0.7 keeps {0.5, 0.3}: renormalised to 0.625 / 0.375
+    cut = sample(logits, t, torch.full((6,), 0.7), u)
+    assert cut.tolist() == [0, 0, 0, 1, 1, 1]
+    greedy = sample(logits, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0]), torch.tensor([1, 1, 1, 1e-6, 1e-6, 1e-6]), u)
+    assert greedy.tolist() == [0, 0, 1, 0, 0, 0]  # temperature 0, or a nucleus of one token: the argmax
+
+    # Many rows, one uniform each: the frequencies follow the tempered, cut distribution.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=g).repeat(40000, 1)
+    u = torch.rand(40000, generator=g)
+    for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.5, 0.6)):
+        tokens = sample(logits, torch.full((40000,), temperature), torch.full((40000,), top_p), u, nucleus=top_p < 1)
+        expected = torch.softmax(logits[0] / temperature, -1)
+        ranked, order = expected.sort(descending=True)
+        expected = torch.zeros(50).scatter(0, order, torch.where(ranked.cumsum(0) - ranked < top_p, ranked, 0))
+        expected /= expected.sum()
+        seen = torch.bincount(tokens, minlength=50) / 40000
+        assert (seen - expected).abs().max() < 0.01, (temperature, top_p)
+        assert (seen[expected == 0] == 0).all()
+
+
+def test_a_seed_reproduces_its_sample_alone_or_in_any_batch():
+    bank = AdapterBank(_random_llama(), capacity=1)
+    request = GenerationRequest([5, 6, 7], max_tokens=10, temperature=1.0, top_p=0.95, seed=11)
+    alone = generate(bank, [request])[0].tokens
+    others = [GenerationRequest([9, 10], max_tokens=4, temperature=0.7, seed=3), GenerationRequest([8], max_tokens=12)]
+    assert generate(bank, [others[0], request, others[1]])[1].tokens == alone == generate(bank, [request])[0].tokens
+    assert generate(bank, [GenerationRequest([5, 6, 7], max_tokens=10, temperature=1.0, top_p=0.95, seed=12)]
+                    )[0].tokens != alone
+
+
 # -- generation ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fast", [True, False], ids=["backend", "window-of-decodes"])
@@ -173,12 +215,109 @@ def test_mixed_generation_equals_generating_each_request_alone(tmp_path):
         bank.load(name, config, state)
     prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16], [17, 18, 19, 20, 21]]
     requests = [GenerationRequest(p, k, max_tokens=6) for p, k in zip(prompts, [None, *folders])]
-    requests.append(GenerationRequest(prompts[0], "lora", max_tokens=6, temperature=0.8, top_p=0.9, seed=3))
+    # a sampled row too (its draws are its own: seed 3 happens to draw EOS at its second token)
+    requests.append(GenerationRequest(prompts[0], "lora", max_tokens=6, temperature=0.8, top_p=0.9, seed=4))
     together = [g.tokens for g in generate(bank, requests)]
     alone = [generate(bank, [r])[0].tokens for r in requests]
     assert together == alone
     assert all(len(t) == 6 for t in together)
     assert len({tuple(t) for t in together[:5]}) > 1  # the adapters change what is generated
+
+
+class HostWaits(TorchFunctionMode):
+    """Records every torch call that makes the host wait for the device on a GPU (a copy to the host,
+    a read of a value, an op whose output size depends on values), in order, with the model's
+    forwards ("forward") between them, and whether it happened inside a forward. A blocking copy
+    to a device counts, ``.to(device)`` or ``torch.tensor(data, device=...)`` (on the CPU every
+    tensor is already there, so both directions look alike; on a GPU both wait); a non-blocking
+    ``.to`` from the host is a plain copy to the device."""
+
+    WAITS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
+             "unique", "masked_select", "argwhere", "repeat_interleave"}
+
+    def __init__(self, model):
+        super().__init__()
+        self.log, self.depth = [], 0
+        model.register_forward_pre_hook(lambda m, a: self._enter())
+        model.register_forward_hook(lambda m, a, o: setattr(self, "depth", self.depth - 1))
+
+    def _enter(self):
+        if self.depth == 0:
+            self.log.append(("forward",))
+        self.depth += 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        blocking_copy = (name == "to" and not kwargs.get("non_blocking") and not (len(args) > 3 and args[3]) and any(
+            str(a).startswith("cpu") for a in [*args[1:], kwargs.get("device")])) or (
+            name in ("tensor", "as_tensor") and kwargs.get("device") is not None)
+        if name in self.WAITS or blocking_copy:
+            size = args[0].numel() if args and isinstance(args[0], torch.Tensor) else None
+            self.log.append(("inside" if self.depth else "outside", name, size))
+        return func(*args, **kwargs)
+
+    def steps(self) -> list[list[tuple]]:
+        """The log cut at each forward: [waits before the first forward, waits after forward 1, ...]."""
+        out = [[]]
+        for entry in self.log:
+            if entry == ("forward",):
+                out.append([])
+            else:
+                out[-1].append(entry)
+        return out
+
+
+def test_each_decoding_step_waits_for_the_device_once_and_never_copies_a_vocabulary(smollm2_tokenizer, tmp_path):
+    """Sampling (greedy and nucleus), end-of-sequence, max_tokens and the finished rows' filler are
+    all worked out on the device; per step the host waits once, for the chosen ids and the rows' EOS
+    flags (2 × rows numbers). Stop strings (found on the host) add no wait. Inside the model, the
+    mixed batch's adapters add no wait to what the base model's own forward does."""
+    folders = {}
+    for i, name in enumerate(("lora", "prompt_tuning", "bitfit", "far", "diff_pruning", "bottleneck")):
+        model = peft_methods.apply(_random_llama(), {"method": name})
+        torch.manual_seed(i)
+        randomize_adapter(model, scale=0.5)
+        folders[name] = peft_methods.save_adapter(model, tmp_path / name)
+    keys = [None, *folders]
+    plain, mixed = AdapterBank(_random_llama(eos=7), capacity=8), AdapterBank(_random_llama(eos=7), capacity=8)
+    for name, folder in folders.items():
+        config, state, _ = read_adapter(folder)
+        mixed.load(name, config, state)
+    prompts = [[5 + i] * (2 + i % 3) for i in range(len(keys))]  # rows of different lengths: padding
+    counter = HostWaits(mixed.model)
+    with counter:  # greedy rows only: no sampling at all
+        greedy = generate(mixed, [GenerationRequest(p, k, max_tokens=12) for p, k in zip(prompts, keys)],
+                          smollm2_tokenizer)
+    assert [[e for e in entries if e[0] == "outside"] for entries in counter.steps()[1:]] == [
+        [("outside", "tolist", 2 * len(keys))]] * 12
+    first = greedy[0].text
+    stop = first[len(first) // 2: len(first) // 2 + 3]
+
+    def requests(adapters, prompts):
+        return [GenerationRequest(p, k, max_tokens=12 - (i == 3) * 5 - (i == 5) * 12,
+                                  temperature=0.9 if i % 2 else 0.0, top_p=0.8 if i % 4 == 1 else 1.0, seed=i,
+                                  stop=[stop] if i == 0 else [])
+                for i, (p, k) in enumerate(zip(prompts, adapters))]
+
+    # The plain base on rows as long as the mixed rows with their virtual tokens: the same shapes.
+    as_long = [[1] * mixed.prompt_length(k) + p for p, k in zip(prompts, keys)]
+    waits = {}
+    for name, bank, adapters, rows in (("plain", plain, [None] * len(keys), as_long), ("mixed", mixed, keys, prompts)):
+        counter = HostWaits(bank.model)
+        with counter:
+            out = generate(bank, requests(adapters, rows), smollm2_tokenizer)
+        waits[name] = counter.steps()
+    assert out[0].finish_reason == "stop" and len(out[0].tokens) < 12  # a stop string ended a row early
+    assert [o.finish_reason for o in out[3:6:2]] == ["length", "length"] and len(out[5].tokens) == 0
+    before, *steps = waits["mixed"]
+    assert len(steps) == 12  # one forward per step: the prompts', then 11 more
+    assert before == [("outside", "tolist", len(keys))]  # the rows' slots, once per batch
+    for step, entries in enumerate(steps):
+        outside = [e for e in entries if e[0] == "outside"]
+        assert outside == [("outside", "tolist", 2 * len(keys))], f"step {step}: {outside}"
+    inside = [[e for e in entries if e[0] == "inside"] for entries in waits["mixed"]]
+    assert inside == [[e for e in entries if e[0] == "inside"] for entries in waits["plain"]]
 
 
 # -- the engine: text pieces and one Finished per request ------------------------------------------
