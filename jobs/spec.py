@@ -290,6 +290,12 @@ def _build_job_spec() -> type[BaseModel]:
                     "deepspeed.precision",
                     "fp16 needs GPUs (resources.gpus_per_worker > 0); CPU training runs in fp32 or bf16",
                 )
+            if ds.precision == "fp16" and ds.zero_stage == 0:
+                raise _At(
+                    "deepspeed.precision",
+                    "fp16 needs zero_stage 1, 2 or 3: only there does DeepSpeed keep the fp32 master weights the "
+                    "adapter is saved from (bf16 works at every stage)",
+                )
             if ds.offload_params and ds.zero_stage != 3:
                 raise _At("deepspeed.offload_params", "needs zero_stage 3")
             if ds.offload_optimizer and ds.zero_stage == 0:

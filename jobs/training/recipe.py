@@ -159,14 +159,14 @@ class Recipe:
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
 
     def setup_model(self) -> None:
+        import deepspeed
         import transformers
 
         transformers.logging.set_verbosity_error()  # a fresh task head is expected, not news
+        # before anything starts DeepSpeed's comms (ZeRO-3 loading does): avoid a 30–50 s compile; gloo suffices
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         t = self.spec.training
         torch.manual_seed(t.seed)  # the same fresh head on every rank
-        import deepspeed
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a 30–50 s compile; gloo suffices
         num_labels = len(self.labels) if self.labels else None
         self.placement = Placement.for_job(self.spec.deepspeed.precision, self.device)
         self.zero3 = self.spec.deepspeed.zero_stage == 3
@@ -193,7 +193,9 @@ class Recipe:
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        registered = HfDeepSpeedConfig(deepspeed_config(self.spec, self.world))
+        config = deepspeed_config(self.spec, self.world)
+        # zero.Init parses this before DeepSpeed's comms know the world size: let it derive the global batch
+        registered = HfDeepSpeedConfig({k: v for k, v in config.items() if k != "train_batch_size"})
         try:
             yield
         finally:

@@ -57,6 +57,11 @@ def problems(data) -> dict[str, str]:
         ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage", "Input should be 0, 1, 2 or 3"),
         ({"deepspeed": {"precision": "fp16"}}, "deepspeed.precision", "needs GPUs"),
         (
+            {"deepspeed": {"precision": "fp16"}, "resources": {"gpus_per_worker": 1}},
+            "deepspeed.precision",
+            "fp16 needs zero_stage 1, 2 or 3",
+        ),
+        (
             {"deepspeed": {"offload_params": True, "zero_stage": 2}, "resources": {"gpus_per_worker": 1}},
             "deepspeed.offload_params",
             "zero_stage 3",
