@@ -25,6 +25,7 @@ from torch import nn
 from jobs.home import peftfleet_home
 
 BUILTIN_MODELS = ("minilm", "smollm2")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names, jobs and serving
 TASKS = ("sequence-classification", "causal-lm")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

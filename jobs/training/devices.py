@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from jobs.base_models import DTYPES
 
 
 def local_device(device: torch.device | None = None) -> torch.device:
@@ -83,11 +83,11 @@ def make_optimizer(params: list[torch.nn.Parameter], *, lr: float, weight_decay:
 
 def check_cpu_adam() -> None:
     """Raise a clear error when DeepSpeed's ``cpu_adam`` op is neither pre-built nor buildable here."""
+    if cpu_adam_prebuilt():
+        return
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
     builder = CPUAdamBuilder()
-    if cpu_adam_prebuilt():
-        return
     missing = [tool for tool in (os.environ.get("CXX", "c++"), "ninja") if shutil.which(tool) is None]
     if missing or not builder.is_compatible(verbose=False):
         raise RuntimeError(

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from jobs.base_models import DTYPES
+
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
