@@ -84,12 +84,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def throughputs(run, repeats: int) -> dict[str, float]:
-    """run(new_tokens) generates for the whole batch; returns prefill and generation tokens/s."""
-    run(2)  # warm-up
-    t1 = timed(lambda: run(1), repeats)
-    t16 = timed(lambda: run(NEW_TOKENS), repeats)
-    return rates(t1, t16)
+def interleaved_throughputs(runs: dict, repeats: dict[str, int]) -> dict[str, dict[str, float]]:
+    """``runs[name](new_tokens)`` generates for the whole batch. Every repetition times each system in
+    turn (A, B, C, A, B, C...), so a slow minute of a shared machine does not land on one system only;
+    ``repeats[name]`` repetitions each (the slow ones fewer). Prefill and generation tokens/s per system."""
+    for run in runs.values():
+        run(2)  # warm-up
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runs}
+    for i in range(max(repeats.values())):
+        for name, run in runs.items():
+            if i < repeats[name]:
+                t1, t16 = times[name]
+                t1.append(timed(lambda: run(1), 1))
+                t16.append(timed(lambda: run(NEW_TOKENS), 1))
+    return {name: rates(statistics.median(t1), statistics.median(t16)) for name, (t1, t16) in times.items()}
 
 
 def rates(t1: float, t16: float) -> dict[str, float]:
@@ -137,12 +145,8 @@ def main() -> None:
         config, state, _ = read_adapter(folder)
         bank.load(name, config, state)
     mixed = [GenerationRequest(r, k) for r, k in zip(rows, names)]
-    results["peftfleet"] = throughputs(lambda n: generate(bank, [replace(q, max_tokens=n) for q in mixed]),
-                                       args.repeats)
     plain = AdapterBank(load_base_model(), capacity=1)
     alone = [GenerationRequest(r) for r in rows]
-    results["base"] = throughputs(lambda n: generate(plain, [replace(q, max_tokens=n) for q in alone]), args.repeats)
-    plain = None  # free it before the next model loads
 
     # HF PEFT: all 32 adapters in one PeftModel.
     hf = PeftModel.from_pretrained(load_base_model(), folders[0], adapter_name=names[0])
@@ -165,9 +169,12 @@ def main() -> None:
                 hf.generate(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1],
                             max_new_tokens=n, min_new_tokens=n, **eos)
 
-    results["hf-mixed"] = throughputs(hf_mixed, args.repeats)
-    results["swap"] = throughputs(swap, max(1, args.repeats - 2))
-    hf = None
+    runs = {"peftfleet": lambda n: generate(bank, [replace(q, max_tokens=n) for q in mixed]),
+            "base": lambda n: generate(plain, [replace(q, max_tokens=n) for q in alone]),
+            "hf-mixed": hf_mixed, "swap": swap}
+    results.update(interleaved_throughputs(runs, {**{name: args.repeats for name in runs},
+                                                  "swap": max(1, args.repeats - 2)}))
+    bank = plain = hf = None
 
     if not args.no_http:
         results["http"] = http_end_to_end(base_folder, folders, names, rows, tokenizer, args)
