@@ -106,3 +106,35 @@ def load_base_model(
     else:
         raise ValueError(f"unknown task {task!r}; one of {TASKS}")
     return model, tokenizer
+
+
+def init_task_head(model: nn.Module, seed: int) -> None:
+    """Fresh weights for the model's task head from ``seed`` alone (a normal of the model's
+    ``initializer_range`` for every linear layer, zero biases), drawn on the host: the same head on
+    every rank and device, whether the job trains solo or in a base group."""
+    from peft_methods.targeting import task_head_names
+
+    generator = torch.Generator().manual_seed(seed)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        for name in task_head_names(model):
+            for layer in getattr(model, name).modules():
+                if isinstance(layer, nn.Linear):
+                    layer.weight.copy_(torch.randn(tuple(layer.weight.shape), generator=generator) * std)
+                    if layer.bias is not None:
+                        layer.bias.zero_()
+
+
+def set_base_dropout(model: nn.Module, p: float | None) -> None:
+    """Set every dropout layer the base model has to ``p`` (None: keep the checkpoint's). Call before a
+    PEFT method adds layers of its own."""
+    if p is None:
+        return
+    for layer in model.modules():
+        if isinstance(layer, nn.Dropout):
+            layer.p = p
+        elif isinstance(getattr(layer, "attention_dropout", None), float):  # LLaMA-like attention keeps a float
+            layer.attention_dropout = p
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, p)

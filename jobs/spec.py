@@ -101,6 +101,11 @@ class TrainingSpec(_Spec):
         default=None, gt=0, description="Held-out examples by count (overrides eval_fraction)."
     )
     max_length: int = Field(default=128, ge=8, le=32768, description="Tokens per example after truncation.")
+    base_dropout: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="Probability of the base model's own dropout layers while training (None: the checkpoint's). "
+        "Jobs with different values never share a base group.",
+    )
     eval_every_steps: int | None = Field(
         default=None, gt=0, description="Evaluate every N steps (default: each epoch)."
     )
@@ -257,6 +262,11 @@ def _build_job_spec() -> type[BaseModel]:
         deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine settings.")
         task_name: str | None = Field(
             default=None, description="Groups adapters for promotion (default: dataset name)."
+        )
+        packing: Literal["auto", "off"] = Field(
+            default="auto",
+            description="auto: train in a base group (one resident frozen base shared with other jobs, see "
+            "docs/groups.md) when the job is compatible, else solo, saying why in its events; off: always solo.",
         )
 
         @field_validator("task_name")

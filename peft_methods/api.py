@@ -120,6 +120,13 @@ class PeftMethod:
         Without this a method's adapters are refused by the server with a clear error."""
         raise NotImplementedError(f"{self.name} does not describe its adapter as per-row deltas")
 
+    def packing_problem(self, config: MethodConfig) -> str | None:
+        """Why a job with ``config`` cannot train packed with other jobs on one resident base (None: it
+        can). Packing trains an adapter through its :meth:`row_deltas`, so a method packs when those
+        deltas, built from its trainable tensors, compute exactly its training forward (no dropout of
+        its own, no regulariser, no training-only machinery)."""
+        return f"{self.name} does not declare that its training forward equals its per-row deltas"
+
     def adapter_config(self, model: nn.Module, config: MethodConfig) -> dict[str, Any]:
         """The content of ``adapter_config.json``. Methods HF PEFT knows override this."""
         return {"peft_type": f"PEFTFLEET_{self.name.upper()}", **config.model_dump(mode="json")}

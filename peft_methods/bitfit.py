@@ -65,6 +65,9 @@ class BitFit(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name == "bias" or name.endswith(".bias")
 
+    def packing_problem(self, config: BitFitConfig) -> str | None:
+        return None
+
     def row_deltas(self, base: nn.Module, config: BitFitConfig, state: dict[str, torch.Tensor]) -> list[BiasShift]:
         """Each trained bias as a shift from the base's (from zero where BitFit added the bias)."""
         modules = dict(base.named_modules())

@@ -137,6 +137,9 @@ class BottleneckAdapters(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".adapter_down." in name or ".adapter_up." in name
 
+    def packing_problem(self, config: BottleneckConfig) -> str | None:
+        return None
+
     def row_deltas(self, base: nn.Module, config: BottleneckConfig, state: dict[str, torch.Tensor]
                    ) -> list[OutputAdapter]:
         return output_adapter_deltas(config, state)

@@ -91,6 +91,11 @@ class LoRA(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return ".lora_A." in name or ".lora_B." in name
 
+    def packing_problem(self, config: LoRAConfig) -> str | None:
+        if config.dropout > 0:
+            return "LoRA dropout > 0 draws masks on the LoRA branch that packed rows do not reproduce; set dropout 0"
+        return None
+
     def row_deltas(self, base: nn.Module, config: LoRAConfig, state: dict[str, torch.Tensor]) -> list[LowRank]:
         scale = config.alpha / config.r
         return [LowRank(k[: -len(".lora_A.weight")], state[k], state[k.replace(".lora_A.", ".lora_B.")] * scale)

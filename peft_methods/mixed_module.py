@@ -93,6 +93,14 @@ class MixedModule(nn.Module):
         self.grouped.pop(slot, None)
         self.heads.pop(slot, None)
 
+    def clear(self) -> None:
+        """Drop every slot's delta and head at once (training rebuilds them from its parameters each step,
+        so their gradients flow; zeroing slots in place would reach into the last step's graph)."""
+        self._planned = None
+        self.banks.clear()
+        self.grouped.clear()
+        self.heads.clear()
+
     # -- the forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

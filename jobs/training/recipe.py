@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 import peft_methods
-from jobs.base_models import load_base_model
+from jobs.base_models import init_task_head, load_base_model, set_base_dropout
 from jobs.spec import JobSpec
 from jobs.training.batches import Batches
 from jobs.training.data import load_for_job
@@ -178,6 +178,9 @@ class Recipe:
         self.batches = Batches(self.spec.task, tokenizer, t.max_length)
         train = self.data.train
         with self._base_gathered():
+            set_base_dropout(self.model, t.base_dropout)
+            init_task_head(self.model, t.seed)  # seeded by the job alone: a base group draws the same head
+            torch.manual_seed(t.seed)  # the method's own initialisation, likewise
             self.method.apply(self.model, self.method_config)
             self.method.prime(self.model, (self.placement.batch(self.batches(train[i : i + t.batch_size]))
                                            for i in range(0, min(len(train), 8 * t.batch_size), t.batch_size)))
@@ -256,12 +259,7 @@ class Recipe:
     # -- train -----------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         """Steps until ``total_steps``; returns the last evaluation's metrics."""
-        t = self.spec.training
-        eval_every = t.eval_every_steps or self.steps_per_epoch
-        ckpt_every = t.checkpoint_every_steps or self.steps_per_epoch
-        log_every = max(1, min(10, self.total_steps // 20))
-        started, first = time.perf_counter(), self.step
-        metrics: dict[str, float] = {}
+        self.begin_training()
         self.engine.train()
         with ThreadPoolExecutor(1, thread_name_prefix="peftfleet-batches") as prefetch:
             upcoming = prefetch.submit(self.micro_batches, self.step)
@@ -271,27 +269,42 @@ class Recipe:
                     upcoming = prefetch.submit(self.micro_batches, self.step + 1)
                 loss = self.train_step(micro)
                 self.step += 1
-                step = self.step
-                if step % log_every == 0 or step == self.total_steps:
-                    (mean_loss,) = all_sum(loss.reshape(1) / self.world)  # the only wait on the device
-                    self.reporter.metrics(step, {"train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
-                    self._say(f"step {step}/{self.total_steps} loss {mean_loss:.4f} "
-                              f"({(step - first) / (time.perf_counter() - started):.2f} steps/s)", rank0=True)
-                evaluated = step % eval_every == 0 or step == self.total_steps
-                if evaluated:
-                    metrics = self.evaluate()
-                    self.reporter.metrics(step, metrics)
-                    self._say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), rank0=True)
-                if (step % ckpt_every == 0) and step < self.total_steps:
-                    with tempfile.TemporaryDirectory() as folder:
-                        self.save_checkpoint(folder)
-                        self.reporter.progress(step, metrics if evaluated else {}, checkpoint=folder)
-                    self.reporter.metrics(step, {"checkpoint_step": step})  # persisted: a sweep may hand it on
-                elif evaluated:
-                    self.reporter.progress(step, metrics)
+                self.after_step(loss)
         # this worker's peak resident memory, for sizing (Linux reports KiB)
         self.reporter.metrics(self.step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-        return metrics
+        return self.last_metrics
+
+    def begin_training(self) -> None:
+        """The schedule of logs, evaluations and checkpoints, from the current step."""
+        t = self.spec.training
+        self.eval_every = t.eval_every_steps or self.steps_per_epoch
+        self.ckpt_every = t.checkpoint_every_steps or self.steps_per_epoch
+        self.log_every = max(1, min(10, self.total_steps // 20))
+        self._clock = (time.perf_counter(), self.step)
+        self.last_metrics: dict[str, float] = {}
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        """What follows optimizer step ``self.step`` (``loss``: its mean loss, on the device): the log,
+        the evaluation and the checkpoint when they are due."""
+        step = self.step
+        if step % self.log_every == 0 or step == self.total_steps:
+            (mean_loss,) = all_sum(loss.reshape(1) / self.world)  # the only wait on the device
+            self.reporter.metrics(step, {"train_loss": mean_loss, "lr": self.scheduler.get_last_lr()[0]})
+            started, first = self._clock
+            self._say(f"step {step}/{self.total_steps} loss {mean_loss:.4f} "
+                      f"({(step - first) / (time.perf_counter() - started):.2f} steps/s)", rank0=True)
+        evaluated = step % self.eval_every == 0 or step == self.total_steps
+        if evaluated:
+            self.last_metrics = self.evaluate()
+            self.reporter.metrics(step, self.last_metrics)
+            self._say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()), rank0=True)
+        if (step % self.ckpt_every == 0) and step < self.total_steps:
+            with tempfile.TemporaryDirectory() as folder:
+                self.save_checkpoint(folder)
+                self.reporter.progress(step, self.last_metrics if evaluated else {}, checkpoint=folder)
+            self.reporter.metrics(step, {"checkpoint_step": step})  # persisted: a sweep may hand it on
+        elif evaluated:
+            self.reporter.progress(step, self.last_metrics)
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's tokenised micro-batches of global step ``step``, host side (what the prefetch
@@ -344,18 +357,23 @@ class Recipe:
         model = self.engine.module
         owned = [(n, p) for n, p in model.named_parameters() if self.method.owns(model, n)]
         name = None
-        scores = {k: float(v) for k, v in metrics.items() if k.startswith("eval_")}
         with master_weights(owned):  # the adapter's fp32 masters, gathered under ZeRO-3; never the base
             if self.rank == 0:
-                with tempfile.TemporaryDirectory() as tmp:
-                    folder = peft_methods.save_adapter(model, os.path.join(tmp, "adapter"), metadata={
-                        **self.metadata, "metrics": scores, **({"labels": list(self.labels)} if self.labels else {}),
-                    })
-                    name = self.reporter.register_adapter(str(folder), scores)
-                print(f"adapter {name} registered", flush=True)
+                name = self.write_adapter(model, metrics)
         if dist.is_initialized():
             dist.barrier()
         self.reporter.finished(self.step, metrics, name)
+        return name
+
+    def write_adapter(self, model: torch.nn.Module, metrics: dict[str, float]) -> str:
+        """Write the adapter applied to ``model`` (its tensors as they stand) and register it; its name."""
+        scores = {k: float(v) for k, v in metrics.items() if k.startswith("eval_")}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = peft_methods.save_adapter(model, os.path.join(tmp, "adapter"), metadata={
+                **self.metadata, "metrics": scores, **({"labels": list(self.labels)} if self.labels else {}),
+            })
+            name = self.reporter.register_adapter(str(folder), scores)
+        print(f"adapter {name} registered", flush=True)
         return name
 
     def _say(self, message: str, *, rank0: bool = False) -> None:

@@ -77,6 +77,8 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
         alive = worker.is_alive()
         rows = store.metrics(job.id, key)
         for m in rows[reported:]:
+            if spec.scheduler == "pbt" and not alive:
+                break  # the job is over: nothing left to continue from, only its final result counts
             value = next((v.value for v in reversed(store.metrics(job.id, spec.metric)) if v.step == m.step), None)
             if value is None:
                 continue
@@ -297,7 +299,10 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
                     num_samples=1,
                     max_concurrent_trials=spec.max_concurrent,
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1),
+                # A trial's last report (its job finished) ends it, before the scheduler sees it: PBT
+                # must not "continue" a trial that has nothing left to train.
+                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
+                                          stop=_finished),
             )
         tuner.fit()
         return _finish(store, sweep_id, spec)
@@ -306,6 +311,10 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
         state = "INTERRUPTED" if isinstance(e, (KeyboardInterrupt, Interrupted, SystemExit)) else "FAILED"
         store.sweeps.update(sweep_id, state=state, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"[:20000])
         raise
+
+
+def _finished(trial_id: str, result: dict[str, Any]) -> bool:
+    return bool(result.get("finished"))
 
 
 def _param_space(spec: SweepSpec) -> dict[str, Any]:

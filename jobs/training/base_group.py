@@ -1,0 +1,383 @@
+"""Many jobs' adapters trained together on one resident frozen base (mLoRA's and ASPEN's idea, for
+every method whose adapter is per-row deltas, and for jobs with their own lifecycles).
+
+A :class:`BaseGroup` loads a frozen base once, on one device in one precision, and keeps it. Jobs
+join it as :class:`Member` s: each is the job's own recipe (its data and order, its schedule, its
+evaluations and checkpoints, its adapter registration), but instead of a copy of the base it holds a
+*shell*, a copy of the base's module tree that shares every frozen tensor, with the job's method
+applied; only the shell's trainable tensors are its own (fp32 masters, whatever the base's precision).
+
+Each group step (:meth:`BaseGroup.step`) takes one micro-batch of every member, pads them into one
+batch, and runs the base's forward and backward once for all rows. The shared base's modules are
+wrapped in :class:`~peft_methods.mixed_module.MixedModule` s, the same ones serving uses; every step
+each member's ``row_deltas`` are rebuilt from its live trainable tensors, so they are differentiable
+and each adapter acts on its own rows only. Each member's loss is normalised over its own rows (or
+response tokens); the step's backward is of their sum, so a member's gradient is exactly that of its
+own loss: the same as training alone, up to floating-point reduction order. Each member then takes
+its own optimizer step at its own accumulation boundary (AdamW, clipping at 1.0, its warm-up and
+decay: what its solo DeepSpeed engine at ZeRO <= 2 does).
+
+Members join and leave only between steps (:meth:`add`, :meth:`remove`); a member whose loss is not
+finite leaves alone, with the error. The group knows nothing of Ray or the store: the actor that
+holds it (``orchestrator.groups``) queues joins and leaves and talks to the store through each
+member's reporter.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from itertools import chain
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import peft_methods
+from jobs.base_models import init_task_head, load_base_model, set_base_dropout
+from jobs.spec import JobSpec
+from jobs.training.batches import Batches
+from jobs.training.devices import Placement, make_optimizer
+from jobs.training.recipe import STEP_FILE, Recipe, evaluate, lr_lambda
+from jobs.training.reporter import Reporter
+from peft_methods.mixed_module import MixedModule, RowRouter
+from peft_methods.row_deltas import RowDelta
+from peft_methods.targeting import replace_module, task_head_names
+
+DEFAULT_CAPACITY = int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8"))
+
+
+def packing_problem(spec: JobSpec, *, init_checkpoint: str | None = None) -> str | None:  # type: ignore[valid-type]
+    """Why ``spec`` trains solo rather than in a base group (None: it packs)."""
+    if spec.packing == "off":
+        return "packing is off in its spec"
+    if init_checkpoint:
+        return "it continues another job's DeepSpeed checkpoint (a PBT exploit)"
+    if spec.resources.num_workers > 1:
+        return f"it asks for {spec.resources.num_workers} data-parallel workers; a base group has one rank today"
+    ds = spec.deepspeed
+    if ds.zero_stage == 3 or ds.offload_optimizer or ds.offload_params:
+        return "ZeRO-3 and offloading partition or move the base per job; a base group holds it whole, on its device"
+    if ds.precision == "fp16":
+        return "fp16 needs DeepSpeed's loss scaling, which a base group does not do"
+    if spec.task == "sequence-classification" and spec.method.modules_to_save == []:
+        return "it keeps the base's task head frozen (modules_to_save: []); every member of a group trains its own"
+    return peft_methods.get_method(spec.method.method).packing_problem(spec.method)
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What jobs sharing one resident base must agree on."""
+
+    base_model: str
+    task: str
+    precision: str
+    base_dropout: float | None
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def of(cls, spec: JobSpec, base_fingerprint: str) -> GroupKey:  # type: ignore[valid-type]
+        res = spec.resources
+        return cls(base_fingerprint, spec.task, spec.deepspeed.precision, spec.training.base_dropout,
+                   float(res.cpus_per_worker), float(res.gpus_per_worker))
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that shares every parameter and buffer with it (the modules
+    are new objects, the tensors the same): somewhere to apply a method without copying the base."""
+    memo = {id(t): t for t in chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+class _CastHead(nn.Module):
+    """A member's task head (fp32 masters) run in the dtype of what it is given, as it would be in a
+    model of that precision; gradients reach the masters through the cast."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = {n: p.to(x.dtype) for n, p in self.head.named_parameters()}
+        return torch.func.functional_call(self.head, params, (x,))
+
+
+class BaseGroup:
+    """One resident frozen base and the jobs training on it (see the module docstring)."""
+
+    def __init__(self, base_model: str, task: str, *, precision: str = "fp32", device: torch.device | None = None,
+                 home: str | None = None, base_dropout: float | None = None, capacity: int = DEFAULT_CAPACITY):
+        self.task, self.capacity = task, capacity
+        self.placement = Placement.for_job(precision, device)
+        self.plain, self.tokenizer = load_base_model(
+            base_model, task, num_labels=2 if task == "sequence-classification" else None, home=home,
+            dtype=self.placement.dtype, device=self.placement.device,
+        )
+        set_base_dropout(self.plain, base_dropout)
+        self.plain.requires_grad_(False)
+        self.model = structural_copy(self.plain).train()  # the tree that runs: MixedModules go in here
+        self.router = RowRouter(base_slot=capacity)
+        self.mixed: dict[str, MixedModule] = {}
+        self.members: dict[int, Member] = {}
+
+    @property
+    def base_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in chain(self.plain.parameters(), self.plain.buffers()))
+
+    # -- membership (between steps only) ---------------------------------------------------------
+    def add(self, spec: JobSpec, reporter: Reporter, *, method_config: Any = None,  # type: ignore[valid-type]
+            metadata: dict[str, Any] | None = None, home: str | None = None) -> Member:
+        """Set a job up as a member (data, shell, optimizer, resumed from its own checkpoint if it has one)."""
+        used = set(self.members)
+        free = [s for s in range(self.capacity) if s not in used]
+        if not free:
+            raise RuntimeError(f"the group is full ({self.capacity} members)")
+        member = Member(self, free[0], spec, reporter, method_config=method_config, metadata=metadata, home=home)
+        member.setup_data()
+        member.setup_model()
+        member.setup_optimizer()
+        member.begin_training()
+        self.members[member.slot] = member
+        return member
+
+    def remove(self, member: Member) -> None:
+        self.members.pop(member.slot, None)
+
+    # -- one packed step -------------------------------------------------------------------------
+    def step(self) -> list[tuple[Member, BaseException | None]]:
+        """One micro-batch of every member through one forward and backward of the base; members at an
+        accumulation boundary take their optimizer step (and log, evaluate, checkpoint, finish). Returns
+        the members that left during it: (member, None) finished with its adapter registered,
+        (member, error) failed."""
+        members = list(self.members.values())
+        if not members:
+            return []
+        parts = [m.next_micro() for m in members]
+        batch, spans = self.pack(parts)
+        logits = self.forward(members, spans, batch)
+        losses = [m.loss(logits[a:b], part["labels"]) for m, (a, b), part in zip(members, spans, parts)]
+        sum(loss / m.accumulation for loss, m in zip(losses, members)).backward()
+        values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # the step's one wait
+        left: list[tuple[Member, BaseException | None]] = []
+        for member, loss, value in zip(members, losses, values):
+            try:
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at step {member.step + 1}: its rows left the group")
+                if member.micro_done(loss.detach()):
+                    member.finish()
+                    left.append((member, None))
+            except Exception as e:  # noqa: BLE001 - one member's failure is its own
+                left.append((member, e))
+        for member, _ in left:
+            self.remove(member)
+        return left
+
+    def pack(self, parts: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        """Every member's micro-batch as one batch on the device: padded on the right to the widest
+        (masked, labels ignored there, so each row computes what it would alone); each member's row span."""
+        width = max(p["input_ids"].shape[1] for p in parts)
+        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+        keys = [k for k in parts[0] if k != "labels"]
+        batch = {k: torch.cat([F.pad(p[k], (0, width - p[k].shape[1]), value=pad[k]) for p in parts]) for k in keys}
+        spans, row = [], 0
+        for p in parts:
+            spans.append((row, row + p["input_ids"].shape[0]))
+            row += p["input_ids"].shape[0]
+        return self.placement.batch(batch), spans
+
+    def forward(self, members: list[Member], spans: list[tuple[int, int]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits for a packed batch whose rows ``spans[i]`` belong to ``members[i]``."""
+        self._install(members)
+        slots = torch.cat([torch.full((b - a,), m.slot, dtype=torch.long) for m, (a, b) in zip(members, spans)])
+        self.router.set(slots.to(self.placement.device, non_blocking=True))
+        try:
+            return self.model(**batch).logits
+        finally:
+            self.router.set(None)
+
+    def _install(self, members: list[Member]) -> None:
+        """Rebuild every wrapped module's deltas and heads from the members' live tensors."""
+        for module in self.mixed.values():
+            module.clear()
+        for member in members:
+            for delta in member.deltas():
+                self._mixed(delta.module).add(member.slot, delta)
+            for name, head in member.heads.items():
+                self._mixed(name).set_head(member.slot, head)
+
+    def _mixed(self, name: str) -> MixedModule:
+        module = self.mixed.get(name)
+        if module is None:
+            module = self.mixed[name] = MixedModule(self.model.get_submodule(name), self.router, self.capacity)
+            replace_module(self.model, name, module)
+        return module
+
+
+class Member(Recipe):
+    """One job in a base group: its recipe, with a shell of the group's base in place of a model of its own."""
+
+    def __init__(self, group: BaseGroup, slot: int, spec: JobSpec, reporter: Reporter, **kwargs: Any):  # type: ignore[valid-type]
+        super().__init__(spec, reporter, device=group.placement.device, **kwargs)
+        self.group, self.slot = group, slot
+        self.accumulation = spec.training.grad_accum_steps
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._losses: list[torch.Tensor] = []
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup_model(self) -> None:
+        t, group = self.spec.training, self.group
+        self.placement, self.zero3 = group.placement, False
+        self.method = peft_methods.get_method(self.method_config.method)
+        self.batches = Batches(self.spec.task, group.tokenizer, t.max_length)
+        shell = structural_copy(group.plain)
+        if self.labels:
+            _fresh_heads(shell, len(self.labels))
+        init_task_head(shell, t.seed)  # the head and the method's tensors: as the job's solo recipe draws them
+        torch.manual_seed(t.seed)
+        self.method.apply(shell, self.method_config)
+        train = self.data.train
+        self.method.prime(shell, (self.placement.batch(self.batches(train[i : i + t.batch_size]))
+                                  for i in range(0, min(len(train), 8 * t.batch_size), t.batch_size)))
+        owned = self.method.trainable_parameter_names(shell)
+        for name in owned:  # the job's own fp32 masters; the frozen tensors stay shared with the base
+            module_name, _, attr = name.rpartition(".")
+            module = shell.get_submodule(module_name)
+            setattr(module, attr, nn.Parameter(getattr(module, attr).detach().to(torch.float32).clone()))
+        group.plain.requires_grad_(False)  # apply marked the shell's (shared) frozen tensors; they stay frozen
+        self.model = shell.train()
+        heads = task_head_names(shell) if self.method_config.modules_to_save is None else self.method_config.modules_to_save
+        self.heads = {name: _CastHead(shell.get_submodule(name)) for name in heads}
+        self.params = {n: p for n, p in shell.named_parameters() if n in owned}
+        self._delta_state = {n: p for n, p in self.params.items() if not any(n.startswith(h + ".") for h in heads)}
+
+    def setup_optimizer(self) -> None:
+        t = self.spec.training
+        params = list(self.params.values())
+        self.summary = {"trainable_parameters": sum(p.numel() for p in params),
+                        "total_parameters": sum(p.numel() for p in self.model.parameters())}
+        self.optimizer = make_optimizer(params, lr=t.lr, weight_decay=t.weight_decay, offload=False)
+        warmup = int(t.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.lr_schedule, warmup, self.total_steps))
+        resumed = False
+        with self.reporter.checkpoint_to_resume() as folder:
+            if folder is not None:
+                self.step, resumed = self.load_checkpoint(folder), True
+                self._say(f"resumed from checkpoint at step {self.step}")
+        self.reporter.started(step=self.step, total_steps=self.total_steps, resumed=resumed,
+                              summary={"total_steps": self.total_steps, "world_size": 1, **self.summary})
+
+    # -- what the group asks of it each step -------------------------------------------------------
+    def next_micro(self) -> dict[str, torch.Tensor]:
+        if not self._pending:
+            self._pending = self.micro_batches(self.step)
+        return self._pending.pop(0)
+
+    def deltas(self) -> list[RowDelta]:
+        return self.method.row_deltas(self.group.plain, self.method_config, self._delta_state)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This job's loss over its own rows, as its model's own loss would compute it."""
+        labels = labels.to(logits.device, non_blocking=True)
+        if self.labels:
+            return F.cross_entropy(logits[:, : len(self.labels)].float(), labels)
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+
+    def micro_done(self, loss: torch.Tensor) -> bool:
+        """After a backward over this member's micro-batch: step its optimizer at the accumulation
+        boundary; True once it has trained all its steps."""
+        self._losses.append(loss.float())
+        if self._pending:
+            return False
+        params = list(self.params.values())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean = torch.stack(self._losses).mean()
+        self._losses = []
+        self.step += 1
+        self.after_step(mean)
+        return self.step >= self.total_steps
+
+    def finish(self) -> str:
+        name = self.write_adapter(self.model, self.last_metrics)
+        self.reporter.finished(self.step, self.last_metrics, name)
+        return name
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(_JobView(self), self.batches, self.data.eval, batch_size=self.spec.training.batch_size,
+                        placement=self.placement)
+
+    # -- checkpoints: the job's tensors, its optimizer's and its schedule's state (never the base) ---
+    def save_checkpoint(self, folder: str) -> None:
+        names = list(self.params)
+        save_file({n: p.detach().contiguous() for n, p in self.params.items()}, os.path.join(folder, "adapter.safetensors"))
+        state = self.optimizer.state_dict()
+        tensors = {f"{i}.{k}": v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+                   for i, entries in state["state"].items() for k, v in entries.items()}
+        save_file(tensors, os.path.join(folder, "optimizer.safetensors"))
+        scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+        with open(os.path.join(folder, "packed_state.json"), "w") as f:
+            json.dump({"step": self.step, "names": names, "param_groups": groups, "scheduler": scheduler}, f)
+        with open(os.path.join(folder, STEP_FILE), "w") as f:
+            json.dump({"step": self.step}, f)
+
+    def load_checkpoint(self, folder: str, *, with_schedule: bool = True) -> int:
+        with open(os.path.join(folder, "packed_state.json")) as f:
+            saved = json.load(f)
+        if saved["names"] != list(self.params):
+            raise ValueError(f"checkpoint {folder} holds tensors {saved['names'][:3]}..., not this job's")
+        tensors = load_file(os.path.join(folder, "adapter.safetensors"))
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(tensors[name])
+        moments = load_file(os.path.join(folder, "optimizer.safetensors"))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in moments.items():
+            index, _, field = key.partition(".")
+            state.setdefault(int(index), {})[field] = value.reshape(()) if field == "step" else value
+        groups = [{**g, "params": list(range(len(self.params)))} for g in saved["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if with_schedule:
+            self.scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": [None]})
+        return int(saved["step"])
+
+
+class _JobView(nn.Module):
+    """The group's base seen by one member alone (every row its own): what :func:`evaluate` runs."""
+
+    def __init__(self, member: Member):
+        super().__init__()
+        self.member = member
+        self.base, self.shell = member.group.model, member.model  # so eval()/train() reach both
+
+    def forward(self, labels: torch.Tensor, **batch: torch.Tensor) -> SimpleNamespace:
+        member, rows = self.member, batch["input_ids"].shape[0]
+        logits = member.group.forward([member], [(0, rows)], batch)
+        if member.labels:
+            logits = logits[:, : len(member.labels)]
+        return SimpleNamespace(loss=member.loss(logits, labels), logits=logits)
+
+
+def _fresh_heads(model: nn.Module, num_labels: int) -> None:
+    """Give ``model`` task heads of its own, ``num_labels`` wide (weights set by ``init_task_head``)."""
+    for name in task_head_names(model):
+        head = copy.deepcopy(model.get_submodule(name))  # new tensors, not the base's
+        last = [n for n, m in head.named_modules() if isinstance(m, nn.Linear)][-1]
+        old = head.get_submodule(last)
+        new = nn.Linear(old.in_features, num_labels, bias=old.bias is not None,
+                        dtype=old.weight.dtype, device=old.weight.device)
+        head = new if last == "" else head
+        if last:
+            replace_module(head, last, new)
+        replace_module(model, name, head)
+    model.config.num_labels = num_labels
