@@ -154,6 +154,25 @@ def cmd_jobs(client: Client, args) -> int:
     return 0
 
 
+def cmd_groups(client: Client, args) -> int:
+    if args.stop:
+        found = client.groups.stop(args.stop)
+        print(f"group {args.stop} {'stopped' if found else 'not found'}")
+        return 0 if found else 1
+    groups = client.groups.list()
+    if args.json:
+        _print_json(groups)
+        return 0
+    rows = [{"name": g["name"], "base": g["base_model"][:19], "task": g["task"], "precision": g["precision"],
+             "resources": f"{g['cpus']:g} CPU" + (f", {g['gpus']:g} GPU" if g["gpus"] else ""),
+             "members": f"{len(g['members'])}/{g['capacity']}" + (f" (+{len(g['waiting'])} waiting)" if g["waiting"] else ""),
+             "jobs": " ".join(j[:8] for j in g["members"]) or "-", "idle_s": g["idle_s"], "base_mb": g["base_mb"]}
+            for g in groups]
+    print(render_table(rows, ["name", "base", "task", "precision", "resources", "members", "jobs", "idle_s", "base_mb"])
+          if rows else "no base groups are resident")
+    return 0
+
+
 def cmd_adapters(client: Client, args) -> int:
     adapters = client.adapters.list(base=args.base, task_name=args.task_name, method=args.method, tag=args.tag)
     if args.json:
@@ -352,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", nargs="+", choices=[s.value for s in JobState])
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(run=cmd_jobs)
+    p = sub.add_parser("groups", parents=[common], help="list the base groups resident on the cluster (docs/groups.md)")
+    p.add_argument("--stop", metavar="NAME", help="end this group now (its jobs resume in a new one)")
+    p.set_defaults(run=cmd_groups)
     p = sub.add_parser("adapters", parents=[common], help="list adapters")
     p.add_argument("--base", help="base model name or fingerprint")
     p.add_argument("--task-name")

@@ -173,6 +173,29 @@ class Jobs:
         return JobHandle(self._client, job_id)
 
 
+class Groups:
+    """``client.groups``: the base groups resident on the cluster (see docs/groups.md)."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every live base group: ``name``, its key (``base_model`` fingerprint, ``task``, ``precision``,
+        ``base_dropout``, ``cpus``, ``gpus``), ``members`` and ``waiting`` job ids, ``capacity``, ``idle_s``,
+        ``steps``, ``base_mb``, ``node``."""
+        from orchestrator.groups import list_groups
+
+        self._client.cluster  # noqa: B018 - connect first
+        return list_groups()
+
+    def stop(self, name: str) -> bool:
+        """End a group now; its members resume from their checkpoints in a new one. False if none is live."""
+        from orchestrator.groups import stop_group
+
+        self._client.cluster  # noqa: B018
+        return stop_group(name)
+
+
 class Client:
     """Submit and follow peftfleet jobs.
 
@@ -197,6 +220,7 @@ class Client:
         self.store = JobStore(store_url, storage_url=storage_url, home=self.home)
         self.jobs = Jobs(self)
         self.sweeps = Sweeps(self)
+        self.groups = Groups(self)
         self.adapters: AdapterRegistry = self.store.adapters
         self.subspaces: SubspaceRegistry = self.store.subspaces
         self.heartbeat_timeout_s = heartbeat_timeout_s

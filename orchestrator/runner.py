@@ -1,6 +1,8 @@
 """The process that owns one job on the cluster (a Ray job entrypoint): `python -m orchestrator.runner JOB_ID`.
 
-It moves the job to QUEUED, runs Ray Train's `TorchTrainer` over
+It moves the job to QUEUED, then either hands it to its base group (``orchestrator.groups``: one
+resident frozen base many jobs train on; the group moves it to RUNNING and registers its adapter) or,
+when it cannot pack (the QUEUED event says why), runs Ray Train's `TorchTrainer` over
 `orchestrator.train_worker.train_loop_per_worker` (whose rank 0 moves it to RUNNING once workers
 have their resources, then runs the recipe), heartbeats to the store while it
 lives, and settles the job: SUCCEEDED, FAILED with the error and traceback, or CANCELLED when it
@@ -48,10 +50,11 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(store, job_id, owner, stop), daemon=True).start()
     try:
+        solo = _why_solo(spec, store.get(job_id), init_checkpoint)
         if store.get(job_id).state in (JobState.PENDING, JobState.RETRYING):
-            store.transition(
-                job_id, JobState.QUEUED, owner=owner, reason=f"waiting for {spec.resources.num_workers} worker(s)"
-            )
+            waits = f"waiting for {spec.resources.num_workers} worker(s)" if solo else "waiting for its base group"
+            store.transition(job_id, JobState.QUEUED, owner=owner,
+                             reason=waits + (f"; runs solo: {solo}" if solo and spec.kind == "train" else ""))
         base = store.register_base_model(spec.base_model)
         shared = {
             "job_id": job_id,
@@ -62,11 +65,14 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
         }
         if init_checkpoint:
             shared["init_checkpoint"] = init_checkpoint
-        outcome = (
-            _fit_subspace(spec, shared)
-            if spec.kind == "ipt-subspace"
-            else _train(job_id, job.spec, spec, shared, store)
-        )
+        if spec.kind == "ipt-subspace":
+            outcome = _fit_subspace(spec, shared)
+        elif solo is None:
+            from orchestrator.groups import train_in_group
+
+            outcome = train_in_group(job_id, job.spec, spec, shared, store)
+        else:
+            outcome = _train(job_id, job.spec, spec, shared, store)
         store.transition(job_id, JobState.SUCCEEDED, reason=outcome)
         return JobState.SUCCEEDED
     except (_Stopped, KeyboardInterrupt):
@@ -92,6 +98,17 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
         raise
     finally:
         stop.set()
+
+
+def _why_solo(spec, job, init_checkpoint: str | None) -> str | None:
+    """Why the job trains with workers of its own rather than in a base group (None: it packs)."""
+    if spec.kind != "train":
+        return "not a training job"
+    if job.runtime.get("sweep_id"):
+        return "sweep trials train solo (their schedulers continue DeepSpeed checkpoints)"
+    from jobs.training.base_group import packing_problem
+
+    return packing_problem(spec, init_checkpoint=init_checkpoint)
 
 
 def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> str:

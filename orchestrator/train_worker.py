@@ -98,21 +98,19 @@ class RayTrainReporter:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint))
 
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
-        spec, name = self.spec, f"{self.spec.name}-{self.job_id[:8]}"
-        self.store.adapters.register(
-            folder,
-            name=name,
-            base_fingerprint=self.config["base_fingerprint"],
-            task=spec.task,
-            task_name=spec.effective_task_name,
-            job_id=self.job_id,
-            metrics=metrics,
-            tags=spec.tags,
-        )
-        return name
+        return register_job_adapter(self.store, self.spec, self.job_id, self.config["base_fingerprint"], folder, metrics)
 
     def finished(self, step: int, metrics: dict[str, float], adapter: str | None) -> None:
         ray.train.report({"step": step, **metrics, "adapter": adapter or ""})
+
+
+def register_job_adapter(store: JobStore, spec: Any, job_id: str, base_fingerprint: str, folder: str,
+                         metrics: dict[str, float]) -> str:
+    """Register the adapter a job trained (named after the job); its name."""
+    name = f"{spec.name}-{job_id[:8]}"
+    store.adapters.register(folder, name=name, base_fingerprint=base_fingerprint, task=spec.task,
+                            task_name=spec.effective_task_name, job_id=job_id, metrics=metrics, tags=spec.tags)
+    return name
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -160,4 +158,5 @@ def _worker_nodes(world: int) -> list[str]:
     return [str(n) for n in nodes]
 
 
-__all__ = ["RayTrainReporter", "checkpoint_at", "checkpoint_root", "run_name", "train_loop_per_worker"]
+__all__ = ["RayTrainReporter", "checkpoint_at", "checkpoint_root", "register_job_adapter", "run_name",
+           "train_loop_per_worker"]

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PEFTFLEET_HEARTBEAT_INTERVAL_S", "1")
+os.environ.setdefault("PEFTFLEET_GROUP_IDLE_S", "3")  # a test's base group gives its CPU back soon after
 
 import pytest
 import ray
@@ -36,6 +37,8 @@ def client(ray_cluster, tmp_path):
     yield c
     for job in c.jobs.list(state=["PENDING", "QUEUED", "RUNNING", "RETRYING", "CANCELLING"]):
         c.cancel(job.id)  # never leave work behind for the next test
+    for group in c.groups.list():
+        c.groups.stop(group["name"])
 
 
 @pytest.fixture
@@ -47,6 +50,7 @@ def tiny_spec(tiny_bert_dir):
             "method": {"method": "lora", "r": 4},
             "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 128, "max_length": 32},
             "resources": {"num_workers": 1},
+            "packing": "off",  # these tests guard the solo path; tests/integration/test_groups.py packs
         }
         for key, value in overrides.items():
             spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value

@@ -1,0 +1,109 @@
+"""Base groups on the cluster: finding (or starting) the group a job packs into, training a job in it
+from the job's runner, and listing and stopping groups. See docs/groups.md.
+
+>>> handle = group_for(spec, fingerprint, store)          # the one for this base/task/precision  # doctest: +SKIP
+>>> train_in_group(job_id, raw, spec, shared, store)          # blocks until the job leaves it        # doctest: +SKIP
+>>> list_groups()                                          # what is resident, and who trains     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from jobs.states import JobState
+from jobs.store import JobStore
+from jobs.training.base_group import GroupKey
+from orchestrator.cluster import JOB_ENV, PASSTHROUGH_ENV
+from orchestrator.groups.actor import NAMESPACE, PREFIX, BaseGroupActor, GroupClosing
+
+GROUP_RETRIES = int(os.environ.get("PEFTFLEET_GROUP_RETRIES", "3"))  # a job survives this many group deaths
+
+
+def group_name(key: GroupKey, store: JobStore) -> str:
+    digest = hashlib.sha256(json.dumps([asdict(key), store.url], sort_keys=True).encode()).hexdigest()
+    return PREFIX + digest[:12]
+
+
+def group_for(spec: Any, base_fingerprint: str, store: JobStore):
+    """The live group for jobs like ``spec`` (started here if there is none); an actor handle."""
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")  # inside a Ray job: its cluster
+    key = GroupKey.of(spec, base_fingerprint)
+    env = {
+        **JOB_ENV,
+        "DS_ACCELERATOR": "cuda" if key.gpus else "cpu",
+        "OMP_NUM_THREADS": str(max(1, int(key.cpus))),
+        **{k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ},
+    }
+    actor = ray.remote(BaseGroupActor).options(
+        name=group_name(key, store), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        num_cpus=key.cpus, num_gpus=key.gpus, max_concurrency=64, max_restarts=0,
+        runtime_env={"env_vars": env},
+    )
+    home = str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME")
+    return actor.remote(asdict(key), group_name(key, store), spec.base_model, store.url, store.artifacts.url, home)
+
+
+def train_in_group(job_id: str, raw_spec: dict, spec: Any, shared: dict[str, Any], store: JobStore) -> str:
+    """Train the job in its base group (the runner's side); returns what it produced, in words. A group
+    that dies under it sends it RETRYING; it resumes from its own last checkpoint in a new group."""
+    deaths = 0
+    config = {**shared, "spec": raw_spec}
+    while True:
+        group = group_for(spec, shared["base_fingerprint"], store)
+        try:
+            result = ray.get(group.train.remote(job_id, config))
+        except (GroupClosing, RayActorError) as e:
+            if store.get(job_id).state is JobState.RUNNING:
+                deaths += 1
+                if deaths > GROUP_RETRIES:
+                    raise RuntimeError(f"its base group died {deaths} times; last: {e}") from e
+                store.transition(job_id, JobState.RETRYING, reason=f"its base group ended ({_why(e)}); it resumes "
+                                 "from its last checkpoint in another")
+            time.sleep(0.5)
+            continue
+        except BaseException:
+            group.leave.remote(job_id, "its runner stopped")  # a cancel: the group drops its rows
+            raise
+        if result["state"] == "SUCCEEDED":
+            return result["outcome"]
+        if result["state"] == "CANCELLED":
+            raise KeyboardInterrupt(result.get("error"))  # the runner settles it as stopped on request
+        raise RuntimeError(f"{result['error']}\n(in base group; its traceback:)\n{result.get('traceback', '')}")
+
+
+def _why(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def list_groups(timeout: float = 10) -> list[dict[str, Any]]:
+    """Every live base group on the cluster: its key, members, waiting jobs, idle time, base size."""
+    found = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") != NAMESPACE or not entry.get("name", "").startswith(PREFIX):
+            continue
+        try:
+            found.append(ray.get(ray.get_actor(entry["name"], namespace=NAMESPACE).describe.remote(), timeout=timeout))
+        except (ValueError, RayActorError, GetTimeoutError):
+            continue  # ended while we looked
+    return sorted(found, key=lambda g: g["created_at"])
+
+
+def stop_group(name: str) -> bool:
+    """End a group now (its members' runners retry them in a new one); False if there is none."""
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["GroupClosing", "group_for", "group_name", "list_groups", "stop_group", "train_in_group"]

@@ -1,0 +1,190 @@
+"""A base group on Ray: one detached actor holding one resident frozen base
+(:class:`jobs.training.base_group.BaseGroup`) and training every job that joins it.
+
+The actor reserves its resources like any job's workers (its CPUs, its GPU), so solo jobs and groups
+queue against one another in Ray's scheduler. Its training loop runs in a thread of its own; a job's
+runner calls :meth:`BaseGroupActor.train`, which queues the join and blocks until the job leaves the
+group (finished, failed, cancelled). Joins and leaves take effect between steps. A member leaves
+when its job is cancelled in the store (polled every second) or its runner asks. A group with no
+members for ``PEFTFLEET_GROUP_IDLE_S`` seconds (default 300) ends itself; a step that fails for the
+group as a whole (not one member's rows) ends it too, and its jobs' runners retry them elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from typing import Any
+
+import ray
+
+from jobs.spec import parse_job_spec
+from jobs.states import JobState
+from jobs.store import JobStore
+from jobs.training.base_group import BaseGroup, GroupKey, Member
+from jobs.training.subspaces import resolve_method_config
+from orchestrator.groups.reporter import GroupReporter
+
+NAMESPACE = "peftfleet"
+PREFIX = "peftfleet-group-"
+STORE_POLL_S = 1.0
+
+
+class GroupClosing(RuntimeError):
+    """The group is ending (idle or broken); join another."""
+
+
+def idle_timeout_s() -> float:
+    return float(os.environ.get("PEFTFLEET_GROUP_IDLE_S", "300"))
+
+
+class BaseGroupActor:
+    """See the module docstring. Created by :func:`orchestrator.groups.group_for` as a named detached
+    actor, so every job with the same :class:`GroupKey` finds the same one."""
+
+    def __init__(self, key: dict[str, Any], name: str, base_model: str, store_url: str, storage_url: str,
+                 home: str | None):
+        self.key, self.name = GroupKey(**key), name
+        self.store = JobStore(store_url, storage_url=storage_url, home=home)
+        self.home = home
+        device = None
+        if self.key.gpus:
+            import torch
+
+            device = torch.device("cuda", 0)  # Ray set CUDA_VISIBLE_DEVICES to this actor's GPU
+        self.group = BaseGroup(base_model, self.key.task, precision=self.key.precision, device=device, home=home,
+                               base_dropout=self.key.base_dropout)
+        self.created_at = time.time()
+        self._lock = threading.Lock()
+        self._joins: list[tuple[str, dict[str, Any]]] = []
+        self._leaves: dict[str, str] = {}
+        self._waiters: dict[str, tuple[threading.Event, dict[str, Any]]] = {}
+        self._members: dict[str, Member] = {}
+        self._closing: str | None = None
+        self._idle_since = time.monotonic()
+        self._steps = 0
+        threading.Thread(target=self._loop, name="peftfleet-group", daemon=True).start()
+
+    # -- what runners and clients call ---------------------------------------------------------------
+    def train(self, job_id: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Train job ``job_id`` in this group; returns once it left: ``{"state": "SUCCEEDED" | "FAILED" |
+        "CANCELLED", "outcome" | "error": ...}``. Raises :class:`GroupClosing` when the group is ending."""
+        with self._lock:
+            if self._closing:
+                raise GroupClosing(f"base group {self.name} is closing: {self._closing}")
+            waiter = self._waiters.get(job_id)
+            if waiter is None:  # a second runner of the same job waits on the first one's membership
+                waiter = self._waiters[job_id] = (threading.Event(), {})
+                if job_id not in self._members:
+                    self._joins.append((job_id, config))
+        event, box = waiter
+        event.wait()
+        if box.get("state") == "GROUP_FAILED":
+            raise GroupClosing(box["error"])
+        return dict(box)
+
+    def leave(self, job_id: str, reason: str) -> None:
+        with self._lock:
+            self._leaves[job_id] = reason
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            members = list(self._members)
+            waiting = [job_id for job_id, _ in self._joins]
+            idle = 0.0 if members or waiting else time.monotonic() - self._idle_since
+        return {
+            "name": self.name, **asdict(self.key), "members": members, "waiting": waiting,
+            "capacity": self.group.capacity, "idle_s": round(idle, 1), "steps": self._steps,
+            "base_mb": round(self.group.base_bytes / 2**20, 1), "created_at": self.created_at,
+            "node": ray.get_runtime_context().get_node_id(), "closing": self._closing,
+        }
+
+    # -- the training loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        last_poll = 0.0
+        while True:
+            try:
+                self._membership()
+                if not self._members:
+                    with self._lock:
+                        idle = not self._joins and time.monotonic() - self._idle_since > idle_timeout_s()
+                        if idle:
+                            self._closing = f"idle for {idle_timeout_s():.0f} s"
+                    if idle:
+                        break
+                    time.sleep(0.05)
+                    continue
+                for member, error in self.group.step():
+                    self._left(member, error)
+                self._steps += 1
+                if time.monotonic() - last_poll > STORE_POLL_S:
+                    last_poll = time.monotonic()
+                    self._poll_store()
+            except BaseException as e:  # noqa: BLE001 - the group as a whole broke: its jobs go elsewhere
+                self._closing = f"the group failed: {type(e).__name__}: {e}"
+                traceback.print_exc()
+                with self._lock:
+                    for event, box in self._waiters.values():
+                        box.update(state="GROUP_FAILED", error=self._closing)
+                        event.set()
+                break
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _membership(self) -> None:
+        """Queued leaves, then queued joins (as long as there is room), between two steps."""
+        with self._lock:
+            leaves, self._leaves = self._leaves, {}
+            room = self.group.capacity - len(self._members)
+            joins, self._joins = self._joins[:room], self._joins[room:]
+        for job_id, reason in leaves.items():
+            member = self._members.get(job_id)
+            if member is not None:
+                self.group.remove(member)
+                self._finish(job_id, {"state": "CANCELLED", "error": reason})
+            elif any(j == job_id for j, _ in joins):
+                joins = [(j, c) for j, c in joins if j != job_id]
+                self._finish(job_id, {"state": "CANCELLED", "error": reason})
+        for job_id, config in joins:
+            try:
+                self._members[job_id] = self._join(job_id, config)
+            except Exception as e:  # noqa: BLE001 - the job's own setup failed
+                self._finish(job_id, {"state": "FAILED", "error": f"{type(e).__name__}: {e}",
+                                      "traceback": traceback.format_exc()})
+
+    def _join(self, job_id: str, config: dict[str, Any]) -> Member:
+        spec = parse_job_spec(config["spec"])
+        fingerprint = config["base_fingerprint"]
+        reporter = GroupReporter(self.store, job_id, spec, fingerprint, self.name)
+        reporter.members = len(self._members) + 1
+        method_config, lineage = resolve_method_config(spec.method, self.store, fingerprint)
+        metadata = {"base_fingerprint": fingerprint, "job_id": job_id, "base_group": self.name, **lineage}
+        return self.group.add(spec, reporter, method_config=method_config, metadata=metadata, home=self.home)
+
+    def _left(self, member: Member, error: BaseException | None) -> None:
+        job_id = next(j for j, m in self._members.items() if m is member)
+        if error is None:
+            adapters = self.store.adapters.list(job_id=job_id)
+            self._finish(job_id, {"state": "SUCCEEDED", "outcome": f"adapter {adapters[0].name} registered"
+                                  if adapters else "finished"})
+        else:
+            self._finish(job_id, {"state": "FAILED", "error": f"{type(error).__name__}: {error}",
+                                  "traceback": "".join(traceback.format_exception(error))})
+
+    def _finish(self, job_id: str, result: dict[str, Any]) -> None:
+        self._members.pop(job_id, None)
+        with self._lock:
+            event, box = self._waiters.pop(job_id, (threading.Event(), {}))
+            if not self._members and not self._joins:
+                self._idle_since = time.monotonic()
+        box.update(result)
+        event.set()
+
+    def _poll_store(self) -> None:
+        """Members whose job is no longer RUNNING in the store (cancelled, settled by someone else) leave."""
+        for job_id in list(self._members):
+            state = self.store.get(job_id).state
+            if state is not JobState.RUNNING:
+                self.leave(job_id, f"the job is {state.value} in the store")

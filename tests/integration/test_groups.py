@@ -1,0 +1,74 @@
+"""Base groups on a real local Ray cluster: jobs of different methods train packed on one resident
+base, join and leave it, and survive its death (see tests/jobs/test_base_group.py for the numbers)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from jobs.states import JobState
+
+
+def _packed(tiny_spec, name: str, method: dict, **training) -> dict:
+    spec = tiny_spec(name=name, packing="auto", training={"batch_size": 8, "eval_size": 32, "max_length": 24, **training},
+                     dataset={"name": "trec", "train_size": 128})
+    return {**spec, "method": method}
+
+
+def _wait_running(client, handles, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(h.status() is JobState.RUNNING for h in handles):
+        assert time.monotonic() < deadline, [h.record() for h in handles]
+        assert not any(h.status().is_terminal for h in handles), [(h.record().state, h.record().error) for h in handles]
+        time.sleep(0.2)
+
+
+def test_jobs_of_different_methods_train_together_in_one_group_and_a_cancel_leaves_only_its_rows(client, tiny_spec):
+    handles = [
+        client.submit(_packed(tiny_spec, "g-lora", {"method": "lora", "r": 4}, epochs=4)),
+        client.submit(_packed(tiny_spec, "g-bitfit", {"method": "bitfit"}, epochs=4)),
+        client.submit(_packed(tiny_spec, "g-doomed", {"method": "bottleneck"}, epochs=50)),
+    ]
+    _wait_running(client, handles)
+    groups = client.groups.list()
+    assert len(groups) == 1 and sorted(groups[0]["members"]) == sorted(h.id for h in handles), groups
+    group = groups[0]["name"]
+    client.cancel(handles[2].id)
+    records = [h.wait(timeout=600) for h in handles[:2]]
+    assert [r.state for r in records] == [JobState.SUCCEEDED, JobState.SUCCEEDED], [r.error for r in records]
+    assert handles[2].status() is JobState.CANCELLED
+    for h in handles:
+        assert h.record().runtime["base_group"] == group
+        running = [e for e in client.store.events(h.id) if e.to_state is JobState.RUNNING]
+        assert running and f"base group {group}" in running[0].reason
+    for h in handles[:2]:
+        adapter = h.adapter()
+        assert adapter is not None and h.metrics("eval_accuracy")
+    # One job could not pack and said why; it trained solo, meanwhile, on the same cluster.
+    solo = client.submit({**tiny_spec(name="g-solo", packing="auto", training={"max_steps": 2, "eval_size": 16}),
+                          "method": {"method": "lora", "r": 4, "dropout": 0.1}})
+    assert solo.wait(timeout=600).state is JobState.SUCCEEDED
+    queued = next(e for e in client.store.events(solo.id) if e.to_state is JobState.QUEUED)
+    assert "runs solo: LoRA dropout" in queued.reason
+    assert "base_group" not in solo.record().runtime
+
+
+def test_a_job_survives_its_group_dying_and_resumes_from_its_own_checkpoint(client, tiny_spec):
+    handle = client.submit(_packed(tiny_spec, "g-survivor", {"method": "lora", "r": 4}, epochs=40,
+                                   checkpoint_every_steps=4, eval_every_steps=40))
+    _wait_running(client, [handle])
+    deadline = time.monotonic() + 300
+    while not handle.metrics("checkpoint_step"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    name = handle.record().runtime["base_group"]
+    ray.kill(ray.get_actor(name, namespace="peftfleet"), no_restart=True)  # the group's process dies
+    record = handle.wait(timeout=600)
+    assert record.state is JobState.SUCCEEDED, record.error
+    states = [e.to_state for e in client.store.events(handle.id)]
+    assert JobState.RETRYING in states and states.count(JobState.RUNNING) == 2, states
+    resumed = handle.metrics("resumed_from_step")
+    assert resumed and resumed[0].value >= 4 and resumed[0].value % 4 == 0
+    assert handle.record().runtime["base_group"] == name  # the new group took the name: one per key at a time
