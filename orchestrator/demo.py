@@ -1,9 +1,11 @@
 """`make demo`: two PEFT jobs on one frozen base, through the client, Ray and DeepSpeed, then
 both adapters served from one copy of that base.
 
-A local Ray cluster starts; a LoRA job and a BitFit job (MiniLM on TREC, 2 Ray Train workers
-each, ZeRO stage 2) are submitted through the Python client. They share the cluster's CPUs, so
-one queues while the other trains. Both register their adapters against the same base model.
+A local Ray cluster starts; a LoRA job and a BitFit job (MiniLM on TREC) are submitted through the
+Python client. Both pack into one base group: one resident copy of MiniLM holding the cluster's
+CPUs, each step a batch of both jobs' rows, each job with its own loss, optimizer and adapter (the
+output says how much memory the shared copy saved). Both register their adapters against the
+same base model.
 Then a Ray Serve application serves both adapters over HTTP, and each is asked about the same
 questions at once (one mixed batch).
 """
@@ -11,6 +13,7 @@ questions at once (one mixed batch).
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"workers, ZeRO-{spec.deepspeed.zero_stage})"
         )
 
+    watched: dict = {}
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_group, args=(client, [h.id for h in handles], watched, done), daemon=True)
+    watcher.start()
     results = []
     for spec, handle in zip(specs, handles):
         print(f"waiting for {spec.name} (state now {handle.status()})")
@@ -68,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         if job.error:
             print(f"{job.name} failed: {job.error}\n{handle.logs()[-3000:]}")
 
+    done.set()
+    watcher.join()
+    group = _report_group(client, watched, handles)
     majority = _trec_majority_rate(specs[0])
     print(f"\nTREC held-out accuracy (majority class {majority:.3f}):")
     print(render_table(results, ["job", "name", "method", "state", "eval_accuracy", "adapter"]))
@@ -97,7 +107,35 @@ def main(argv: list[str] | None = None) -> dict:
         "majority": majority,
         "job_ids": [h.id for h in handles],
         "answers": answers,
+        "group": group,
     }
+
+
+def _watch_group(client: Client, job_ids: list[str], seen: dict, done: threading.Event) -> None:
+    """Note the base group the jobs train in and the most of them it held at once."""
+    while not done.wait(0.5):
+        try:
+            groups = client.groups.list()
+        except Exception:  # noqa: BLE001 - a group ending while we look
+            continue
+        for g in groups:
+            members = set(g["members"]) & set(job_ids)
+            if members and len(members) >= len(seen.get("together", ())):
+                seen.update(g, together=sorted(members))
+
+
+def _report_group(client: Client, seen: dict, handles) -> dict:
+    """Say which group trained the jobs and what the shared base saved; then end the group, so its CPUs
+    go to the serving replica."""
+    names = {h.record().runtime.get("base_group") for h in handles}
+    if not seen or names != {seen["name"]}:
+        print(f"the jobs did not train in one base group ({sorted(map(str, names))})")
+        return {}
+    together, mb = len(seen["together"]), seen["base_mb"]
+    print(f"\nboth jobs trained in base group {seen['name']}: {together} jobs at once on one resident MiniLM "
+          f"({mb:.0f} MB of weights) instead of {together} copies, saving {mb * (together - 1):.0f} MB")
+    client.groups.stop(seen["name"])
+    return {"name": seen["name"], "together": together, "base_mb": mb}
 
 
 QUESTIONS = [

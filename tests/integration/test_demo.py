@@ -15,10 +15,16 @@ def test_demo_trains_two_methods_on_one_base(ray_cluster, capsys):
     assert lora.status() is JobState.SUCCEEDED and bitfit.status() is JobState.SUCCEEDED, out
     assert lora.metrics("eval_accuracy")[-1].value > result["majority"] + 0.2
     losses = [m.value for m in bitfit.metrics("train_loss")]
-    assert sum(losses[-3:]) < sum(losses[:3]), f"BitFit's loss did not go down: {losses}"
+    half = len(losses) // 2  # single micro-batch losses are noisy: compare the halves' means
+    assert sum(losses[half:]) / (len(losses) - half) < sum(losses[:half]) / half, f"BitFit's loss did not go down: {losses}"
     a, b = result["adapters"]
     assert (a.method, b.method) == ("lora", "bitfit") and a.base_fingerprint == b.base_fingerprint
     assert f"both adapters share one frozen base: {a.base_fingerprint}" in out
+    # Both trained at once in one base group, holding one copy of MiniLM.
+    group = result["group"]
+    assert group and group["together"] == 2 and group["base_mb"] > 50, out
+    assert lora.record().runtime["base_group"] == bitfit.record().runtime["base_group"] == group["name"]
+    assert f"both jobs trained in base group {group['name']}: 2 jobs at once" in out
     assert {x.name for x in client.adapters.list(base="minilm")} == {a.name, b.name}
     # Both adapters answered over HTTP from one served base, with TREC's class names.
     answers = result["answers"]

@@ -1,0 +1,129 @@
+"""Base groups without Ray: jobs packed on one resident base train what they would train alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.spec import parse_job_spec
+from jobs.training.base_group import BaseGroup, packing_problem
+from jobs.training.reporter import InMemoryReporter
+from peft_methods.adapter_files import WEIGHTS_FILE
+from tests.jobs.test_recipe import ROOT, losses, run_recipe
+
+
+def run_group(tmp_path: Path, plan: dict) -> dict:
+    plan_file, out = tmp_path / "plan.json", tmp_path / "packed.json"
+    plan_file.write_text(json.dumps(plan))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "tests.jobs.group_runs", str(plan_file), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def trec(name: str, method: dict, base: str = "minilm", **training) -> dict:
+    return {"name": name, "base_model": base, "task": "sequence-classification",
+            "dataset": {"name": "trec", "train_size": 240}, "method": method,
+            "training": {"max_steps": 30, "batch_size": 8, "lr": 0.003, "eval_size": 96, "max_length": 32,
+                         "eval_every_steps": 15, "seed": 5, "base_dropout": 0.0, **training}}
+
+
+def adapter_tensors(result: dict) -> dict[str, torch.Tensor]:
+    (folder, _), = result["adapters"]
+    return load_file(str(Path(folder) / WEIGHTS_FILE))
+
+
+def accuracy(result: dict) -> float:
+    (_, metrics), = result["adapters"]
+    return metrics["eval_accuracy"]
+
+
+def test_four_methods_packed_on_minilm_train_what_each_trains_alone(tmp_path):
+    """The issue's equivalence target: LoRA r=4, LoRA r=16, BitFit and bottleneck adapters on MiniLM/TREC,
+    30 steps, batch sizes, accumulation and lengths of their own; one joins late and a fifth is
+    cancelled part-way. Each adapter equals its solo run's."""
+    specs = [
+        trec("lora4", {"method": "lora", "r": 4}),
+        trec("lora16", {"method": "lora", "r": 16, "alpha": 8}, batch_size=4, grad_accum_steps=2),
+        trec("bitfit", {"method": "bitfit"}, batch_size=6, lr=0.002),
+        trec("bottleneck", {"method": "bottleneck"}, max_length=24, seed=9),
+    ]
+    doomed = trec("doomed", {"method": "lora", "r": 8}, lr=0.5)
+    packed = run_group(tmp_path, {"specs": [*specs, doomed], "join_at": {"3": 4}, "remove_at": {"4": 10}})
+    assert packed["peak"] == 5
+    solo = run_recipe(tmp_path, specs)
+    for spec, alone, together in zip(specs, solo, packed["members"]):
+        assert together["error"] is None
+        a, b = adapter_tensors(alone), adapter_tensors(together)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(b[key], a[key], rtol=1e-4, atol=5e-4), (spec["name"], key, (b[key] - a[key]).abs().max())
+        assert abs(accuracy(together) - accuracy(alone)) <= 0.002, spec["name"]
+        assert sorted(losses(together)) == sorted(losses(alone)) == list(range(1, 31))
+    doomed_out = packed["members"][4]
+    assert not doomed_out["adapters"] and max(losses(doomed_out)) == 10  # it left after step 10, registering nothing
+
+
+def test_a_packed_job_resumes_from_its_own_checkpoint_on_the_same_trajectory(tmp_path, tiny_bert_dir):
+    spec = trec("resumable", {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=8,
+                checkpoint_every_steps=4, lr=0.01)
+    neighbour = trec("neighbour", {"method": "bitfit"}, base=str(tiny_bert_dir), max_steps=8)
+    full = run_group(tmp_path, {"specs": [spec, neighbour]})["members"][0]
+    assert [step for step, _ in full["checkpoints"]] == [4]
+    (_, checkpoint), = full["checkpoints"]
+    resumed = run_group(tmp_path, {"specs": [spec], "resume": {"0": checkpoint}})["members"][0]
+    start = resumed["events"][0][1]
+    assert start["resumed"] and start["step"] == 4
+    assert sorted(losses(resumed)) == [5, 6, 7, 8]
+    for step, value in losses(resumed).items():
+        assert value == pytest.approx(losses(full)[step], rel=1e-5), step
+    a, b = adapter_tensors(full), adapter_tensors(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_member_whose_loss_is_not_finite_leaves_alone(tiny_bert_dir):
+    group = BaseGroup(str(tiny_bert_dir), "sequence-classification")
+    specs = [parse_job_spec(trec(n, {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=4))
+             for n in ("sick", "healthy")]
+    sick, healthy = (group.add(s, InMemoryReporter()) for s in specs)
+    with torch.no_grad():
+        next(p for n, p in sick.params.items() if "lora_B" in n).fill_(float("nan"))
+    left = group.step()
+    assert [(m.slot, type(e).__name__) for m, e in left] == [(sick.slot, "FloatingPointError")]
+    assert list(group.members.values()) == [healthy] and healthy.step == 1
+    assert all(torch.isfinite(p).all() for p in healthy.params.values())
+    while group.members:
+        group.step()
+    assert healthy.step == 4 and healthy.reporter.events[-1][0] == "finished"
+    assert not any(p.requires_grad for p in group.plain.parameters())  # the base stayed frozen throughout
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"packing": "off"}, "packing is off"),
+    ({"resources": {"num_workers": 2}}, "2 data-parallel workers"),
+    ({"deepspeed": {"zero_stage": 3}}, "ZeRO-3"),
+    ({"method": {"method": "lora", "dropout": 0.1}}, "LoRA dropout"),
+    ({"method": {"method": "prompt_tuning"}}, "prompt_tuning does not declare"),
+    ({"method": {"method": "lora", "modules_to_save": []}}, "task head frozen"),
+    ({"method": {"method": "bitfit"}}, None),
+    ({"method": {"method": "bottleneck"}}, None),
+    ({}, None),
+])
+def test_who_packs_and_why_not(change, why):
+    problem = packing_problem(parse_job_spec({**trec("who", {"method": "lora"}), **change}))
+    assert problem is None if why is None else why in problem
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from tests.conftest import save_tiny_bert
+
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
