@@ -165,7 +165,8 @@ def cmd_groups(client: Client, args) -> int:
         return 0
     rows = [{"name": g["name"], "base": g["base_model"][:19], "task": g["task"], "precision": g["precision"],
              "resources": f"{g['cpus']:g} CPU" + (f", {g['gpus']:g} GPU" if g["gpus"] else ""),
-             "members": f"{len(g['members'])}/{g['capacity']}" + (f" (+{len(g['waiting'])} waiting)" if g["waiting"] else ""),
+             "members": f"{len(g['members'])}/{g['capacity']}"
+             + (f" (+{len(g['waiting'])} waiting)" if g["waiting"] else ""),
              "jobs": " ".join(j[:8] for j in g["members"]) or "-", "idle_s": g["idle_s"], "base_mb": g["base_mb"]}
             for g in groups]
     print(render_table(rows, ["name", "base", "task", "precision", "resources", "members", "jobs", "idle_s", "base_mb"])

@@ -98,7 +98,8 @@ class RayTrainReporter:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint))
 
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
-        return register_job_adapter(self.store, self.spec, self.job_id, self.config["base_fingerprint"], folder, metrics)
+        fingerprint = self.config["base_fingerprint"]
+        return register_job_adapter(self.store, self.spec, self.job_id, fingerprint, folder, metrics)
 
     def finished(self, step: int, metrics: dict[str, float], adapter: str | None) -> None:
         ray.train.report({"step": step, **metrics, "adapter": adapter or ""})

@@ -192,7 +192,8 @@ class BaseGroup:
             row += p["input_ids"].shape[0]
         return self.placement.batch(batch), spans
 
-    def forward(self, members: list[Member], spans: list[tuple[int, int]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, members: list[Member], spans: list[tuple[int, int]],
+                batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits for a packed batch whose rows ``spans[i]`` belong to ``members[i]``."""
         self._install(members)
         slots = torch.cat([torch.full((b - a,), m.slot, dtype=torch.long) for m, (a, b) in zip(members, spans)])
@@ -252,7 +253,8 @@ class Member(Recipe):
             setattr(module, attr, nn.Parameter(getattr(module, attr).detach().to(torch.float32).clone()))
         group.plain.requires_grad_(False)  # apply marked the shell's (shared) frozen tensors; they stay frozen
         self.model = shell.train()
-        heads = task_head_names(shell) if self.method_config.modules_to_save is None else self.method_config.modules_to_save
+        heads = self.method_config.modules_to_save
+        heads = task_head_names(shell) if heads is None else heads
         self.heads = {name: _CastHead(shell.get_submodule(name)) for name in heads}
         self.params = {n: p for n, p in shell.named_parameters() if n in owned}
         self._delta_state = {n: p for n, p in self.params.items() if not any(n.startswith(h + ".") for h in heads)}
@@ -264,7 +266,8 @@ class Member(Recipe):
                         "total_parameters": sum(p.numel() for p in self.model.parameters())}
         self.optimizer = make_optimizer(params, lr=t.lr, weight_decay=t.weight_decay, offload=False)
         warmup = int(t.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.lr_schedule, warmup, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.lr_schedule, warmup, self.total_steps))
         resumed = False
         with self.reporter.checkpoint_to_resume() as folder:
             if folder is not None:
@@ -319,7 +322,8 @@ class Member(Recipe):
     # -- checkpoints: the job's tensors, its optimizer's and its schedule's state (never the base) ---
     def save_checkpoint(self, folder: str) -> None:
         names = list(self.params)
-        save_file({n: p.detach().contiguous() for n, p in self.params.items()}, os.path.join(folder, "adapter.safetensors"))
+        save_file({n: p.detach().contiguous() for n, p in self.params.items()},
+                  os.path.join(folder, "adapter.safetensors"))
         state = self.optimizer.state_dict()
         tensors = {f"{i}.{k}": v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
                    for i, entries in state["state"].items() for k, v in entries.items()}

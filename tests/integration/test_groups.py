@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import ray
 
 from jobs.states import JobState
 
 
 def _packed(tiny_spec, name: str, method: dict, **training) -> dict:
-    spec = tiny_spec(name=name, packing="auto", training={"batch_size": 8, "eval_size": 32, "max_length": 24, **training},
-                     dataset={"name": "trec", "train_size": 128})
+    training = {"batch_size": 8, "eval_size": 32, "max_length": 24, **training}
+    spec = tiny_spec(name=name, packing="auto", training=training, dataset={"name": "trec", "train_size": 128})
     return {**spec, "method": method}
 
 
