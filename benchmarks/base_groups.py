@@ -169,7 +169,7 @@ def child_packed(config: dict) -> dict:
     import torch
 
     from jobs.spec import parse_job_spec
-    from jobs.training.base_group import DEFAULT_CAPACITY, BaseGroup
+    from jobs.training.base_group import BaseGroup
     from jobs.training.reporter import InMemoryReporter
 
     torch.set_num_threads(config["threads"])
@@ -178,7 +178,7 @@ def child_packed(config: dict) -> dict:
     first = specs[0]
     group = BaseGroup(first.base_model, first.task, precision=first.deepspeed.precision,
                       device=torch.device("cuda", 0) if device == "cuda" else torch.device("cpu"),
-                      base_dropout=first.training.base_dropout, capacity=max(DEFAULT_CAPACITY, len(specs)))
+                      base_dropout=first.training.base_dropout, capacity=max(int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8")), len(specs)))
     reporters = [InMemoryReporter() for _ in specs]
     untimed = [0.0]  # seconds of the current group step spent evaluating, logging, writing adapters
     tokens = [0]
@@ -190,6 +190,19 @@ def child_packed(config: dict) -> dict:
                 return fn(*a, **k)
             finally:
                 untimed[0] += time.monotonic() - start
+        return wrapper
+
+    shimmed = [0]
+
+    def padded_labels(fn):
+        # Workaround, not a fix: the engine pads every member's inputs to the widest member but hands each
+        # member its own, narrower, causal-LM labels (a shape error when members' widths differ). Padding
+        # the labels with -100 (ignored) here is what the engine's own pack() table intends for labels.
+        def wrapper(logits, labels):
+            if labels.dim() == 2 and logits.dim() == 3 and labels.shape[1] < logits.shape[1]:
+                shimmed[0] += 1
+                labels = torch.nn.functional.pad(labels, (0, logits.shape[1] - labels.shape[1]), value=-100)
+            return fn(logits, labels)
         return wrapper
 
     def counted(fn):
@@ -204,6 +217,7 @@ def child_packed(config: dict) -> dict:
         member.next_micro = counted(member.next_micro)
         member.after_step = timed_out(member.after_step)
         member.finish = timed_out(member.finish)
+        member.loss = padded_labels(member.loss)
     _barrier(config)
     _reset_cuda_peak(device)
     steps, errors = [], []
@@ -218,7 +232,8 @@ def child_packed(config: dict) -> dict:
         # the untimed work is moved out of the step: the step's training ends that much earlier
         steps.append((start, end - untimed[0], tokens[0]))
     out = {"steps": [steps], "errors": errors, "losses": [[v for _, v in r.values("train_loss")] for r in reporters],
-           "threads": torch.get_num_threads(), "base_mb": group.base_bytes / 2**20, **_cuda_peaks(device)}
+           "threads": torch.get_num_threads(), "base_mb": group.base_bytes / 2**20, "label_pad_shim_used": shimmed[0],
+           **_cuda_peaks(device)}
     _drop_kept(reporters)
     return out
 
@@ -397,7 +412,8 @@ def _fail(label: str, procs) -> None:
             p.kill()
     tails = []
     for _, out, log, _ in procs:
-        log.flush()
+        if not log.closed:
+            log.flush()
         text = Path(log.name).read_text()[-3000:]
         tails.append(f"--- {log.name}\n{text}")
     raise RuntimeError(f"{label} failed:\n" + "\n".join(tails))

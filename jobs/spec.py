@@ -263,6 +263,11 @@ def _build_job_spec() -> type[BaseModel]:
         task_name: str | None = Field(
             default=None, description="Groups adapters for promotion (default: dataset name)."
         )
+        priority: int = Field(
+            default=0, ge=-100, le=100,
+            description="Higher first: in a full base group, a waiting job with a higher priority pauses the "
+            "lowest-priority member at its next step boundary (checkpointed; it waits QUEUED and resumes later).",
+        )
         packing: Literal["auto", "off"] = Field(
             default="auto",
             description="auto: train in a base group (one resident frozen base shared with other jobs, see "

@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from itertools import chain
 from types import SimpleNamespace
@@ -50,7 +51,10 @@ from peft_methods.mixed_module import MixedModule, RowRouter
 from peft_methods.row_deltas import RowDelta
 from peft_methods.targeting import replace_module, task_head_names
 
-DEFAULT_CAPACITY = int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8"))
+
+def default_capacity() -> int:
+    """Members a group trains at once (``PEFTFLEET_GROUP_MAX_MEMBERS``, default 8); more wait."""
+    return int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8"))
 
 
 def packing_problem(spec: JobSpec, *, init_checkpoint: str | None = None) -> str | None:  # type: ignore[valid-type]
@@ -113,8 +117,8 @@ class BaseGroup:
     """One resident frozen base and the jobs training on it (see the module docstring)."""
 
     def __init__(self, base_model: str, task: str, *, precision: str = "fp32", device: torch.device | None = None,
-                 home: str | None = None, base_dropout: float | None = None, capacity: int = DEFAULT_CAPACITY):
-        self.task, self.capacity = task, capacity
+                 home: str | None = None, base_dropout: float | None = None, capacity: int | None = None):
+        self.task, self.capacity = task, capacity or default_capacity()
         self.placement = Placement.for_job(precision, device)
         self.plain, self.tokenizer = load_base_model(
             base_model, task, num_labels=2 if task == "sequence-classification" else None, home=home,
@@ -123,7 +127,7 @@ class BaseGroup:
         set_base_dropout(self.plain, base_dropout)
         self.plain.requires_grad_(False)
         self.model = structural_copy(self.plain).train()  # the tree that runs: MixedModules go in here
-        self.router = RowRouter(base_slot=capacity)
+        self.router = RowRouter(base_slot=self.capacity)
         self.mixed: dict[str, MixedModule] = {}
         self.members: dict[int, Member] = {}
 
@@ -275,6 +279,20 @@ class Member(Recipe):
                 self._say(f"resumed from checkpoint at step {self.step}")
         self.reporter.started(step=self.step, total_steps=self.total_steps, resumed=resumed,
                               summary={"total_steps": self.total_steps, "world_size": 1, **self.summary})
+
+    @property
+    def at_boundary(self) -> bool:
+        """Between two optimizer steps (no micro-batch of the next one trained yet): it can leave and
+        resume from a checkpoint without losing anything."""
+        return not self._pending and not self._losses
+
+    def pause(self) -> str:
+        """Checkpoint it now (at a boundary) through its reporter, to resume later; the folder it persisted."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_checkpoint(folder)
+            self.reporter.progress(self.step, {}, checkpoint=folder)
+        self.reporter.metrics(self.step, {"checkpoint_step": self.step})
+        return f"step {self.step}"
 
     # -- what the group asks of it each step -------------------------------------------------------
     def next_micro(self) -> dict[str, torch.Tensor]:

@@ -4,8 +4,10 @@
 The actor reserves its resources like any job's workers (its CPUs, its GPU), so solo jobs and groups
 queue against one another in Ray's scheduler. Its training loop runs in a thread of its own; a job's
 runner calls :meth:`BaseGroupActor.train`, which queues the join and blocks until the job leaves the
-group (finished, failed, cancelled). Joins and leaves take effect between steps. A member leaves
-when its job is cancelled in the store (polled every second) or its runner asks. A group with no
+group (finished, failed, cancelled). Joins and leaves take effect between steps, waiting jobs join
+highest ``priority`` first, and a full group pauses its lowest-priority member (checkpointed, back to
+QUEUED) for a waiting job of higher priority. A member leaves when its job is cancelled in the store
+(polled every second) or its runner asks. A group with no
 members for ``PEFTFLEET_GROUP_IDLE_S`` seconds (default 300) ends itself; a step that fails for the
 group as a whole (not one member's rows) ends it too, and its jobs' runners retry them elsewhere.
 """
@@ -63,6 +65,7 @@ class BaseGroupActor:
         self._leaves: dict[str, str] = {}
         self._waiters: dict[str, tuple[threading.Event, dict[str, Any]]] = {}
         self._members: dict[str, Member] = {}
+        self._configs: dict[str, dict[str, Any]] = {}  # each member's join request, to rejoin after a pause
         self._closing: str | None = None
         self._idle_since = time.monotonic()
         self._steps = 0
@@ -134,19 +137,26 @@ class BaseGroupActor:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _membership(self) -> None:
-        """Queued leaves, then queued joins (as long as there is room), between two steps."""
+        """Between two steps: queued leaves; then, highest priority first, queued joins as long as there is
+        room (a full group pauses a lower-priority member for a waiting job)."""
         with self._lock:
             leaves, self._leaves = self._leaves, {}
-            room = self.group.capacity - len(self._members)
-            joins, self._joins = self._joins[:room], self._joins[room:]
+            waiting = [join for join in self._joins if join[0] in leaves]
+            self._joins = [join for join in self._joins if join[0] not in leaves]
         for job_id, reason in leaves.items():
             member = self._members.get(job_id)
             if member is not None:
                 self.group.remove(member)
+            if member is not None or any(j == job_id for j, _ in waiting):
                 self._finish(job_id, {"state": "CANCELLED", "error": reason})
-            elif any(j == job_id for j, _ in joins):
-                joins = [(j, c) for j, c in joins if j != job_id]
-                self._finish(job_id, {"state": "CANCELLED", "error": reason})
+        with self._lock:
+            self._joins.sort(key=lambda join: -_priority(join[1]))  # stable: first come first within a priority
+            best = _priority(self._joins[0][1]) if self._joins else None
+        if best is not None and len(self._members) >= self.group.capacity:
+            self._preempt(best)
+        with self._lock:
+            room = self.group.capacity - len(self._members)
+            joins, self._joins = self._joins[:room], self._joins[room:]
         for job_id, config in joins:
             try:
                 self._members[job_id] = self._join(job_id, config)
@@ -154,7 +164,28 @@ class BaseGroupActor:
                 self._finish(job_id, {"state": "FAILED", "error": f"{type(e).__name__}: {e}",
                                       "traceback": traceback.format_exc()})
 
+    def _preempt(self, priority: int) -> None:
+        """Pause the lowest-priority member below ``priority`` (the latest joined among equals) once it is
+        at a step boundary: checkpointed, RUNNING → RETRYING → QUEUED, back in the queue with its runner
+        still waiting; it resumes from that checkpoint when there is room for it."""
+        candidates = [(j, m) for j, m in self._members.items() if _priority(self._configs[j]) < priority]
+        if not candidates:
+            return
+        job_id, member = min(reversed(candidates), key=lambda c: _priority(self._configs[c[0]]))
+        if not member.at_boundary:
+            return  # mid-accumulation: next step
+        where = member.pause()
+        self.group.remove(member)
+        del self._members[job_id]
+        mine = _priority(self._configs[job_id])
+        self.store.transition(job_id, JobState.RETRYING, reason=f"paused in base group {self.name} for a job of "
+                              f"priority {priority} (its own: {mine}); checkpointed at {where}")
+        self.store.transition(job_id, JobState.QUEUED, reason=f"waiting for room in base group {self.name}")
+        with self._lock:
+            self._joins.append((job_id, self._configs[job_id]))
+
     def _join(self, job_id: str, config: dict[str, Any]) -> Member:
+        self._configs[job_id] = config
         spec = parse_job_spec(config["spec"])
         fingerprint = config["base_fingerprint"]
         reporter = GroupReporter(self.store, job_id, spec, fingerprint, self.name)
@@ -175,6 +206,7 @@ class BaseGroupActor:
 
     def _finish(self, job_id: str, result: dict[str, Any]) -> None:
         self._members.pop(job_id, None)
+        self._configs.pop(job_id, None)
         with self._lock:
             event, box = self._waiters.pop(job_id, (threading.Event(), {}))
             if not self._members and not self._joins:
@@ -188,3 +220,7 @@ class BaseGroupActor:
             state = self.store.get(job_id).state
             if state is not JobState.RUNNING:
                 self.leave(job_id, f"the job is {state.value} in the store")
+
+
+def _priority(config: dict[str, Any]) -> int:
+    return int(config["spec"].get("priority", 0))

@@ -71,3 +71,27 @@ def test_a_job_survives_its_group_dying_and_resumes_from_its_own_checkpoint(clie
     resumed = handle.metrics("resumed_from_step")
     assert resumed and resumed[0].value >= 4 and resumed[0].value % 4 == 0
     assert handle.record().runtime["base_group"] == name  # the new group took the name: one per key at a time
+
+
+def test_a_higher_priority_job_pauses_the_lowest_member_of_a_full_group(client, tiny_spec, monkeypatch):
+    monkeypatch.setenv("PEFTFLEET_GROUP_MAX_MEMBERS", "2")  # read by the group the runners start
+    low = [client.submit({**_packed(tiny_spec, f"g-low{i}", {"method": "lora", "r": 4}, epochs=30,
+                                    checkpoint_every_steps=4, eval_every_steps=1000), "priority": -1})
+           for i in range(2)]
+    _wait_running(client, low)
+    urgent = client.submit({**_packed(tiny_spec, "g-urgent", {"method": "bitfit"}, max_steps=6), "priority": 5})
+    assert urgent.wait(timeout=600).state is JobState.SUCCEEDED, urgent.record().error
+    records = [h.wait(timeout=900) for h in low]
+    assert all(r.state is JobState.SUCCEEDED for r in records), [r.error for r in records]
+    paused = [h for h in low if JobState.RETRYING in [e.to_state for e in client.store.events(h.id)]]
+    assert len(paused) == 1, [[e.to_state for e in client.store.events(h.id)] for h in low]
+    events = client.store.events(paused[0].id)
+    states = [e.to_state for e in events]
+    assert states[states.index(JobState.RETRYING) + 1] is JobState.QUEUED and states.count(JobState.RUNNING) == 2
+    assert "for a job of priority 5" in next(e.reason for e in events if e.to_state is JobState.RETRYING)
+    checkpointed = paused[0].metrics("resumed_from_step")
+    assert checkpointed and checkpointed[0].value > 0  # it resumed where it paused, not from scratch
+    # The urgent job started while the paused one waited: it ran before the paused one came back.
+    urgent_start = next(e.at for e in client.store.events(urgent.id) if e.to_state is JobState.RUNNING)
+    back = [e.at for e in events if e.to_state is JobState.RUNNING][1]
+    assert urgent_start <= back
