@@ -145,8 +145,10 @@ def child_solo(config: dict) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1)
+    # what a launcher (Ray Train, torchrun) sets for a one-rank worker; DeepSpeed asks for LOCAL_RANK
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"})
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method="env://", rank=0, world_size=1)
     reporter = InMemoryReporter()
     recipe = TimedRecipe(parse_job_spec(config["spec"]), reporter,
                          metadata={"base_fingerprint": "sha256:bench", "job_id": config["spec"]["name"]})
@@ -582,7 +584,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--jobs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="steps per job (default 12, --quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per job (default 12, --quick 3)")
     parser.add_argument("--quick", action="store_true", help="few steps: check every part runs (~6 min on 2 CPUs)")
     parser.add_argument("--skip-latency", action="store_true", help="leave out the Ray part")
     parser.add_argument("--out", default="base_groups", help="results file name under benchmarks/results/")
@@ -593,8 +595,8 @@ def main() -> None:
         result = CHILDREN[kind](json.loads(Path(cfg).read_text()))
         Path(out).write_text(json.dumps(result))
         return
-    args.steps = args.steps or (4 if args.quick else 12)
-    args.steps_8 = 3 if args.quick else 6
+    args.steps = args.steps or (3 if args.quick else 12)
+    args.steps_8 = 2 if args.quick else 6
     if args.steps <= SKIP:
         parser.error(f"--steps must be more than {SKIP}")
     command = "python benchmarks/base_groups.py " + " ".join(sys.argv[1:])

@@ -122,9 +122,9 @@ class PeftMethod:
 
     def packing_problem(self, config: MethodConfig) -> str | None:
         """Why a job with ``config`` cannot train packed with other jobs on one resident base (None: it
-        can). Packing trains an adapter through its :meth:`row_deltas`, so a method packs when those
-        deltas, built from its trainable tensors, compute exactly its training forward (no dropout of
-        its own, no regulariser, no training-only machinery)."""
+        can). Packing trains an adapter through its :meth:`row_deltas`, built from its
+        :meth:`training_state`, so a method packs when those deltas compute exactly its training forward
+        (no dropout of its own, no regulariser, no training-only machinery)."""
         return f"{self.name} does not declare that its training forward equals its per-row deltas"
 
     def adapter_config(self, model: nn.Module, config: MethodConfig) -> dict[str, Any]:
@@ -184,8 +184,14 @@ class PeftMethod:
     # re-parametrisations, HF PEFT's own tensor names) overrides these four.
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors an adapter file holds, keyed by parameter name, detached."""
+        return {k: t.detach() for k, t in self.training_state(model).items()}
+
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as :meth:`adapter_state_dict` keys them, but live: what a base group
+        builds per-row deltas from while training, so gradients reach the trainable parameters. A method
+        that renames its tensors, or saves one computed from its parameters, overrides this."""
         names = self.trainable_parameter_names(model)
-        return {n: p.detach() for n, p in model.named_parameters() if n in names}
+        return {n: p for n, p in model.named_parameters() if n in names}
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Copy ``state`` into an applied model; keys must match ``adapter_state_dict`` exactly."""

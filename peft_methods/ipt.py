@@ -170,16 +170,18 @@ class IPT(PeftMethod):
     def is_adapter_parameter(self, name: str, config: MethodConfig) -> bool:
         return name in (f"{_ATTR}.intrinsic", f"{_ATTR}.weight")
 
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = super().adapter_state_dict(model)
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = super().training_state(model)
         module = getattr(model, _ATTR)
         if isinstance(module, IntrinsicPrompt):
             state.pop(f"{_ATTR}.intrinsic")
-            with torch.no_grad():
-                prompt = module.prompt()
+            prompt = module.prompt()  # decoded from z: the gradient reaches z through the frozen decoder
         else:
             prompt = state.pop(f"{_ATTR}.weight")
-        return {PROMPT_KEY: prompt.detach(), VECTOR_KEY: module.intrinsic.detach(), **state}
+        return {PROMPT_KEY: prompt, VECTOR_KEY: module.intrinsic, **state}
+
+    def packing_problem(self, config: IPTConfig) -> str | None:
+        return None
 
     def loading_config(self, config: IPTConfig, state: dict[str, torch.Tensor]) -> IPTConfig:
         prompt, z = state.get(PROMPT_KEY), state.get(VECTOR_KEY)

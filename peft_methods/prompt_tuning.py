@@ -104,9 +104,12 @@ class PromptTuning(PeftMethod):
         return [Prompt(state[PROMPT_KEY])]
 
     # -- HF PEFT's layout: `prompt_embeddings` (num_virtual_tokens, hidden) plus the task head --
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = super().adapter_state_dict(model)
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = super().training_state(model)
         return {PROMPT_KEY: state.pop(f"{_ATTR}.weight"), **state}
+
+    def packing_problem(self, config: PromptTuningConfig) -> str | None:
+        return None
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         weight = getattr(model, _ATTR).weight

@@ -64,6 +64,21 @@ def save_tiny_bert(folder: Path) -> Path:
     return folder
 
 
+def save_tiny_llama(folder: Path) -> Path:
+    """A 2-layer LLaMA-like decoder with SmolLM2's tokenizer, saved as a model folder jobs can name."""
+    from jobs.base_models import resolve_base_model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_base_model("smollm2"))
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True,
+                                   architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_llama() -> nn.Module:
     cfg = transformers.LlamaConfig(
         vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

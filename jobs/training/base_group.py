@@ -48,7 +48,7 @@ from jobs.training.devices import Placement, make_optimizer
 from jobs.training.recipe import STEP_FILE, Recipe, evaluate, lr_lambda
 from jobs.training.reporter import Reporter
 from peft_methods.mixed_module import MixedModule, RowRouter
-from peft_methods.row_deltas import RowDelta
+from peft_methods.row_deltas import InputDelta, RowDelta
 from peft_methods.targeting import replace_module, task_head_names
 
 
@@ -198,24 +198,59 @@ class BaseGroup:
 
     def forward(self, members: list[Member], spans: list[tuple[int, int]],
                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits for a packed batch whose rows ``spans[i]`` belong to ``members[i]``."""
-        self._install(members)
+        """Logits for a packed batch whose rows ``spans[i]`` belong to ``members[i]`` (for a member with a
+        soft prompt, its rows' logits without the prompt's positions, as its own model returns them)."""
+        prompts = self._install(members)
         slots = torch.cat([torch.full((b - a,), m.slot, dtype=torch.long) for m, (a, b) in zip(members, spans)])
         self.router.set(slots.to(self.placement.device, non_blocking=True))
         try:
-            return self.model(**batch).logits
+            if not prompts:
+                return self.model(**batch).logits
+            width = batch["input_ids"].shape[1]
+            logits = self.model(**self._with_prompts(members, spans, batch, prompts)).logits
         finally:
             self.router.set(None)
+        if logits.dim() == 2:  # one row of logits per sequence (a classifier)
+            return logits
+        starts = [prompts[m.slot].shape[0] if m.slot in prompts else 0 for m in members]
+        return torch.cat([logits[a:b, n : n + width] for (a, b), n in zip(spans, starts)])
 
-    def _install(self, members: list[Member]) -> None:
-        """Rebuild every wrapped module's deltas and heads from the members' live tensors."""
+    def _install(self, members: list[Member]) -> dict[int, torch.Tensor]:
+        """Rebuild every wrapped module's deltas and heads from the members' live tensors; returns the soft
+        prompts (virtual-token embeddings) of members that have one, by slot."""
         for module in self.mixed.values():
             module.clear()
+        prompts: dict[int, torch.Tensor] = {}
         for member in members:
             for delta in member.deltas():
-                self._mixed(delta.module).add(member.slot, delta)
+                if isinstance(delta, InputDelta):
+                    if delta.keys_values(self.plain.config) is not None:
+                        raise NotImplementedError("key/value prefixes do not pack in training yet")
+                    prompts[member.slot] = delta.embeddings()
+                else:
+                    self._mixed(delta.module).add(member.slot, delta)
             for name, head in member.heads.items():
                 self._mixed(name).set_head(member.slot, head)
+        return prompts
+
+    def _with_prompts(self, members: list[Member], spans: list[tuple[int, int]], batch: dict[str, torch.Tensor],
+                      prompts: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The packed batch as input embeddings with each member's prompt in front of its rows' tokens (and
+        its positions unmasked), padded on the right: each row laid out as its own model lays it out."""
+        embeds = self.model.get_input_embeddings()(batch["input_ids"])
+        longest = max(p.shape[0] for p in prompts.values())
+        rows: dict[str, list[torch.Tensor]] = {"inputs_embeds": [], "attention_mask": [], "token_type_ids": []}
+        for member, (a, b) in zip(members, spans):
+            prompt = prompts.get(member.slot)
+            n = 0 if prompt is None else prompt.shape[0]
+            own = embeds[a:b]
+            if n:
+                own = torch.cat([prompt.to(embeds.dtype).expand(b - a, n, -1), own], dim=1)
+            rows["inputs_embeds"].append(F.pad(own, (0, 0, 0, longest - n)))
+            rows["attention_mask"].append(F.pad(F.pad(batch["attention_mask"][a:b], (n, 0), value=1), (0, longest - n)))
+            if "token_type_ids" in batch:
+                rows["token_type_ids"].append(F.pad(batch["token_type_ids"][a:b], (n, longest - n)))
+        return {k: torch.cat(v) for k, v in rows.items() if v}
 
     def _mixed(self, name: str) -> MixedModule:
         module = self.mixed.get(name)
@@ -261,7 +296,6 @@ class Member(Recipe):
         heads = task_head_names(shell) if heads is None else heads
         self.heads = {name: _CastHead(shell.get_submodule(name)) for name in heads}
         self.params = {n: p for n, p in shell.named_parameters() if n in owned}
-        self._delta_state = {n: p for n, p in self.params.items() if not any(n.startswith(h + ".") for h in heads)}
 
     def setup_optimizer(self) -> None:
         t = self.spec.training
@@ -300,15 +334,19 @@ class Member(Recipe):
             self._pending = self.micro_batches(self.step)
         return self._pending.pop(0)
 
-    def deltas(self) -> list[RowDelta]:
-        return self.method.row_deltas(self.group.plain, self.method_config, self._delta_state)
+    def deltas(self) -> list[RowDelta | InputDelta]:
+        """Its adapter as per-row deltas of the plain base, built from its live tensors (so differentiable)."""
+        heads = tuple(name + "." for name in self.heads)
+        state = {k: t for k, t in self.method.training_state(self.model).items() if not k.startswith(heads)}
+        return self.method.row_deltas(self.group.plain, self.method_config, state)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This job's loss over its own rows, as its model's own loss would compute it."""
         labels = labels.to(logits.device, non_blocking=True)
         if self.labels:
             return F.cross_entropy(logits[:, : len(self.labels)].float(), labels)
-        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        # its rows were padded to the batch's width: nothing to predict there
+        shifted = F.pad(labels, (0, logits.shape[1] - labels.shape[1] + 1), value=-100)[:, 1:]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
 
     def micro_done(self, loss: torch.Tensor) -> bool:

@@ -73,6 +73,39 @@ def test_four_methods_packed_on_minilm_train_what_each_trains_alone(tmp_path):
     assert not doomed_out["adapters"] and max(losses(doomed_out)) == 10  # it left after step 10, registering nothing
 
 
+def test_soft_prompts_pack_beside_weight_deltas_for_classifiers_and_decoders(tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """Prompt tuning and IPT (virtual tokens in front of their rows only) with LoRA and BitFit, on an encoder
+    classifier and on a decoder learning responses (SFT, each row padded to the batch's width)."""
+    def job(base: Path, task: str, name: str, method: dict, **training) -> dict:
+        return {"name": name, "base_model": str(base), "task": task, "method": method,
+                "dataset": {"name": "trec" if task == "sequence-classification" else "chatterbot_qa", "train_size": 64},
+                "training": {"max_steps": 4, "batch_size": 8, "lr": 0.01, "eval_size": 8, "max_length": 40, "seed": 3,
+                             **training}}
+    cls, lm = "sequence-classification", "causal-lm"
+    specs = [
+        job(tiny_bert_dir, cls, "c-prompt", {"method": "prompt_tuning", "num_virtual_tokens": 4}, batch_size=4),
+        job(tiny_bert_dir, cls, "c-ipt", {"method": "ipt", "intrinsic_dim": 6, "num_virtual_tokens": 3},
+            grad_accum_steps=2),
+        job(tiny_bert_dir, cls, "c-lora", {"method": "lora", "r": 4}),
+        job(tiny_llama_dir, lm, "d-lora", {"method": "lora", "r": 4}, max_length=96),
+        job(tiny_llama_dir, lm, "d-prompt", {"method": "prompt_tuning", "num_virtual_tokens": 5}, batch_size=4,
+            max_length=96),
+        job(tiny_llama_dir, lm, "d-bitfit", {"method": "bitfit"}, max_length=80),
+    ]
+    solo = run_recipe(tmp_path, specs)
+    for group in (specs[:3], specs[3:]):
+        packed = run_group(tmp_path, {"specs": group})["members"]
+        for spec, together in zip(group, packed):
+            alone = solo[specs.index(spec)]
+            a, b = adapter_tensors(alone), adapter_tensors(together)
+            assert together["error"] is None and a.keys() == b.keys()
+            for key in a:
+                assert torch.allclose(b[key], a[key], rtol=1e-4, atol=5e-4), (spec["name"], key)
+            (_, mine), = together["adapters"]
+            (_, theirs), = alone["adapters"]
+            assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-4), spec["name"]
+
+
 def test_a_packed_job_resumes_from_its_own_checkpoint_on_the_same_trajectory(tmp_path, tiny_bert_dir):
     spec = trec("resumable", {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=8,
                 checkpoint_every_steps=4, lr=0.01)
@@ -112,7 +145,9 @@ def test_a_member_whose_loss_is_not_finite_leaves_alone(tiny_bert_dir):
     ({"resources": {"num_workers": 2}}, "2 data-parallel workers"),
     ({"deepspeed": {"zero_stage": 3}}, "ZeRO-3"),
     ({"method": {"method": "lora", "dropout": 0.1}}, "LoRA dropout"),
-    ({"method": {"method": "prompt_tuning"}}, "prompt_tuning does not declare"),
+    ({"method": {"method": "prefix_tuning"}}, "prefix_tuning does not declare"),
+    ({"method": {"method": "far"}}, "far does not declare"),
+    ({"method": {"method": "prompt_tuning"}}, None),
     ({"method": {"method": "lora", "modules_to_save": []}}, "task head frozen"),
     ({"method": {"method": "bitfit"}}, None),
     ({"method": {"method": "bottleneck"}}, None),
@@ -128,3 +163,10 @@ def tiny_bert_dir(tmp_path_factory):
     from tests.conftest import save_tiny_bert
 
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from tests.conftest import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
