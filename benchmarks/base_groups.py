@@ -139,7 +139,8 @@ def child_solo(config: dict) -> dict:
             start = time.monotonic()
             loss = super().train_step(micro)
             loss.item()  # the step is done (the packed path waits for its losses every step too)
-            steps.append((start, time.monotonic(), sum(_tokens(b) for b in micro)))
+            steps.append((start, time.monotonic(), sum(_tokens(b) for b in micro),
+                          sum(b["input_ids"].numel() for b in micro)))
             return loss
 
     with socket.socket() as s:
@@ -183,7 +184,7 @@ def child_packed(config: dict) -> dict:
                       base_dropout=first.training.base_dropout, capacity=max(int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8")), len(specs)))
     reporters = [InMemoryReporter() for _ in specs]
     untimed = [0.0]  # seconds of the current group step spent evaluating, logging, writing adapters
-    tokens = [0]
+    tokens, shapes = [0], []  # this step's non-padding tokens; each member's (rows, width)
 
     def timed_out(fn):
         def wrapper(*a, **k):
@@ -211,6 +212,7 @@ def child_packed(config: dict) -> dict:
         def wrapper():
             batch = fn()
             tokens[0] += _tokens(batch)
+            shapes.append(tuple(batch["input_ids"].shape))
             return batch
         return wrapper
 
@@ -225,6 +227,7 @@ def child_packed(config: dict) -> dict:
     steps, errors = [], []
     while group.members:
         untimed[0], tokens[0] = 0.0, 0
+        shapes.clear()
         _sync(device)
         start = time.monotonic()
         left = group.step()
@@ -232,7 +235,8 @@ def child_packed(config: dict) -> dict:
         end = time.monotonic()
         errors += [f"{type(e).__name__}: {e}" for _, e in left if e is not None]
         # the untimed work is moved out of the step: the step's training ends that much earlier
-        steps.append((start, end - untimed[0], tokens[0]))
+        # positions computed: every member's rows at the widest member's width (the group pads to it)
+        steps.append((start, end - untimed[0], tokens[0], sum(r for r, _ in shapes) * max(w for _, w in shapes)))
     out = {"steps": [steps], "errors": errors, "losses": [[v for _, v in r.values("train_loss")] for r in reporters],
            "threads": torch.get_num_threads(), "base_mb": group.base_bytes / 2**20, "label_pad_shim_used": shimmed[0],
            **_cuda_peaks(device)}
@@ -353,6 +357,7 @@ class Sampler(threading.Thread):
     def peaks(self) -> dict:
         training = [s for s in self.samples if s["training"]] or self.samples
         return {"peak_pss_mb": max(s["pss_mb"] for s in training), "peak_uss_mb": max(s["uss_mb"] for s in training),
+                "pss_at_start_of_training_mb": training[0]["pss_mb"],
                 "peak_pss_mb_incl_loading": max(s["pss_mb"] for s in self.samples),
                 "samples_while_training": sum(s["training"] for s in self.samples)}
 
@@ -427,14 +432,15 @@ def steady_rate(steps_per_process: list[list], *, concurrent: bool) -> dict:
     steady = [s[SKIP:] for s in steps_per_process]
     if any(not s for s in steady):
         raise ValueError(f"throughput needs more than {SKIP} steps per job")
-    tokens = sum(t for s in steady for _, _, t in s)
-    busy = sum(b - a for s in steady for a, b, _ in s)
+    tokens = sum(step[2] for s in steady for step in s)
+    positions = sum(step[3] for s in steady for step in s)
+    busy = sum(step[1] - step[0] for s in steady for step in s)
     if concurrent:
-        span = max(b for s in steady for _, b, _ in s) - min(a for s in steady for a, _, _ in s)
+        span = max(step[1] for s in steady for step in s) - min(step[0] for s in steady for step in s)
     else:
         span = sum(s[-1][1] - s[0][0] for s in steady)
-    return {"tokens": tokens, "seconds": span, "tokens_per_s": tokens / span, "busy_seconds": busy,
-            "steps_timed": sum(len(s) for s in steady)}
+    return {"tokens": tokens, "positions": positions, "padding_share": 1 - tokens / positions, "seconds": span,
+            "tokens_per_s": tokens / span, "busy_seconds": busy, "steps_timed": sum(len(s) for s in steady)}
 
 
 def latency_run(args, work: Path) -> dict:
@@ -542,6 +548,14 @@ def report(args, rows: dict, info: dict, command: str, minutes: float) -> str:
     if vs == "missed":
         notes.append("- vs sequential solo missed: one process with every thread on short sequences already keeps "
                      "the cores busy; packing adds the per-step delta rebuild and padding to the widest member.")
+    notes.append(f"- padding: {t['packed']['padding_share']:.0%} of the positions the packed steps computed were "
+                 f"padding (every member padded to the widest member), vs {t['solo_sequential']['padding_share']:.0%} "
+                 "for the solo jobs (each padded to its own widest row).")
+    grow = [(f"packed ×{n}", packed), *([("packed ×8", packed8)] if packed8 is not None and n != 8 else []),
+            ("solo ×1", solo1), (f"solo ×{n} at once", soloN)]
+    notes.append("- PSS at the start of training → peak while training: " + "; ".join(
+        f"{what} {r['pss_at_start_of_training_mb']:.0f} → {r['peak_pss_mb']:.0f} MB" for what, r in grow)
+        + " (the growth is activations, gradients and optimizer state).")
     if args.quick:
         notes.append(f"- --quick: {args.steps} steps per job, {args.steps - SKIP} of them timed; the numbers are "
                      "noisy — a smoke test of the benchmark, not a measurement.")
@@ -628,7 +642,8 @@ def main() -> None:
         if not args.skip_latency:
             rows["latency"] = latency_run(args, work)
     first = dict(sequential[0])
-    for key in ("peak_pss_mb", "peak_uss_mb", "peak_pss_mb_incl_loading", "cuda_max_allocated_mb"):
+    for key in ("peak_pss_mb", "peak_uss_mb", "peak_pss_mb_incl_loading", "pss_at_start_of_training_mb",
+                "cuda_max_allocated_mb"):
         if key in first:
             first[key] = statistics.median(r[key] for r in sequential)
     rows["solo_sequential_first"] = first

@@ -177,11 +177,14 @@ class FAR(PeftMethod):
             for _, layer in group:
                 layer.select(rows.to(layer.far_rows.device))
 
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The trainable rows, the heads, and which rows of each projection they replace."""
-        state = super().adapter_state_dict(model)
-        state.update({name + _ROWS: layer.far_rows.detach() for name, layer in _far_layers(model)})
+        state = super().training_state(model)
+        state.update({name + _ROWS: layer.far_rows for name, layer in _far_layers(model)})
         return state
+
+    def packing_problem(self, config: FARConfig) -> str | None:
+        return None  # its units are picked (prime) on the job's own shell of the base, from its own batches
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         layers = dict(_far_layers(model))

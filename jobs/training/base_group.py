@@ -441,3 +441,5 @@ def _fresh_heads(model: nn.Module, num_labels: int) -> None:
             replace_module(head, last, new)
         replace_module(model, name, head)
     model.config.num_labels = num_labels
+    if hasattr(model, "num_labels"):  # what its own loss reads (a method's prime runs the shell's forward)
+        model.num_labels = num_labels

@@ -73,9 +73,10 @@ def test_four_methods_packed_on_minilm_train_what_each_trains_alone(tmp_path):
     assert not doomed_out["adapters"] and max(losses(doomed_out)) == 10  # it left after step 10, registering nothing
 
 
-def test_soft_prompts_pack_beside_weight_deltas_for_classifiers_and_decoders(tmp_path, tiny_bert_dir, tiny_llama_dir):
-    """Prompt tuning and IPT (virtual tokens in front of their rows only) with LoRA and BitFit, on an encoder
-    classifier and on a decoder learning responses (SFT, each row padded to the batch's width)."""
+def test_soft_prompts_and_far_pack_beside_weight_deltas_for_classifiers_and_decoders(tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """Prompt tuning and IPT (virtual tokens in front of their rows only) and FAR (units picked from the
+    job's own batches) on an encoder classifier; LoRA, prompt tuning and BitFit on a decoder learning
+    responses (SFT, each row padded to the batch's width)."""
     def job(base: Path, task: str, name: str, method: dict, **training) -> dict:
         return {"name": name, "base_model": str(base), "task": task, "method": method,
                 "dataset": {"name": "trec" if task == "sequence-classification" else "chatterbot_qa", "train_size": 64},
@@ -86,14 +87,14 @@ def test_soft_prompts_pack_beside_weight_deltas_for_classifiers_and_decoders(tmp
         job(tiny_bert_dir, cls, "c-prompt", {"method": "prompt_tuning", "num_virtual_tokens": 4}, batch_size=4),
         job(tiny_bert_dir, cls, "c-ipt", {"method": "ipt", "intrinsic_dim": 6, "num_virtual_tokens": 3},
             grad_accum_steps=2),
-        job(tiny_bert_dir, cls, "c-lora", {"method": "lora", "r": 4}),
+        job(tiny_bert_dir, cls, "c-far", {"method": "far", "fraction": 0.2}),  # units picked from its own data
         job(tiny_llama_dir, lm, "d-lora", {"method": "lora", "r": 4}, max_length=96),
         job(tiny_llama_dir, lm, "d-prompt", {"method": "prompt_tuning", "num_virtual_tokens": 5}, batch_size=4,
             max_length=96),
         job(tiny_llama_dir, lm, "d-bitfit", {"method": "bitfit"}, max_length=80),
     ]
     solo = run_recipe(tmp_path, specs)
-    for group in (specs[:3], specs[3:]):
+    for group in (specs[:3], specs[3:]):  # (FAR's chosen units are saved with it: they are compared too)
         packed = run_group(tmp_path, {"specs": group})["members"]
         for spec, together in zip(group, packed):
             alone = solo[specs.index(spec)]
@@ -146,7 +147,8 @@ def test_a_member_whose_loss_is_not_finite_leaves_alone(tiny_bert_dir):
     ({"deepspeed": {"zero_stage": 3}}, "ZeRO-3"),
     ({"method": {"method": "lora", "dropout": 0.1}}, "LoRA dropout"),
     ({"method": {"method": "prefix_tuning"}}, "prefix_tuning does not declare"),
-    ({"method": {"method": "far"}}, "far does not declare"),
+    ({"method": {"method": "adamix"}}, "adamix does not declare"),
+    ({"method": {"method": "far"}}, None),
     ({"method": {"method": "prompt_tuning"}}, None),
     ({"method": {"method": "lora", "modules_to_save": []}}, "task head frozen"),
     ({"method": {"method": "bitfit"}}, None),
