@@ -73,7 +73,8 @@ def test_four_methods_packed_on_minilm_train_what_each_trains_alone(tmp_path):
     assert not doomed_out["adapters"] and max(losses(doomed_out)) == 10  # it left after step 10, registering nothing
 
 
-def test_soft_prompts_and_far_pack_beside_weight_deltas_for_classifiers_and_decoders(tmp_path, tiny_bert_dir, tiny_llama_dir):
+def test_soft_prompts_and_far_pack_beside_weight_deltas_for_classifiers_and_decoders(tmp_path, tiny_bert_dir,
+                                                                                     tiny_llama_dir):
     """Prompt tuning and IPT (virtual tokens in front of their rows only) and FAR (units picked from the
     job's own batches) on an encoder classifier; LoRA, prompt tuning and BitFit on a decoder learning
     responses (SFT, each row padded to the batch's width)."""
