@@ -16,8 +16,8 @@ Every run is a fresh subprocess; training starts in all of a run's processes at 
 after loading). Latency is through Ray: submit → first ``train_loss`` of a packable MiniLM/TREC job
 when its group is cold (cluster up, no group) and warm (a group resident from the previous job).
 
-    python benchmarks/base_groups.py --quick       # every part, tiny: ~6 minutes on 2 busy CPUs
-    python benchmarks/base_groups.py               # 4 jobs × 12 steps, 8 packed for memory: ~12-15 min on 2 CPUs
+    python benchmarks/base_groups.py --quick   # every part, 3 steps a job: ~13 min on 2 CPUs shared with other work
+    python benchmarks/base_groups.py           # 4 jobs × 12 steps, 8 packed (6 steps): ~10-15 min on 2 quiet CPUs
     python benchmarks/base_groups.py --device cuda --precision bf16     # the same on a GPU
 
 Results go to benchmarks/results/base_groups.md and .json (``--out NAME`` changes the name).
@@ -179,9 +179,10 @@ def child_packed(config: dict) -> dict:
     device = config["device"]
     specs = [parse_job_spec(raw) for raw in config["specs"]]
     first = specs[0]
+    capacity = max(int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8")), len(specs))
     group = BaseGroup(first.base_model, first.task, precision=first.deepspeed.precision,
                       device=torch.device("cuda", 0) if device == "cuda" else torch.device("cpu"),
-                      base_dropout=first.training.base_dropout, capacity=max(int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8")), len(specs)))
+                      base_dropout=first.training.base_dropout, capacity=capacity)
     reporters = [InMemoryReporter() for _ in specs]
     untimed = [0.0]  # seconds of the current group step spent evaluating, logging, writing adapters
     tokens, shapes = [0], []  # this step's non-padding tokens; each member's (rows, width)
@@ -399,7 +400,7 @@ def run_children(kind: str, configs: list[dict], *, device: str, threads: int, w
         if p.returncode != 0:
             _fail(label, procs)
     results = [json.loads(out.read_text()) for _, out, _, _ in procs]
-    merged = {"steps": [s for r in results for s in r["steps"]], "losses": [l for r in results for l in r["losses"]],
+    merged = {"steps": [s for r in results for s in r["steps"]], "losses": [x for r in results for x in r["losses"]],
               "errors": [e for r in results for e in r.get("errors", [])], "threads_each": results[0]["threads"],
               "processes": len(procs), "load_s": loaded - started, "train_wall_s": time.monotonic() - loaded,
               **sampler.peaks()}
@@ -484,7 +485,7 @@ def _verdict(value: float, target: float, at_least: bool) -> str:
 
 def report(args, rows: dict, info: dict, command: str, minutes: float) -> str:
     n, cpus = args.jobs, info["cpus"]
-    solo1, soloN, seq = rows["solo_sequential_first"], rows["solo_concurrent"], rows["solo_sequential"]
+    solo1, soloN = rows["solo_sequential_first"], rows["solo_concurrent"]
     packed, packed8 = rows["packed"], rows.get("packed_8")
     t = rows["throughput"]
     lat = rows.get("latency")
@@ -599,7 +600,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="steps per job (default 12, --quick 3)")
-    parser.add_argument("--quick", action="store_true", help="few steps: check every part runs (~6 min on 2 CPUs)")
+    parser.add_argument("--quick", action="store_true", help="3 steps a job: check every part runs")
     parser.add_argument("--skip-latency", action="store_true", help="leave out the Ray part")
     parser.add_argument("--out", default="base_groups", help="results file name under benchmarks/results/")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "CONFIG", "OUT"), help=argparse.SUPPRESS)

@@ -34,7 +34,8 @@ def test_only_the_methods_parameters_train(method, case):
 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):
+    steps = 1 if case.name in ("minilm", "smollm2") else 3  # a step of a pretrained base costs seconds on a CPU
+    for step in range(steps):
         loss = model(**case.batch(seed=step)).loss
         loss.backward()
         for n, p in model.named_parameters():
@@ -46,7 +47,7 @@ def test_only_the_methods_parameters_train(method, case):
     for n, before in frozen_before.items():
         assert torch.equal(after[n], before), f"frozen parameter {n} changed"
     changed = [n for n, before in adapter_before.items() if not torch.equal(after[n], before)]
-    assert changed, "no adapter parameter changed after three optimizer steps"
+    assert changed, f"no adapter parameter changed after {steps} optimizer step(s)"
 
 
 @pytest.mark.parametrize("method,case", CASES)
