@@ -196,19 +196,6 @@ def child_packed(config: dict) -> dict:
                 untimed[0] += time.monotonic() - start
         return wrapper
 
-    shimmed = [0]
-
-    def padded_labels(fn):
-        # Workaround, not a fix: the engine pads every member's inputs to the widest member but hands each
-        # member its own, narrower, causal-LM labels (a shape error when members' widths differ). Padding
-        # the labels with -100 (ignored) here is what the engine's own pack() table intends for labels.
-        def wrapper(logits, labels):
-            if labels.dim() == 2 and logits.dim() == 3 and labels.shape[1] < logits.shape[1]:
-                shimmed[0] += 1
-                labels = torch.nn.functional.pad(labels, (0, logits.shape[1] - labels.shape[1]), value=-100)
-            return fn(logits, labels)
-        return wrapper
-
     def counted(fn):
         def wrapper():
             batch = fn()
@@ -222,7 +209,6 @@ def child_packed(config: dict) -> dict:
         member.next_micro = counted(member.next_micro)
         member.after_step = timed_out(member.after_step)
         member.finish = timed_out(member.finish)
-        member.loss = padded_labels(member.loss)
     _barrier(config)
     _reset_cuda_peak(device)
     steps, errors = [], []
@@ -239,7 +225,7 @@ def child_packed(config: dict) -> dict:
         # positions computed: every member's rows at the widest member's width (the group pads to it)
         steps.append((start, end - untimed[0], tokens[0], sum(r for r, _ in shapes) * max(w for _, w in shapes)))
     out = {"steps": [steps], "errors": errors, "losses": [[v for _, v in r.values("train_loss")] for r in reporters],
-           "threads": torch.get_num_threads(), "base_mb": group.base_bytes / 2**20, "label_pad_shim_used": shimmed[0],
+           "threads": torch.get_num_threads(), "base_mb": group.base_bytes / 2**20,
            **_cuda_peaks(device)}
     _drop_kept(reporters)
     return out

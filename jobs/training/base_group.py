@@ -51,6 +51,9 @@ from peft_methods.mixed_module import MixedModule, RowRouter
 from peft_methods.row_deltas import InputDelta, RowDelta
 from peft_methods.targeting import replace_module, task_head_names
 
+# Families whose causal-LM logits are exactly ``lm_head(last hidden state)`` (no soft-capping or scaling).
+PLAIN_LM_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"})
+
 
 def default_capacity() -> int:
     """Members a group trains at once (``PEFTFLEET_GROUP_MAX_MEMBERS``, default 8); more wait."""
@@ -198,22 +201,34 @@ class BaseGroup:
 
     def forward(self, members: list[Member], spans: list[tuple[int, int]],
                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits for a packed batch whose rows ``spans[i]`` belong to ``members[i]`` (for a member with a
-        soft prompt, its rows' logits without the prompt's positions, as its own model returns them)."""
+        """A packed batch whose rows ``spans[i]`` belong to ``members[i]`` through the base: a classifier's
+        logits; a decoder's logits, or its last hidden states when :meth:`output_head` says the members
+        apply the head themselves. A member with a soft prompt gets its rows without the prompt's
+        positions, as its own model returns them."""
         prompts = self._install(members)
         slots = torch.cat([torch.full((b - a,), m.slot, dtype=torch.long) for m, (a, b) in zip(members, spans)])
         self.router.set(slots.to(self.placement.device, non_blocking=True))
+        width = batch["input_ids"].shape[1]
+        model = self.model if self.output_head() is None else getattr(self.model, self.model.base_model_prefix)
         try:
-            if not prompts:
-                return self.model(**batch).logits
-            width = batch["input_ids"].shape[1]
-            logits = self.model(**self._with_prompts(members, spans, batch, prompts)).logits
+            out = model(**(self._with_prompts(members, spans, batch, prompts) if prompts else batch))
         finally:
             self.router.set(None)
-        if logits.dim() == 2:  # one row of logits per sequence (a classifier)
-            return logits
+        values = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        if values.dim() == 2 or not prompts:  # a classifier: one row of logits per sequence
+            return values
         starts = [prompts[m.slot].shape[0] if m.slot in prompts else 0 for m in members]
-        return torch.cat([logits[a:b, n : n + width] for (a, b), n in zip(spans, starts)])
+        return torch.cat([values[a:b, n : n + width] for (a, b), n in zip(spans, starts)])
+
+    def output_head(self) -> nn.Module | None:
+        """A decoder's vocabulary projection when the members may apply it themselves, to the positions
+        their loss reads only (in SFT most positions are the prompt's or padding: their logits over the
+        whole vocabulary are never needed). Only for families whose logits are exactly the head applied
+        to the backbone's last hidden states, and while no member's adapter changes the head itself."""
+        if self.task != "causal-lm" or getattr(self.plain.config, "model_type", None) not in PLAIN_LM_HEADS:
+            return None
+        head = self.model.get_output_embeddings()
+        return None if isinstance(head, MixedModule) else head
 
     def _install(self, members: list[Member]) -> dict[int, torch.Tensor]:
         """Rebuild every wrapped module's deltas and heads from the members' live tensors; returns the soft
@@ -340,14 +355,19 @@ class Member(Recipe):
         state = {k: t for k, t in self.method.training_state(self.model).items() if not k.startswith(heads)}
         return self.method.row_deltas(self.group.plain, self.method_config, state)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """This job's loss over its own rows, as its model's own loss would compute it."""
-        labels = labels.to(logits.device, non_blocking=True)
+    def loss(self, values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This job's loss over its own rows (``values``: what :meth:`BaseGroup.forward` gave for them), as
+        its model's own loss would compute it."""
+        labels = labels.to(values.device, non_blocking=True)
         if self.labels:
-            return F.cross_entropy(logits[:, : len(self.labels)].float(), labels)
+            return F.cross_entropy(values[:, : len(self.labels)].float(), labels)
         # its rows were padded to the batch's width: nothing to predict there
-        shifted = F.pad(labels, (0, logits.shape[1] - labels.shape[1] + 1), value=-100)[:, 1:]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+        shifted = F.pad(labels, (0, values.shape[1] - labels.shape[1] + 1), value=-100)[:, 1:]
+        head = self.group.output_head()
+        if head is None:  # values are logits
+            return F.cross_entropy(values.float().reshape(-1, values.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+        keep = shifted != -100  # values are hidden states: the head only where a token is predicted
+        return F.cross_entropy(head(values[keep]).float(), shifted[keep])
 
     def micro_done(self, loss: torch.Tensor) -> bool:
         """After a backward over this member's micro-batch: step its optimizer at the accumulation
