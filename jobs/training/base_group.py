@@ -167,11 +167,14 @@ class BaseGroup:
         if not members:
             return []
         parts = [m.next_micro() for m in members]
-        batch, spans = self.pack(parts)
-        logits = self.forward(members, spans, batch)
-        losses = [m.loss(logits[a:b], part["labels"]) for m, (a, b), part in zip(members, spans, parts)]
-        sum(loss / m.accumulation for loss, m in zip(losses, members)).backward()
-        values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # the step's one wait
+        try:
+            batch, spans = self.pack(parts)
+            logits = self.forward(members, spans, batch)
+            losses = [m.loss(logits[a:b], part["labels"]) for m, (a, b), part in zip(members, spans, parts)]
+            sum(loss / m.accumulation for loss, m in zip(losses, members)).backward()
+            values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # the step's one wait
+        except Exception as e:  # noqa: BLE001 - find whose rows broke it; the rest go on
+            return self._isolate(members, parts, e)
         left: list[tuple[Member, BaseException | None]] = []
         for member, loss, value in zip(members, losses, values):
             try:
@@ -186,11 +189,32 @@ class BaseGroup:
             self.remove(member)
         return left
 
+    def _isolate(self, members: list[Member], parts: list[dict[str, torch.Tensor]],
+                 error: Exception) -> list[tuple[Member, BaseException | None]]:
+        """A packed step raised: every member restarts its current optimizer step (its accumulated
+        gradients may be partial), and each member's micro-batch is run through the base alone. The
+        members whose own rows fail leave with their error; if none does, the failure is the group's."""
+        left: list[tuple[Member, BaseException | None]] = []
+        for member, part in zip(members, parts):
+            member.restart_step()
+            try:
+                batch, spans = self.pack([part])
+                with torch.no_grad():
+                    member.loss(self.forward([member], spans, batch), part["labels"])
+            except Exception as own:  # noqa: BLE001
+                left.append((member, own))
+        if not left:
+            raise error
+        for member, _ in left:
+            self.remove(member)
+        return left
+
     def pack(self, parts: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
         """Every member's micro-batch as one batch on the device: padded on the right to the widest
-        (masked, labels ignored there, so each row computes what it would alone); each member's row span."""
+        (masked, so each row computes what it would alone; labels are padded by each member's loss);
+        each member's row span."""
         width = max(p["input_ids"].shape[1] for p in parts)
-        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
         keys = [k for k in parts[0] if k != "labels"]
         batch = {k: torch.cat([F.pad(p[k], (0, width - p[k].shape[1]), value=pad[k]) for p in parts]) for k in keys}
         spans, row = [], 0
@@ -344,6 +368,12 @@ class Member(Recipe):
         return f"step {self.step}"
 
     # -- what the group asks of it each step -------------------------------------------------------
+    def restart_step(self) -> None:
+        """Drop what the current optimizer step accumulated; its micro-batches come again (the same ones:
+        a step's batches depend on the step alone)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending, self._losses = [], []
+
     def next_micro(self) -> dict[str, torch.Tensor]:
         if not self._pending:
             self._pending = self.micro_batches(self.step)

@@ -142,6 +142,33 @@ def test_a_member_whose_loss_is_not_finite_leaves_alone(tiny_bert_dir):
     assert not any(p.requires_grad for p in group.plain.parameters())  # the base stayed frozen throughout
 
 
+def test_a_member_whose_rows_break_the_shared_step_leaves_and_the_others_restart_that_step(tiny_bert_dir):
+    def fresh() -> tuple[BaseGroup, list]:
+        group = BaseGroup(str(tiny_bert_dir), "sequence-classification")
+        specs = [parse_job_spec(trec(n, {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=3,
+                                     grad_accum_steps=2)) for n in ("broken", "healthy")]
+        return group, [group.add(s, InMemoryReporter()) for s in specs]
+
+    group, (broken, healthy) = fresh()
+    group.step()  # the first micro-batch of step 1: gradients accumulated, no optimizer step yet
+
+    def explode():
+        raise RuntimeError("a plugin's per-row deltas failed")
+
+    broken.deltas = explode
+    left = group.step()
+    assert [(m.slot, str(e)) for m, e in left] == [(broken.slot, "a plugin's per-row deltas failed")]
+    while group.members:
+        group.step()
+    alone, (_, clean) = fresh()
+    alone.remove(_)
+    while alone.members:
+        alone.step()
+    mine, theirs = healthy.reporter.values("train_loss"), clean.reporter.values("train_loss")
+    assert [s for s, _ in mine] == [s for s, _ in theirs] == [1, 2, 3]
+    assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], rel=1e-6)  # its first step was restarted
+
+
 @pytest.mark.parametrize(("change", "why"), [
     ({"packing": "off"}, "packing is off"),
     ({"resources": {"num_workers": 2}}, "2 data-parallel workers"),
