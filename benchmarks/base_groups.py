@@ -47,14 +47,14 @@ TARGETS = {"packed_mem": 1.3, "packed8_mem": 1.5, "vs_concurrent": 1.3, "vs_sequ
 # ---------------------------------------------------------------------------------------------------
 # job specs
 # ---------------------------------------------------------------------------------------------------
-def sft_spec(i: int, steps: int, precision: str, device: str) -> dict:
+def sft_spec(i: int, steps: int, precision: str, device: str, checkpointing: bool = False) -> dict:
     """Job i of the memory/throughput runs: SmolLM2 + LoRA r=8 on chatterbot_qa, its own seed (data order)."""
     return {
         "name": f"bench-{i}", "base_model": "smollm2", "task": "causal-lm",
         "dataset": {"name": "chatterbot_qa", "train_size": 4 * steps},
         "method": {"method": "lora", "r": 8, "dropout": 0.0},
         "training": {"max_steps": steps, "batch_size": 4, "max_length": 128, "eval_size": 4, "seed": i,
-                     "base_dropout": 0.0},
+                     "base_dropout": 0.0, "gradient_checkpointing": checkpointing},
         "deepspeed": {"zero_stage": 0, "precision": precision},
         "resources": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1 if device == "cuda" else 0},
         "packing": "auto",
@@ -182,7 +182,8 @@ def child_packed(config: dict) -> dict:
     capacity = max(int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8")), len(specs))
     group = BaseGroup(first.base_model, first.task, precision=first.deepspeed.precision,
                       device=torch.device("cuda", 0) if device == "cuda" else torch.device("cpu"),
-                      base_dropout=first.training.base_dropout, capacity=capacity)
+                      base_dropout=first.training.base_dropout, capacity=capacity,
+                      gradient_checkpointing=first.training.gradient_checkpointing)
     reporters = [InMemoryReporter() for _ in specs]
     untimed = [0.0]  # seconds of the current group step spent evaluating, logging, writing adapters
     tokens, shapes = [0], []  # this step's non-padding tokens; each member's (rows, width)
@@ -548,7 +549,8 @@ def report(args, rows: dict, info: dict, command: str, minutes: float) -> str:
                      "noisy — a smoke test of the benchmark, not a measurement.")
     load = info.get("load_avg_at_start")
     text = "\n".join([
-        f"# Base groups vs solo jobs ({args.device}, {args.precision})",
+        f"# Base groups vs solo jobs ({args.device}, {args.precision}"
+        + (", activation checkpointing" if args.gradient_checkpointing else "") + ")",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {cpus} CPUs ({info['cpu']})"
         + (f", {info['gpu']}" if "gpu" in info else "") + f", torch {info['torch']}"
@@ -557,7 +559,9 @@ def report(args, rows: dict, info: dict, command: str, minutes: float) -> str:
         f"`{command}`",
         "",
         f"{n} jobs: SmolLM2-135M + LoRA r=8 (dropout 0), chatterbot_qa SFT, batch 4 × ≤128 tokens, "
-        f"{args.steps} steps each ({args.steps_8} for the 8-job memory run), {args.precision}. "
+        f"{args.steps} steps each ({args.steps_8} for the 8-job memory run), {args.precision}"
+        + ("; every job, solo and packed, with activation checkpointing. " if args.gradient_checkpointing else ". ")
+        + 
         f"packed = one process, one BaseGroup, {cpus} threads; solo = one process per job, Recipe + DeepSpeed "
         f"ZeRO-0 on a one-rank {'NCCL' if args.device == 'cuda' else 'gloo'} group, each with its own copy of "
         f"the base; \"at once\" = {n} processes together with OMP_NUM_THREADS={each} each"
@@ -588,6 +592,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per job (default 12, --quick 3)")
     parser.add_argument("--quick", action="store_true", help="3 steps a job: check every part runs")
     parser.add_argument("--skip-latency", action="store_true", help="leave out the Ray part")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="every job (solo and packed) recomputes the base's activations in its backward")
     parser.add_argument("--out", default="base_groups", help="results file name under benchmarks/results/")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -609,7 +615,7 @@ def main() -> None:
 
     resolve_base_model("smollm2")  # convert the GGUF once, outside every measured run
     cpus, n = info["cpus"], args.jobs
-    specs = [sft_spec(i, args.steps, args.precision, args.device) for i in range(n)]
+    specs = [sft_spec(i, args.steps, args.precision, args.device, args.gradient_checkpointing) for i in range(n)]
     rows: dict = {}
     with tempfile.TemporaryDirectory(prefix="peftfleet-bench-") as tmp:
         work = Path(tmp)
@@ -621,7 +627,8 @@ def main() -> None:
         rows["packed"] = run_children("packed", [{"specs": specs}], device=args.device, threads=cpus, work=work,
                                       label=f"packed-{n}")
         if n != 8:
-            specs8 = [sft_spec(i, args.steps_8, args.precision, args.device) for i in range(8)]
+            specs8 = [sft_spec(i, args.steps_8, args.precision, args.device, args.gradient_checkpointing)
+                      for i in range(8)]
             rows["packed_8"] = run_children("packed", [{"specs": specs8}], device=args.device, threads=cpus,
                                             work=work, label="packed-8")
         else:

@@ -138,3 +138,13 @@ def set_base_dropout(model: nn.Module, p: float | None) -> None:
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout"):
         if hasattr(model.config, key):
             setattr(model.config, key, p)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant, so a frozen base whose
+    inputs need no gradient still passes gradients to adapters inside the layers)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x names it so
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

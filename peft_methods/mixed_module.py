@@ -27,6 +27,7 @@ class RowRouter:
         self.base_slot = base_slot
         self.slots: torch.Tensor | None = None
         self.version = 0  # changes with every batch: modules cache per-batch gathers under it
+        self.cache_plans = True  # False where a forward may run again on the same batch (activation checkpointing)
         self._rows: dict[int, torch.Tensor] = {}
 
     def set(self, slots: torch.Tensor | None) -> None:
@@ -122,7 +123,7 @@ class MixedModule(nn.Module):
         """What this module adds for the current batch, worked out once per batch: decoding steps
         reuse the rows' gathered operands. None when no row of the batch touches it."""
         router = self.router
-        if self._planned is not None and self._planned[0] == router.version:
+        if self._planned is not None and self._planned[0] == router.version and router.cache_plans:
             return self._planned[1]
         active = router.active
         touched = [b for b in self.banks.values() if b.slots.intersection(active)]

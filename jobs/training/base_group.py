@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peft_methods
-from jobs.base_models import init_task_head, load_base_model, set_base_dropout
+from jobs.base_models import enable_activation_checkpointing, init_task_head, load_base_model, set_base_dropout
 from jobs.spec import JobSpec
 from jobs.training.batches import Batches
 from jobs.training.devices import Placement, make_optimizer
@@ -86,13 +86,15 @@ class GroupKey:
     task: str
     precision: str
     base_dropout: float | None
+    gradient_checkpointing: bool
     cpus: float
     gpus: float
 
     @classmethod
     def of(cls, spec: JobSpec, base_fingerprint: str) -> GroupKey:  # type: ignore[valid-type]
         res = spec.resources
-        return cls(base_fingerprint, spec.task, spec.deepspeed.precision, spec.training.base_dropout,
+        t = spec.training
+        return cls(base_fingerprint, spec.task, spec.deepspeed.precision, t.base_dropout, t.gradient_checkpointing,
                    float(res.cpus_per_worker), float(res.gpus_per_worker))
 
 
@@ -120,7 +122,8 @@ class BaseGroup:
     """One resident frozen base and the jobs training on it (see the module docstring)."""
 
     def __init__(self, base_model: str, task: str, *, precision: str = "fp32", device: torch.device | None = None,
-                 home: str | None = None, base_dropout: float | None = None, capacity: int | None = None):
+                 home: str | None = None, base_dropout: float | None = None, gradient_checkpointing: bool = False,
+                 capacity: int | None = None):
         self.task, self.capacity = task, capacity or default_capacity()
         self.placement = Placement.for_job(precision, device)
         self.plain, self.tokenizer = load_base_model(
@@ -131,6 +134,10 @@ class BaseGroup:
         self.plain.requires_grad_(False)
         self.model = structural_copy(self.plain).train()  # the tree that runs: MixedModules go in here
         self.router = RowRouter(base_slot=self.capacity)
+        self.checkpointing = gradient_checkpointing
+        if gradient_checkpointing:  # the backward recomputes each layer, MixedModules included: see step()
+            enable_activation_checkpointing(self.model)
+            self.router.cache_plans = False  # a recomputed layer must gather its deltas again, as it first did
         self.mixed: dict[str, MixedModule] = {}
         self.members: dict[int, Member] = {}
 
@@ -175,6 +182,8 @@ class BaseGroup:
             values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # the step's one wait
         except Exception as e:  # noqa: BLE001 - find whose rows broke it; the rest go on
             return self._isolate(members, parts, e)
+        finally:
+            self.router.set(None)  # kept through the backward: checkpointed layers recompute with their rows
         left: list[tuple[Member, BaseException | None]] = []
         for member, loss, value in zip(members, losses, values):
             try:
@@ -237,7 +246,8 @@ class BaseGroup:
         try:
             out = model(**(self._with_prompts(members, spans, batch, prompts) if prompts else batch))
         finally:
-            self.router.set(None)
+            if not (self.checkpointing and torch.is_grad_enabled()):
+                self.router.set(None)  # else step() ends the routing after the backward
         values = out.logits if hasattr(out, "logits") else out.last_hidden_state
         if values.dim() == 2 or not prompts:  # a classifier: one row of logits per sequence
             return values

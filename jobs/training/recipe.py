@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 import peft_methods
-from jobs.base_models import init_task_head, load_base_model, set_base_dropout
+from jobs.base_models import enable_activation_checkpointing, init_task_head, load_base_model, set_base_dropout
 from jobs.spec import JobSpec
 from jobs.training.batches import Batches
 from jobs.training.data import load_for_job
@@ -182,6 +182,8 @@ class Recipe:
             init_task_head(self.model, t.seed)  # seeded by the job alone: a base group draws the same head
             torch.manual_seed(t.seed)  # the method's own initialisation, likewise
             self.method.apply(self.model, self.method_config)
+            if t.gradient_checkpointing:
+                enable_activation_checkpointing(self.model)
             self.method.prime(self.model, (self.placement.batch(self.batches(train[i : i + t.batch_size]))
                                            for i in range(0, min(len(train), 8 * t.batch_size), t.batch_size)))
 

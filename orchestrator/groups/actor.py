@@ -57,8 +57,9 @@ class BaseGroupActor:
             import torch
 
             device = torch.device("cuda", 0)  # Ray set CUDA_VISIBLE_DEVICES to this actor's GPU
-        self.group = BaseGroup(base_model, self.key.task, precision=self.key.precision, device=device, home=home,
-                               base_dropout=self.key.base_dropout)
+        key = self.key
+        self.group = BaseGroup(base_model, key.task, precision=key.precision, device=device, home=home,
+                               base_dropout=key.base_dropout, gradient_checkpointing=key.gradient_checkpointing)
         self.created_at = time.time()
         self._lock = threading.Lock()
         self._joins: list[tuple[str, dict[str, Any]]] = []

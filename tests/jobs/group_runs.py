@@ -26,7 +26,8 @@ def main() -> None:
     resume = {int(k): v for k, v in plan.get("resume", {}).items()}
     first = specs[0]
     group = BaseGroup(first.base_model, first.task, precision=first.deepspeed.precision,
-                      base_dropout=first.training.base_dropout)
+                      base_dropout=first.training.base_dropout,
+                      gradient_checkpointing=first.training.gradient_checkpointing)
     reporters = [InMemoryReporter(resume_from=resume.get(i)) for i in range(len(specs))]
     members: dict[int, object] = {}
     errors: dict[int, str] = {}

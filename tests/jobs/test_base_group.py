@@ -93,9 +93,13 @@ def test_soft_prompts_and_far_pack_beside_weight_deltas_for_classifiers_and_deco
         job(tiny_llama_dir, lm, "d-prompt", {"method": "prompt_tuning", "num_virtual_tokens": 5}, batch_size=4,
             max_length=96),
         job(tiny_llama_dir, lm, "d-bitfit", {"method": "bitfit"}, max_length=80),
+        # Activation checkpointing (solo and packed): a recomputed layer must see its rows' deltas again.
+        job(tiny_llama_dir, lm, "k-lora", {"method": "lora", "r": 4}, max_length=96, gradient_checkpointing=True),
+        job(tiny_llama_dir, lm, "k-prompt", {"method": "prompt_tuning", "num_virtual_tokens": 5}, batch_size=4,
+            max_length=96, gradient_checkpointing=True),
     ]
     solo = run_recipe(tmp_path, specs)
-    for group in (specs[:3], specs[3:]):  # (FAR's chosen units are saved with it: they are compared too)
+    for group in (specs[:3], specs[3:6], specs[6:]):  # (FAR's chosen units are saved with it: they are compared too)
         packed = run_group(tmp_path, {"specs": group})["members"]
         for spec, together in zip(group, packed):
             alone = solo[specs.index(spec)]
