@@ -561,7 +561,7 @@ def report(args, rows: dict, info: dict, command: str, minutes: float) -> str:
         f"{n} jobs: SmolLM2-135M + LoRA r=8 (dropout 0), chatterbot_qa SFT, batch 4 × ≤128 tokens, "
         f"{args.steps} steps each ({args.steps_8} for the 8-job memory run), {args.precision}"
         + ("; every job, solo and packed, with activation checkpointing. " if args.gradient_checkpointing else ". ")
-        + 
+        +
         f"packed = one process, one BaseGroup, {cpus} threads; solo = one process per job, Recipe + DeepSpeed "
         f"ZeRO-0 on a one-rank {'NCCL' if args.device == 'cuda' else 'gloo'} group, each with its own copy of "
         f"the base; \"at once\" = {n} processes together with OMP_NUM_THREADS={each} each"
