@@ -114,7 +114,7 @@ def spec(tiny_bert_dir):
             "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 64, "max_length": 32, **training},
             "resources": {"num_workers": workers, "cpus_per_worker": 1,
                           "placement_strategy": "STRICT_SPREAD" if workers > 1 else "PACK"},
-            "packing": "off",  # Ray Train's worker groups across nodes; base groups are tests/integration/test_groups.py
+            "packing": "off",  # Ray Train worker groups across nodes; base groups: tests/integration/test_groups.py
         }
 
     return make
