@@ -90,19 +90,24 @@ def connect(
 def launch(cluster: Cluster, module_args: str, *, submission_id: str, resources: Any, env: dict[str, str],
            metadata: dict[str, str] | None = None) -> None:
     """Start ``python -m <module_args>`` as a Ray job with peftfleet's environment plus ``env``."""
-    full_env = {
-        **JOB_ENV, **env,
-        "PEFTFLEET_SUBMISSION_ID": submission_id,
-        "DS_ACCELERATOR": "cuda" if resources.gpus_per_worker else "cpu",
-        "OMP_NUM_THREADS": str(max(1, int(resources.cpus_per_worker))),
-        **{k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ},
-    }
+    full_env = {**JOB_ENV, **env, "PEFTFLEET_SUBMISSION_ID": submission_id,
+                **worker_env(resources.cpus_per_worker, resources.gpus_per_worker)}
     local = cluster.started_here or cluster.address in (None, "auto")
     python = os.environ.get("PEFTFLEET_RUNNER_PYTHON") or (sys.executable if local else "python")
     cluster.jobs_client().submit_job(
         entrypoint=f"{python} -m {module_args}", submission_id=submission_id, runtime_env={"env_vars": full_env},
         entrypoint_num_cpus=0, metadata=metadata or {},
     )
+
+
+def worker_env(cpus: float, gpus: float) -> dict[str, str]:
+    """What a peftfleet process holding ``cpus`` CPUs and ``gpus`` GPUs gets on top of ``JOB_ENV``:
+    DeepSpeed's accelerator, its thread count, and the settings passed on from this process."""
+    return {
+        "DS_ACCELERATOR": "cuda" if gpus else "cpu",
+        "OMP_NUM_THREADS": str(max(1, int(cpus))),
+        **{k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ},
+    }
 
 
 def stop_and_wait(cluster: Cluster, submission_id: str, *, timeout: float = 120, poll_s: float = 0.5) -> bool:

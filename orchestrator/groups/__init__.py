@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from jobs.states import JobState
 from jobs.store import JobStore
 from jobs.training.base_group import GroupKey
-from orchestrator.cluster import JOB_ENV, PASSTHROUGH_ENV
+from orchestrator.cluster import JOB_ENV, worker_env
 from orchestrator.groups.actor import NAMESPACE, PREFIX, BaseGroupActor, GroupClosing
 
 GROUP_RETRIES = int(os.environ.get("PEFTFLEET_GROUP_RETRIES", "3"))  # a job survives this many group deaths
@@ -37,19 +37,14 @@ def group_for(spec: Any, base_fingerprint: str, store: JobStore):
     if not ray.is_initialized():
         ray.init(logging_level="WARNING")  # inside a Ray job: its cluster
     key = GroupKey.of(spec, base_fingerprint)
-    env = {
-        **JOB_ENV,
-        "DS_ACCELERATOR": "cuda" if key.gpus else "cpu",
-        "OMP_NUM_THREADS": str(max(1, int(key.cpus))),
-        **{k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ},
-    }
+    name = group_name(key, store)
     actor = ray.remote(BaseGroupActor).options(
-        name=group_name(key, store), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         num_cpus=key.cpus, num_gpus=key.gpus, max_concurrency=64, max_restarts=0,
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": {**JOB_ENV, **worker_env(key.cpus, key.gpus)}},
     )
     home = str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME")
-    return actor.remote(asdict(key), group_name(key, store), spec.base_model, store.url, store.artifacts.url, home)
+    return actor.remote(asdict(key), name, spec.base_model, store.url, store.artifacts.url, home)
 
 
 def train_in_group(job_id: str, raw_spec: dict, spec: Any, shared: dict[str, Any], store: JobStore) -> str:
