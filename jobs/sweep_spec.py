@@ -4,38 +4,43 @@
     spec: examples/trec-lora.yaml            # a job spec (inline mapping, or a file next to the sweep)
     search_space:
       training.lr: {loguniform: [1.0e-4, 1.0e-2]}
-      training.batch_size: {choice: [8, 16]}
+      training.batch_size: {grid: [8, 16]}   # a grid axis: trials with 8 and trials with 16
       method:
         choice:
           - {method: lora, r: {randint: [4, 17]}}
           - {method: bitfit}
     metric: eval_accuracy
     mode: max
-    num_samples: 8
+    num_samples: 4                           # the grid runs 4 times: 8 trials (default 1 with a grid, else 8)
     scheduler: asha                          # asha | pbt | fifo
     max_concurrent: 2
 
 Search-space keys are dotted paths into the job spec; values are a distribution — ``choice``
 (a list; options may hold distributions of their own), ``uniform`` / ``loguniform`` (``[low,
-high]``), ``randint`` (``[low, high)``) — or a constant. The trials' values are drawn up front
-from ``seed``; every trial's job spec, and the spec at every bound and every choice, is validated
-as a :data:`jobs.spec.JobSpec` before the sweep is stored.
+high]``), ``randint`` (``[low, high)``), ``grid`` (a list of constants, only as a key's value) —
+or a constant. The trials are the cartesian product of the ``grid`` axes (like Ray Tune's
+``grid_search``; last key varying fastest), the whole grid repeated ``num_samples`` times; the
+other values are drawn per trial, up front, from ``seed``. Every trial's job spec, and the spec at
+every bound, every choice and every grid value, is validated as a :data:`jobs.spec.JobSpec` before
+the sweep is stored.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.spec import JobSpecError, parse_job_spec, validate_name
 
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
+MAX_TRIALS = 10_000
 
 
 class SweepSpec(BaseModel):
@@ -48,7 +53,13 @@ class SweepSpec(BaseModel):
         default="eval_accuracy", min_length=1, description="What trials report and the search optimises."
     )
     mode: Literal["max", "min"] = Field(default="max", description="Whether larger or smaller `metric` is better.")
-    num_samples: int = Field(default=8, ge=1, le=10_000, description="How many configurations to try.")
+    num_samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_TRIALS,
+        description="How many configurations to try; with grid axes, how many times the whole grid runs. "
+        "Default 1 with a grid, else 8 (filled in at validation: never None on a parsed sweep).",
+    )
     scheduler: Literal["asha", "fifo", "pbt"] = Field(
         default="asha",
         description="asha stops weak trials early; pbt has weak trials continue from strong ones' checkpoints with "
@@ -63,6 +74,15 @@ class SweepSpec(BaseModel):
     )
     seed: int = Field(default=0, ge=0, description="Seeds the draw of configurations.")
     promote: bool = Field(default=False, description="Promote the best trial's adapter for its task.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_num_samples(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("num_samples") is None:
+            space = data.get("search_space")
+            has_grid = isinstance(space, dict) and any(_is_grid(v) for v in space.values())
+            data = {**data, "num_samples": 1 if has_grid else 8}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -100,7 +120,18 @@ def parse_sweep_spec(data: Any) -> SweepSpec:
             [(".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]
         ) from None
     for path, value in sweep.search_space.items():
-        _check_distribution(value, f"search_space.{path}")
+        _check_distribution(value, f"search_space.{path}", top=True)
+    combinations = math.prod(len(options) for _, options in grid_axes(sweep))
+    if combinations * sweep.num_samples > MAX_TRIALS:
+        raise JobSpecError(
+            [
+                (
+                    "num_samples",
+                    f"{combinations} grid combinations x {sweep.num_samples} samples = "
+                    f"{combinations * sweep.num_samples} trials; at most {MAX_TRIALS:,}",
+                )
+            ]
+        )
     if sweep.scheduler == "pbt" and not mutable(sweep):
         raise JobSpecError(
             [("search_space", "pbt perturbs continuous parameters: give at least one uniform or loguniform")]
@@ -110,13 +141,21 @@ def parse_sweep_spec(data: Any) -> SweepSpec:
     return sweep
 
 
-def _check_distribution(value: Any, where: str) -> None:
+def _check_distribution(value: Any, where: str, *, top: bool = False) -> None:
     if not _is_distribution(value):
         if isinstance(value, dict):
             for k, v in value.items():
                 _check_distribution(v, f"{where}.{k}")
         return
     (kind, arg), = value.items()
+    if kind == "grid":
+        if not top:
+            raise JobSpecError([(where, "grid only at the top level of the search space")])
+        if not isinstance(arg, list) or not arg:
+            raise JobSpecError([(where, "grid takes a non-empty list")])
+        for i, option in enumerate(arg):
+            _check_constant(option, f"{where}.grid[{i}]")
+        return
     if kind == "choice":
         if not isinstance(arg, list) or not arg:
             raise JobSpecError([(where, "choice takes a non-empty list")])
@@ -138,8 +177,25 @@ def _check_distribution(value: Any, where: str) -> None:
         raise JobSpecError([(where, "randint takes integers")])
 
 
+def _check_constant(value: Any, where: str) -> None:
+    """Grid options are plain values or mappings of them: no distribution anywhere inside."""
+    if _is_distribution(value):
+        kind = next(iter(value))
+        if kind == "grid":
+            raise JobSpecError([(where, "grid only at the top level of the search space")])
+        raise JobSpecError([(where, f"grid options are constants: no {kind} inside a grid")])
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_constant(v, f"{where}.{k}")
+
+
+def grid_axes(sweep: SweepSpec) -> list[tuple[str, list[Any]]]:
+    """The top-level ``grid`` paths and their values, in search-space order."""
+    return [(path, value["grid"]) for path, value in sweep.search_space.items() if _is_grid(value)]
+
+
 def mutable(sweep: SweepSpec) -> dict[str, tuple[str, float, float]]:
-    """The parameters PBT perturbs: top-level uniform / loguniform paths -> (kind, low, high)."""
+    """The parameters PBT perturbs: top-level uniform / loguniform paths -> (kind, low, high); not grid axes."""
     out = {}
     for path, value in sweep.search_space.items():
         if _is_distribution(value):
@@ -153,10 +209,19 @@ def _is_distribution(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
 
 
+def _is_grid(value: Any) -> bool:
+    return _is_distribution(value) and "grid" in value
+
+
 def sample(value: Any, rng: random.Random) -> Any:
-    """A concrete value: distributions drawn (recursively inside choices and mappings), constants kept."""
+    """A concrete value: distributions drawn (recursively inside choices and mappings), constants kept.
+
+    A ``grid`` is not drawn: :func:`draw` expands top-level grids, and nested ones are refused when parsing.
+    """
     if _is_distribution(value):
         (kind, arg), = value.items()
+        if kind == "grid":
+            raise ValueError("grid only at the top level of the search space (draw() expands it)")
         if kind == "choice":
             return sample(rng.choice(arg), rng)
         low, high = arg
@@ -171,15 +236,37 @@ def sample(value: Any, rng: random.Random) -> Any:
 
 
 def draw(sweep: SweepSpec) -> list[dict[str, Any]]:
-    """The ``num_samples`` configurations the sweep will run, drawn from its seed."""
+    """The configurations the sweep will run: every combination of its grid axes (the cartesian product in
+    search-space order, last key varying fastest; one empty combination without a grid), the whole grid repeated
+    ``num_samples`` times, with the other paths drawn per configuration from the sweep's seed."""
     rng = random.Random(sweep.seed)
-    return [{path: sample(value, rng) for path, value in sweep.search_space.items()} for _ in range(sweep.num_samples)]
+    axes = grid_axes(sweep)
+    combinations = list(itertools.product(*(options for _, options in axes)))
+    out = []
+    for _ in range(sweep.num_samples):
+        for combination in combinations:
+            fixed = dict(zip((path for path, _ in axes), combination))
+            out.append(
+                {
+                    path: copy.deepcopy(fixed[path]) if path in fixed else sample(value, rng)
+                    for path, value in sweep.search_space.items()
+                }
+            )
+    return out
 
 
 def validation_configs(sweep: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
-    """The drawn configurations plus, per distribution, its bounds and each choice option."""
+    """The drawn configurations plus, per distribution, its bounds, each choice option and each grid value.
+
+    Grid values come first, so that a bad one is reported as such (``lr = grid[1]``) rather than as a sample.
+    """
     drawn = draw(sweep)
-    out = [(f"sample {i}", params) for i, params in enumerate(drawn)]
+    grid = [
+        (f"{path} = grid[{i}]", {**drawn[0], path: copy.deepcopy(option)})
+        for path, options in grid_axes(sweep)
+        for i, option in enumerate(options)
+    ]
+    out = grid + [(f"sample {i}", params) for i, params in enumerate(drawn)]
     rng = random.Random(sweep.seed + 1)
     for path, value in sweep.search_space.items():
         for label, extreme in _extremes(value, rng):
@@ -188,7 +275,7 @@ def validation_configs(sweep: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _extremes(value: Any, rng: random.Random) -> list[tuple[str, Any]]:
-    if not _is_distribution(value):
+    if not _is_distribution(value) or _is_grid(value):  # grid values: validation_configs puts them first
         return []
     (kind, arg), = value.items()
     if kind == "choice":

@@ -25,6 +25,7 @@ from jobs.spec import JobSpecError
 from jobs.states import JobState
 from jobs.store import JobNotFound
 from jobs.store.adapter_registry import AdapterNotFound
+from jobs.sweep_spec import draw
 from jobs.training.subspaces import check_references
 from orchestrator.client import Client
 from orchestrator.feasibility import InfeasibleJob
@@ -252,7 +253,7 @@ def cmd_serve(client: Client, args) -> int:
 def cmd_tune(client: Client, args) -> int:
     sweep = client.submit_sweep(args.sweep)
     record = sweep.record()
-    print(f"submitted sweep {record.id} ({record.name}: {record.sweep_spec.num_samples} trials, {record.scheduler})",
+    print(f"submitted sweep {record.id} ({record.name}: {len(draw(record.sweep_spec))} trials, {record.scheduler})",
           file=sys.stderr if args.json else sys.stdout)
     wait = args.wait or client.cluster.started_here
     if not wait:
@@ -320,11 +321,20 @@ def _show_sweep(client: Client, sweep, as_json: bool) -> int:
             record.metric: f"{t[record.metric]:.4f}" if t[record.metric] is not None else "-",
             "evals": t["evaluations"],
             "seconds": f"{t['seconds']:.0f}",
+            "group": (t["group"] or "solo").removeprefix("peftfleet-group-"),
             "params": ", ".join(f"{k}={_short(v)}" for k, v in t["params"].items()),
         }
         for t in trials
     ]
-    print(render_table(rows, ["trial", "job", "state", record.metric, "evals", "seconds", "params"]))
+    print(render_table(rows, ["trial", "job", "state", record.metric, "evals", "seconds", "group", "params"]))
+    if record.runtime.get("packing"):
+        print(record.runtime["packing"])
+    together: dict[str, list[str]] = {}
+    for row, t in zip(rows, trials):
+        if t["group"]:
+            together.setdefault(t["group"], []).append(row["trial"])
+    for group, names in together.items():
+        print(f"trained together in base group {group}: {', '.join(names)}")
     if record.best_adapter:
         print(f"best: {record.best_adapter} ({record.metric} {record.best_value:.4f}, job {record.best_job_id[:12]})")
     return 0

@@ -293,7 +293,7 @@ class Client:
         search_space: dict[str, Any],
         metric: str = "eval_accuracy",  # type: ignore[valid-type]
         mode: str = "max",
-        num_samples: int = 8,
+        num_samples: int | None = None,
         scheduler: str = "asha",
         max_concurrent: int | None = None,
         name: str | None = None,
@@ -311,7 +311,8 @@ class Client:
             search_space: dotted spec paths -> distributions (``choice``, ``uniform``, ``loguniform``,
                 ``randint``, ``grid``; see ``jobs.sweep_spec``).
             metric, mode: what the best trial maximises (``"max"``) or minimises (``"min"``).
-            num_samples: configurations drawn (a grid counts each combination once per sample).
+            num_samples: configurations drawn (default 8; with ``grid`` axes, how many times the whole grid runs,
+                default 1).
             scheduler: ``"asha"``, ``"pbt"`` or ``"fifo"``; ``scheduler_options`` tune it.
             max_concurrent: trials running at once (default: as many as the cluster fits).
             name, seed: the sweep's name and the seed of its draws.

@@ -1,7 +1,8 @@
 """The process that owns one job on the cluster (a Ray job entrypoint): `python -m orchestrator.runner JOB_ID`.
 
 It moves the job to QUEUED, then either hands it to its base group (``orchestrator.groups``: one
-resident frozen base many jobs train on; the group moves it to RUNNING and registers its adapter) or,
+resident frozen base many jobs train on; the group moves it to RUNNING, registers its adapter and
+settles it) or,
 when it cannot pack (the QUEUED event says why), runs Ray Train's `TorchTrainer` over
 `orchestrator.train_worker.train_loop_per_worker` (whose rank 0 moves it to RUNNING once workers
 have their resources, then runs the recipe), heartbeats to the store while it
@@ -73,8 +74,8 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
             outcome = train_in_group(job_id, job.spec, spec, shared, store)
         else:
             outcome = _train(job_id, job.spec, spec, shared, store)
-        store.transition(job_id, JobState.SUCCEEDED, reason=outcome)
-        return JobState.SUCCEEDED
+        _settle(store, job_id, JobState.SUCCEEDED, outcome)  # a base group settles its members itself
+        return store.get(job_id).state
     except (_Stopped, KeyboardInterrupt):
         _settle(store, job_id, JobState.CANCELLED, "stopped on request")
         return JobState.CANCELLED
@@ -104,8 +105,6 @@ def _why_solo(spec, job, init_checkpoint: str | None) -> str | None:
     """Why the job trains with workers of its own rather than in a base group (None: it packs)."""
     if spec.kind != "train":
         return "not a training job"
-    if job.runtime.get("sweep_id"):
-        return "sweep trials train solo (their schedulers continue DeepSpeed checkpoints)"
     from jobs.training.base_group import packing_problem
 
     return packing_problem(spec, init_checkpoint=init_checkpoint)

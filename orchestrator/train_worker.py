@@ -39,8 +39,11 @@ def run_name(job_id: str) -> str:
 
 
 def checkpoint_at(store: JobStore, job_id: str, step: int) -> str | None:
-    """The folder of the job's checkpoint holding ``step``, if Ray Train kept it."""
+    """The folder of the job's checkpoint holding ``step``, if Ray Train (or its base group) kept it."""
     run_dir = Path(checkpoint_root(store)) / run_name(job_id)
+    packed = run_dir / "packed" / f"step-{step}"
+    if packed.is_dir():
+        return str(packed)
     for folder in sorted(run_dir.glob("checkpoint_*")):
         step_file = folder / STEP_FILE
         if step_file.is_file() and json.loads(step_file.read_text())["step"] == step:

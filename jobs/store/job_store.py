@@ -187,6 +187,18 @@ class JobStore:
             )
             return result.rowcount == 1
 
+    def keep_alive(self, job_ids: list[str]) -> None:
+        """Record a sign of life for live jobs whose training someone other than their runner holds (a
+        base group), leaving their owner as it is; settled jobs are left alone."""
+        if not job_ids:
+            return
+        with self.db.write() as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id.in_(job_ids), JobRow.state.notin_([st.value for st in JobState if st.is_terminal]))
+                .values(heartbeat_at=time.time())
+            )
+
     def set_runtime(self, job_id: str, **info: Any) -> JobRecord:
         """Record where a job runs (merged into ``runtime``), e.g. its Ray submission id."""
         with self.db.write() as s:

@@ -52,6 +52,7 @@ from peft_methods.row_deltas import InputDelta, RowDelta
 from peft_methods.targeting import replace_module, task_head_names
 
 # Families whose causal-LM logits are exactly ``lm_head(last hidden state)`` (no soft-capping or scaling).
+PACKED_STATE = "packed_state.json"  # in every checkpoint a member writes, beside its adapter and optimizer tensors
 PLAIN_LM_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"})
 
 
@@ -60,11 +61,16 @@ def default_capacity() -> int:
     return int(os.environ.get("PEFTFLEET_GROUP_MAX_MEMBERS", "8"))
 
 
+def is_packed_checkpoint(folder: str) -> bool:
+    """Whether ``folder`` is a checkpoint a group member wrote (which a member can start from)."""
+    return os.path.isfile(os.path.join(folder, PACKED_STATE))
+
+
 def packing_problem(spec: JobSpec, *, init_checkpoint: str | None = None) -> str | None:  # type: ignore[valid-type]
     """Why ``spec`` trains solo rather than in a base group (None: it packs)."""
     if spec.packing == "off":
         return "packing is off in its spec"
-    if init_checkpoint:
+    if init_checkpoint and not is_packed_checkpoint(init_checkpoint):
         return "it continues another job's DeepSpeed checkpoint (a PBT exploit)"
     if spec.resources.num_workers > 1:
         return f"it asks for {spec.resources.num_workers} data-parallel workers; a base group has one rank today"
@@ -147,13 +153,16 @@ class BaseGroup:
 
     # -- membership (between steps only) ---------------------------------------------------------
     def add(self, spec: JobSpec, reporter: Reporter, *, method_config: Any = None,  # type: ignore[valid-type]
-            metadata: dict[str, Any] | None = None, home: str | None = None) -> Member:
-        """Set a job up as a member (data, shell, optimizer, resumed from its own checkpoint if it has one)."""
+            metadata: dict[str, Any] | None = None, home: str | None = None,
+            init_checkpoint: str | None = None) -> Member:
+        """Set a job up as a member (data, shell, optimizer, resumed from its own checkpoint if it has one,
+        else started from ``init_checkpoint``, another member's checkpoint, if given)."""
         used = set(self.members)
         free = [s for s in range(self.capacity) if s not in used]
         if not free:
             raise RuntimeError(f"the group is full ({self.capacity} members)")
-        member = Member(self, free[0], spec, reporter, method_config=method_config, metadata=metadata, home=home)
+        member = Member(self, free[0], spec, reporter, method_config=method_config, metadata=metadata, home=home,
+                        init_checkpoint=init_checkpoint)
         member.setup_data()
         member.setup_model()
         member.setup_optimizer()
@@ -355,11 +364,7 @@ class Member(Recipe):
         warmup = int(t.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.lr_schedule, warmup, self.total_steps))
-        resumed = False
-        with self.reporter.checkpoint_to_resume() as folder:
-            if folder is not None:
-                self.step, resumed = self.load_checkpoint(folder), True
-                self._say(f"resumed from checkpoint at step {self.step}")
+        resumed = self.restore()
         self.reporter.started(step=self.step, total_steps=self.total_steps, resumed=resumed,
                               summary={"total_steps": self.total_steps, "world_size": 1, **self.summary})
 
@@ -446,13 +451,13 @@ class Member(Recipe):
         save_file(tensors, os.path.join(folder, "optimizer.safetensors"))
         scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-        with open(os.path.join(folder, "packed_state.json"), "w") as f:
+        with open(os.path.join(folder, PACKED_STATE), "w") as f:
             json.dump({"step": self.step, "names": names, "param_groups": groups, "scheduler": scheduler}, f)
         with open(os.path.join(folder, STEP_FILE), "w") as f:
             json.dump({"step": self.step}, f)
 
     def load_checkpoint(self, folder: str, *, with_schedule: bool = True) -> int:
-        with open(os.path.join(folder, "packed_state.json")) as f:
+        with open(os.path.join(folder, PACKED_STATE)) as f:
             saved = json.load(f)
         if saved["names"] != list(self.params):
             raise ValueError(f"checkpoint {folder} holds tensors {saved['names'][:3]}..., not this job's")

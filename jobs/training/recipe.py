@@ -238,17 +238,7 @@ class Recipe:
             config=deepspeed_config(self.spec, self.world),
             dist_init_required=False,
         )
-        resumed = False
-        with self.reporter.checkpoint_to_resume() as folder:
-            if folder is not None:
-                self.step, resumed = self.load_checkpoint(folder), True
-                self._say(f"resumed from checkpoint at step {self.step}")
-        if not resumed and self.init_checkpoint:
-            # Another job's state, continued with this job's hyper-parameters (a PBT exploit): the adapter
-            # and optimizer state come from there, the learning-rate schedule is this job's at that step.
-            self.step = self.load_checkpoint(self.init_checkpoint, with_schedule=False)
-            self.scheduler.last_epoch = self.step
-            self._say(f"started from {self.init_checkpoint} at step {self.step}")
+        resumed = self.restore()
         self.reporter.started(step=self.step, total_steps=self.total_steps, resumed=resumed,
                               summary={"total_steps": self.total_steps, "world_size": self.world, **self.summary})
         if self.rank == 0:
@@ -346,6 +336,25 @@ class Recipe:
         )
         with open(os.path.join(folder, STEP_FILE), "w") as f:
             json.dump({"step": self.step}, f)
+
+    def restore(self) -> bool:
+        """Before the first step: resume from the job's own last checkpoint (True), or else start from
+        ``init_checkpoint``, another job's state continued with this job's hyper-parameters (a PBT exploit:
+        the adapter and optimizer state come from there, the learning-rate schedule is this job's at that
+        step)."""
+        with self.reporter.checkpoint_to_resume() as folder:
+            if folder is not None:
+                self.step = self.load_checkpoint(folder)
+                self._say(f"resumed from checkpoint at step {self.step}")
+                return True
+        if self.init_checkpoint:
+            self.step = self.load_checkpoint(self.init_checkpoint, with_schedule=False)
+            self.scheduler.last_epoch = self.step
+            sched = self.scheduler  # this job's learning rate at that step, from the first step on
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(self.step)
+            self._say(f"started from {self.init_checkpoint} at step {self.step}")
+        return False
 
     def load_checkpoint(self, folder: str, *, with_schedule: bool = True) -> int:
         """Restore a checkpoint :meth:`save_checkpoint` wrote; returns its step."""

@@ -4,6 +4,7 @@ from the job's runner, and listing and stopping groups. See docs/groups.md.
 >>> handle = group_for(spec, fingerprint, store)          # the one for this base/task/precision  # doctest: +SKIP
 >>> train_in_group(job_id, raw, spec, shared, store)          # blocks until the job leaves it        # doctest: +SKIP
 >>> list_groups()                                          # what is resident, and who trains     # doctest: +SKIP
+>>> holds(job)                                             # its group still trains it            # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def train_in_group(job_id: str, raw_spec: dict, spec: Any, shared: dict[str, Any
     config = {**shared, "spec": raw_spec}
     while True:
         group = group_for(spec, shared["base_fingerprint"], store)
+        store.set_runtime(job_id, base_group=group_name(GroupKey.of(spec, shared["base_fingerprint"]), store))
         try:
             result = ray.get(group.train.remote(job_id, config))
         except (GroupClosing, RayActorError) as e:
@@ -73,6 +75,29 @@ def train_in_group(job_id: str, raw_spec: dict, spec: Any, shared: dict[str, Any
         if result["state"] == "CANCELLED":
             raise KeyboardInterrupt(result.get("error"))  # the runner settles it as stopped on request
         raise RuntimeError(f"{result['error']}\n(in base group; its traceback:)\n{result.get('traceback', '')}")
+
+
+def holds(job: Any, timeout: float = 10) -> bool:
+    """Whether the job's base group is alive and still trains it (or has it queued): a new runner of the
+    job then re-attaches to it there rather than starting it again."""
+    name = job.runtime.get("base_group")
+    if not name or job.state not in (JobState.QUEUED, JobState.RUNNING):
+        return False
+    try:
+        seen = ray.get(ray.get_actor(name, namespace=NAMESPACE).describe.remote(), timeout=timeout)
+    except (ValueError, RayActorError, GetTimeoutError):
+        return False
+    return job.id in seen["members"] or job.id in seen["waiting"]
+
+
+def leave(job: Any, reason: str) -> None:
+    """Take the job out of its base group at the group's next step (no-op if it is in none)."""
+    name = job.runtime.get("base_group")
+    if name:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE).leave.remote(job.id, reason)
+        except ValueError:
+            pass  # the group is gone
 
 
 def _why(e: BaseException) -> str:
@@ -101,4 +126,4 @@ def stop_group(name: str) -> bool:
     return True
 
 
-__all__ = ["GroupClosing", "group_for", "group_name", "list_groups", "stop_group", "train_in_group"]
+__all__ = ["GroupClosing", "group_for", "group_name", "holds", "leave", "list_groups", "stop_group", "train_in_group"]

@@ -10,6 +10,11 @@ QUEUED) for a waiting job of higher priority. A member leaves when its job is ca
 (polled every second) or its runner asks. A group with no
 members for ``PEFTFLEET_GROUP_IDLE_S`` seconds (default 300) ends itself; a step that fails for the
 group as a whole (not one member's rows) ends it too, and its jobs' runners retry them elsewhere.
+
+The group owns its members' training: it keeps their jobs alive in the store (heartbeats, whether or
+not their runners still live) and settles them itself — SUCCEEDED with the adapter registered, FAILED
+with the error, CANCELLED when a cancel was asked — so a job whose runner died (a sweep's driver
+stopped, a node lost) still ends honestly, and a new runner of the same job re-attaches to it.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from typing import Any
 import ray
 
 from jobs.spec import parse_job_spec
-from jobs.states import JobState
+from jobs.states import IllegalTransition, JobState
 from jobs.store import JobStore
 from jobs.training.base_group import BaseGroup, GroupKey, Member
 from jobs.training.subspaces import resolve_method_config
 from orchestrator.groups.reporter import GroupReporter
+from orchestrator.runner import HEARTBEAT_INTERVAL_S
 
 NAMESPACE = "peftfleet"
 PREFIX = "peftfleet-group-"
@@ -108,7 +114,7 @@ class BaseGroupActor:
 
     # -- the training loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        last_poll = 0.0
+        last_poll = last_beat = 0.0
         while True:
             try:
                 self._membership()
@@ -127,6 +133,11 @@ class BaseGroupActor:
                 if time.monotonic() - last_poll > STORE_POLL_S:
                     last_poll = time.monotonic()
                     self._poll_store()
+                if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
+                    last_beat = time.monotonic()
+                    with self._lock:
+                        held = list(self._members) + [job_id for job_id, _ in self._joins]
+                    self.store.keep_alive(held)
             except BaseException as e:  # noqa: BLE001 - the group as a whole broke: its jobs go elsewhere
                 self._closing = f"the group failed: {type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -148,7 +159,10 @@ class BaseGroupActor:
             member = self._members.get(job_id)
             if member is not None:
                 self.group.remove(member)
+                self.store.set_runtime(job_id, left_group={"group": self.name, "step": member.step, "reason": reason})
             if member is not None or any(j == job_id for j, _ in waiting):
+                if self.store.get(job_id).state is JobState.CANCELLING:
+                    self._settle(job_id, JobState.CANCELLED, "stopped on request")
                 self._finish(job_id, {"state": "CANCELLED", "error": reason})
         with self._lock:
             self._joins.sort(key=lambda join: -_priority(join[1]))  # stable: first come first within a priority
@@ -162,8 +176,7 @@ class BaseGroupActor:
             try:
                 self._members[job_id] = self._join(job_id, config)
             except Exception as e:  # noqa: BLE001 - the job's own setup failed
-                self._finish(job_id, {"state": "FAILED", "error": f"{type(e).__name__}: {e}",
-                                      "traceback": traceback.format_exc()})
+                self._failed(job_id, e)
 
     def _preempt(self, priority: int) -> None:
         """Pause the lowest-priority member below ``priority`` (the latest joined among equals) once it is
@@ -193,17 +206,33 @@ class BaseGroupActor:
         reporter.members = len(self._members) + 1
         method_config, lineage = resolve_method_config(spec.method, self.store, fingerprint)
         metadata = {"base_fingerprint": fingerprint, "job_id": job_id, "base_group": self.name, **lineage}
-        return self.group.add(spec, reporter, method_config=method_config, metadata=metadata, home=self.home)
+        return self.group.add(spec, reporter, method_config=method_config, metadata=metadata, home=self.home,
+                              init_checkpoint=config.get("init_checkpoint"))
 
     def _left(self, member: Member, error: BaseException | None) -> None:
         job_id = next(j for j, m in self._members.items() if m is member)
-        if error is None:
-            adapters = self.store.adapters.list(job_id=job_id)
-            self._finish(job_id, {"state": "SUCCEEDED", "outcome": f"adapter {adapters[0].name} registered"
-                                  if adapters else "finished"})
-        else:
-            self._finish(job_id, {"state": "FAILED", "error": f"{type(error).__name__}: {error}",
-                                  "traceback": "".join(traceback.format_exception(error))})
+        if error is not None:
+            self._failed(job_id, error)
+            return
+        adapters = self.store.adapters.list(job_id=job_id)
+        outcome = f"adapter {adapters[0].name} registered" if adapters else "finished"
+        self._settle(job_id, JobState.SUCCEEDED, outcome)
+        self._finish(job_id, {"state": "SUCCEEDED", "outcome": outcome})
+
+    def _failed(self, job_id: str, error: BaseException) -> None:
+        message = f"{type(error).__name__}: {error}"
+        trace = "".join(traceback.format_exception(error))
+        self._settle(job_id, JobState.FAILED, "training failed (in its base group)", error=message[:20000],
+                     traceback=trace)
+        self._finish(job_id, {"state": "FAILED", "error": message, "traceback": trace})
+
+    def _settle(self, job_id: str, to: JobState, reason: str, **fields: Any) -> None:
+        """Settle a job the group trained (its runner may be gone); someone who settled it first wins."""
+        try:
+            if not self.store.get(job_id).state.is_terminal:
+                self.store.transition(job_id, to, reason=reason, **fields)
+        except IllegalTransition:
+            pass
 
     def _finish(self, job_id: str, result: dict[str, Any]) -> None:
         self._members.pop(job_id, None)

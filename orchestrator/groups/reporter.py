@@ -3,7 +3,8 @@
 
 Checkpoints are persisted under ``<checkpoint root>/peftfleet-<job id>/packed/step-<N>`` (written to a
 temporary folder, then renamed, so a reader never sees half of one); the job resumes from its newest
-after its group dies, in whichever group it joins next.
+after its group dies, in whichever group it joins next. The newest two are kept (every one for a PBT
+trial: other trials continue from them).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class GroupReporter:
         self.store, self.job_id, self.spec = store, job_id, spec
         self.base_fingerprint, self.group = base_fingerprint, group
         self.members = 1  # members when this one started, for its events
+        sweep = store.get(job_id).runtime.get("sweep_id")
+        # A PBT trial's checkpoints are what other trials continue from: keep them all, as Ray Train does.
+        self.keep = None if sweep and store.sweeps.get(sweep).scheduler == "pbt" else KEEP_CHECKPOINTS
 
     @contextmanager
     def checkpoint_to_resume(self) -> Iterator[str | None]:
@@ -68,11 +72,11 @@ class GroupReporter:
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
-        for _, old in packed_checkpoints(self.store, self.job_id)[:-KEEP_CHECKPOINTS]:
+        for _, old in packed_checkpoints(self.store, self.job_id)[: -self.keep if self.keep else 0]:
             shutil.rmtree(old, ignore_errors=True)
 
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
         return register_job_adapter(self.store, self.spec, self.job_id, self.base_fingerprint, folder, metrics)
 
     def finished(self, step: int, metrics: dict[str, float], adapter: str | None) -> None:
-        pass  # the job's runner settles it SUCCEEDED once the group says it left
+        pass  # its group settles it SUCCEEDED once it left (the runner may be gone)

@@ -2,15 +2,18 @@
 `python -m orchestrator.tune.driver SWEEP_ID [--resume]`.
 
 It runs Ray Tune over the sweep's drawn configurations. Each trial is a job in the store, run by
-the same code as any job (:func:`orchestrator.runner.run`: Ray Train workers, DeepSpeed, the
-recipe), while the trial reports that job's evaluation metrics to Tune as they reach the store,
+the same code as any job (:func:`orchestrator.runner.run`): as a member of the base group of its base
+model when every trial can pack (a packed sweep: up to the group's member cap of trials train together
+on one resident base, and a stopped trial's rows leave the group at its next step), else with Ray
+Train workers and DeepSpeed of its own. The trial reports that job's evaluation metrics to Tune as they reach the store,
 so ASHA can stop weak trials early. Under PBT every reported evaluation comes with a pointer to
 that step's checkpoint in shared storage; a trial PBT restarts from another's checkpoint becomes a
 new job starting from it with the perturbed values. A trial the scheduler stopped or paused
 is recorded STOPPED, not FAILED. At the end the best finished trial's adapter is recorded on the
 sweep (and promoted if asked). ``--resume`` continues a sweep whose driver died with
-``Tuner.restore``: finished trials stay finished, interrupted ones start again (their jobs resume
-from their last checkpoint).
+``Tuner.restore``: finished trials stay finished, a packed trial its base group still trains is
+re-attached where it is, other interrupted ones start again (their jobs resume from their last
+checkpoint).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from jobs.states import TERMINAL, IllegalTransition, JobState
 from jobs.store import JobStore
 from jobs.store.sweep_registry import SweepRecord
 from jobs.sweep_spec import SweepSpec, draw, mutable, trial_spec
-from orchestrator.tune.sweeps import TRIAL_CPU
+from orchestrator.tune.sweeps import packing
 
 POLL_S = 1.0
 
@@ -134,7 +137,7 @@ def _pbt_start(store: JobStore, sweep_id: str, trial_id: str) -> dict[str, Any] 
         return None
     for t in store.sweeps.trials(sweep_id):
         if t.trial_id == trial_id and not t.job.state.is_terminal:
-            _release_workers(t.job.runtime.get("placement_group"))
+            _release(t.job, "PBT continues the trial from another's checkpoint")
             try:
                 store.transition(
                     t.job.id,
@@ -164,6 +167,8 @@ def _job_for(
             job_spec = job_spec.model_copy(update={"idempotency_key": f"{job_spec.idempotency_key}-r{attempt}"})
         job = store.submit(job_spec)
         if job.state is JobState.PENDING or job.state is JobState.SUCCEEDED:
+            return job
+        if _held_by_group(job):  # its old driver died, its base group trains on: re-attach, lose nothing
             return job
         if job.state in (JobState.RUNNING, JobState.QUEUED, JobState.RETRYING):  # its old driver died
             target = JobState.RETRYING if job.state is JobState.RUNNING else JobState.PENDING
@@ -212,7 +217,7 @@ class RecordTrialEnds(Callback):
 
     def _settle(self, job_id: str, to: JobState, reason: str) -> None:
         job = self.store.get(job_id)
-        _release_workers(job.runtime.get("placement_group"))
+        _release(job, reason)
         if job.state in TERMINAL:
             return
         try:
@@ -221,6 +226,21 @@ class RecordTrialEnds(Callback):
             self.store.transition(job_id, to, reason=reason)
         except IllegalTransition:
             pass  # the trial's own runner settled it first
+
+
+def _held_by_group(job) -> bool:
+    from orchestrator.groups import holds
+
+    return holds(job)
+
+
+def _release(job, reason: str) -> None:
+    """Free what an ended trial's job held: its base-group rows (gone at the group's next step) or its
+    Ray Train workers."""
+    from orchestrator.groups import leave
+
+    leave(job, reason)
+    _release_workers(job.runtime.get("placement_group"))
 
 
 def _release_workers(placement_group: str | None) -> None:
@@ -274,11 +294,13 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
     submission_id = os.environ.get("PEFTFLEET_SUBMISSION_ID")
     storage = store.artifacts.uri_for("sweeps")
     name = f"sweep-{sweep_id}"
+    plan = packing(spec)
     trainable = tune.with_resources(
-        tune.with_parameters(trial, sweep_id=sweep_id, submission_id=submission_id), {"CPU": TRIAL_CPU}
+        tune.with_parameters(trial, sweep_id=sweep_id, submission_id=submission_id), {"CPU": plan.trial_cpu}
     )
     callbacks = [RecordTrialEnds(spec.scheduler)]
-    store.sweeps.update(sweep_id, state="RUNNING", experiment_path=os.path.join(storage, name), error=None)
+    store.sweeps.update(sweep_id, state="RUNNING", experiment_path=os.path.join(storage, name), error=None,
+                        runtime={**record.runtime, "packing": plan.describe()})
     try:
         if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
             tuner = tune.Tuner.restore(
@@ -297,7 +319,7 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
                     mode=spec.mode,
                     scheduler=_scheduler(spec),
                     num_samples=1,
-                    max_concurrent_trials=spec.max_concurrent,
+                    max_concurrent_trials=plan.max_concurrent,
                 ),
                 # A trial's last report (its job finished) ends it, before the scheduler sees it: PBT
                 # must not "continue" a trial that has nothing left to train.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +41,35 @@ class Client(Protocol):
     def cancel(self, job_id: str, *, timeout: float = 120) -> JobRecord: ...
 
 TRIAL_CPU = 0.1  # what a trial's own process reserves; its Ray Train workers reserve the rest
+PACKED_TRIAL_CPU = 0.01  # a packed trial's process only follows its job: its base group holds the compute
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a sweep's trials train: ``solo`` says why not packed (None: packed into base groups)."""
+
+    solo: str | None
+    trial_cpu: float
+    max_concurrent: int | None
+
+    def describe(self) -> str:
+        if self.solo:
+            return f"solo: {self.solo}"
+        return f"packed: up to {self.max_concurrent} trials at once train together in one base group"
+
+
+def packing(spec: Any) -> Packing:
+    """Whether every trial of the sweep can train in a base group (checked over the drawn configurations and
+    every bound and choice). A packed sweep runs up to the group's member cap of trials at once (its
+    ``max_concurrent`` is bounded by the cap, not by worker slots), so ASHA sees full rungs early."""
+    from jobs.training.base_group import default_capacity, packing_problem
+
+    for label, params in validation_configs(spec):
+        problem = packing_problem(trial_spec(spec, params, 0, label=label))
+        if problem:
+            return Packing(f"{label}: {problem}", TRIAL_CPU, spec.max_concurrent)
+    cap = default_capacity()
+    return Packing(None, PACKED_TRIAL_CPU, min(spec.max_concurrent or cap, cap))
 
 
 def start_sweep(client: Client, sweep: Any) -> SweepHandle:
@@ -50,8 +80,9 @@ def start_sweep(client: Client, sweep: Any) -> SweepHandle:
     for s in specs:
         check_references(client.store, s)
     largest = max(specs, key=lambda s: s.resources.num_workers * s.resources.cpus_per_worker)
-    # Every trial's workers must fit (the search space may set their resources). A trial's own process takes
-    # TRIAL_CPU besides its workers (lower resources.cpus_per_worker, e.g. to 0.9).
+    # Every trial's workers (or base group) must fit (the search space may set their resources). A trial's own
+    # process takes a little CPU besides them (lower resources.cpus_per_worker, e.g. to 0.9).
+    trial_cpu = packing(spec).trial_cpu
     checked = set()
     for label, s in labelled:
         if s.resources not in checked:
@@ -59,8 +90,8 @@ def start_sweep(client: Client, sweep: Any) -> SweepHandle:
             check_feasible(
                 client.cluster,
                 s,
-                extra_cpus=TRIAL_CPU,
-                what=f"sweep {spec.name!r} ({label}: {TRIAL_CPU} CPU for the trial itself besides its workers)",
+                extra_cpus=trial_cpu,
+                what=f"sweep {spec.name!r} ({label}: {trial_cpu} CPU for the trial itself besides its workers)",
             )
     record = client.store.sweeps.create(spec)
     submission_id = f"peftfleet-sweep-{record.id}-{uuid.uuid4().hex[:6]}"
@@ -143,6 +174,7 @@ class SweepHandle:
                     record.metric: values[-1].value if values else None,
                     "evaluations": len(values),
                     "seconds": end - (t.job.started_at or t.job.created_at),
+                    "group": t.job.runtime.get("base_group"),  # the base group it trained in; None: solo
                 }
             )
         return rows

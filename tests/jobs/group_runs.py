@@ -2,8 +2,9 @@
 ``python -m tests.jobs.group_runs PLAN_JSON OUT_JSON``.
 
 PLAN_JSON: ``{"specs": [...], "join_at": {index: group step}, "remove_at": {index: group step},
-"resume": {index: checkpoint folder}}`` — every spec joins at step 0 unless ``join_at`` says later; a member
-listed in ``remove_at`` leaves (as a cancel does) before that group step. OUT_JSON holds, per spec, what
+"resume": {index: checkpoint folder}, "init": {index: another member's checkpoint folder}}`` — every spec
+joins at step 0 unless ``join_at`` says later; a member listed in ``remove_at`` leaves (as a cancel does)
+before that group step; ``init`` starts one from another's checkpoint (a PBT exploit). OUT_JSON holds, per spec, what
 its in-memory reporter was told, plus the group's peak member count."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     join_at = {int(k): v for k, v in plan.get("join_at", {}).items()}
     remove_at = {int(k): v for k, v in plan.get("remove_at", {}).items()}
     resume = {int(k): v for k, v in plan.get("resume", {}).items()}
+    init = {int(k): v for k, v in plan.get("init", {}).items()}
     first = specs[0]
     group = BaseGroup(first.base_model, first.task, precision=first.deepspeed.precision,
                       base_dropout=first.training.base_dropout,
@@ -36,8 +38,8 @@ def main() -> None:
     while waiting or group.members:
         for i in sorted(waiting):
             if join_at.get(i, 0) <= step:
-                members[i] = group.add(specs[i], reporters[i], metadata={"base_fingerprint": "sha256:test",
-                                                                         "job_id": f"j{i}"})
+                members[i] = group.add(specs[i], reporters[i], init_checkpoint=init.get(i),
+                                       metadata={"base_fingerprint": "sha256:test", "job_id": f"j{i}"})
                 waiting.discard(i)
         for i, at in remove_at.items():
             if at == step and i in members:

@@ -129,6 +129,24 @@ def test_a_packed_job_resumes_from_its_own_checkpoint_on_the_same_trajectory(tmp
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_member_continues_another_members_checkpoint_with_its_own_hyper_parameters(tmp_path, tiny_bert_dir):
+    donor = trec("donor", {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=8, checkpoint_every_steps=4,
+                 lr=0.01, lr_schedule="constant")
+    full = run_group(tmp_path, {"specs": [donor]})["members"][0]
+    (_, checkpoint), = full["checkpoints"]
+    recipient = {**donor, "name": "recipient", "training": {**donor["training"], "lr": 0.05}}
+    assert packing_problem(parse_job_spec(recipient), init_checkpoint=checkpoint) is None  # a PBT exploit packs
+    assert "DeepSpeed" in packing_problem(parse_job_spec(recipient), init_checkpoint=str(tmp_path))
+    continued = run_group(tmp_path, {"specs": [recipient], "init": {"0": checkpoint}})["members"][0]
+    start = continued["events"][0][1]
+    assert start["step"] == 4 and not start["resumed"]
+    mine, theirs = losses(continued), losses(full)
+    assert sorted(mine) == [5, 6, 7, 8]
+    assert mine[5] == pytest.approx(theirs[5], rel=1e-5)  # the donor's tensors at step 4, the same batch
+    assert mine[6] != pytest.approx(theirs[6], rel=1e-3)  # its own learning rate from its first step on
+    assert [v for _, name, v in continued["recorded"] if name == "lr"] == pytest.approx([0.05] * 4)
+
+
 def test_a_member_whose_loss_is_not_finite_leaves_alone(tiny_bert_dir):
     group = BaseGroup(str(tiny_bert_dir), "sequence-classification")
     specs = [parse_job_spec(trec(n, {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=4))

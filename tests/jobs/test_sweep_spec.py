@@ -115,3 +115,91 @@ def test_the_example_sweep_validates_with_its_spec_inline():
     spec = load_sweep_spec(Path(__file__).resolve().parents[2] / "examples" / "trec-sweep.yaml")
     assert spec.scheduler == "asha" and spec.num_samples == 6 and spec.promote
     assert {d["method"]["method"] for d in draw(spec)} == {"lora", "bitfit"}
+
+
+def grid_sweep(**overrides) -> dict:
+    space = {
+        "training.batch_size": {"grid": [8, 16]},
+        "method": {"grid": [{"method": "lora", "r": 4}, {"method": "lora", "r": 8}, {"method": "bitfit"}]},
+        "training.lr": {"loguniform": [1e-4, 1e-2]},
+    }
+    return sweep(**{"search_space": space, "num_samples": None, **overrides})
+
+
+def test_a_grid_runs_every_combination_with_the_other_values_drawn_per_trial():
+    import itertools
+
+    spec = parse_sweep_spec(grid_sweep())
+    assert spec.num_samples == 1
+    first, again, other = draw(spec), draw(spec), draw(parse_sweep_spec(grid_sweep(seed=1)))
+    assert first == again and first != other and len(first) == 6
+    methods = spec.search_space["method"]["grid"]
+    combos = [(p["training.batch_size"], p["method"]) for p in first]
+    assert combos == list(itertools.product([8, 16], methods))  # every combination once, last key fastest
+    assert all(list(p) == ["training.batch_size", "method", "training.lr"] for p in first)
+    lrs = [p["training.lr"] for p in first]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 6  # drawn per trial, not per grid point
+    job = trial_spec(spec, first[5], 5)
+    assert job.training.batch_size == 16 and job.method.method == "bitfit" and job.training.lr == lrs[5]
+
+    twice = draw(parse_sweep_spec(grid_sweep(num_samples=2)))
+    assert len(twice) == 12 and [(p["training.batch_size"], p["method"]) for p in twice] == combos * 2
+    assert len({p["training.lr"] for p in twice}) == 12
+
+
+def test_num_samples_defaults_to_one_grid_or_eight_draws():
+    assert parse_sweep_spec(grid_sweep()).num_samples == 1
+    assert parse_sweep_spec(sweep(num_samples=None)).num_samples == 8
+    without_key = sweep()
+    del without_key["num_samples"]
+    assert parse_sweep_spec(without_key).num_samples == 8 and len(draw(parse_sweep_spec(without_key))) == 8
+    with_grid = grid_sweep()
+    del with_grid["num_samples"]
+    assert parse_sweep_spec(with_grid).num_samples == 1 and len(draw(parse_sweep_spec(with_grid))) == 6
+    assert parse_sweep_spec(grid_sweep(num_samples=3)).num_samples == 3
+
+
+@pytest.mark.parametrize(
+    "space,where,message",
+    [
+        ({"method": {"method": "lora", "r": {"grid": [4, 8]}}}, "search_space.method.r", "only at the top level"),
+        (
+            {"method": {"choice": [{"method": "lora", "r": {"grid": [4, 8]}}, {"method": "bitfit"}]}},
+            "search_space.method.choice[0].r",
+            "only at the top level",
+        ),
+        (
+            {"method": {"grid": [{"method": "lora", "r": {"grid": [4, 8]}}]}},
+            "search_space.method.grid[0].r",
+            "only at the top level",
+        ),
+        (
+            {"method": {"grid": [{"method": "lora", "r": {"choice": [4, 8]}}]}},
+            "search_space.method.grid[0].r",
+            "constants",
+        ),
+        ({"training.batch_size": {"grid": []}}, "search_space.training.batch_size", "non-empty"),
+        ({"training.batch_size": {"grid": 8}}, "search_space.training.batch_size", "non-empty"),
+    ],
+)
+def test_a_bad_grid_is_refused_naming_where(space, where, message):
+    with pytest.raises(JobSpecError) as err:
+        parse_sweep_spec(sweep(search_space=space))
+    assert err.value.problems[0][0] == where and message in err.value.problems[0][1], err.value.problems
+
+
+def test_a_grid_value_that_makes_a_bad_job_is_refused_at_parse_time():
+    with pytest.raises(JobSpecError) as err:
+        parse_sweep_spec(sweep(search_space={"training.lr": {"grid": [0.01, -1]}}))
+    path, _ = err.value.problems[0]
+    assert path == "search_space (training.lr = grid[1]): training.lr", err.value.problems
+    parse_sweep_spec(sweep(search_space={"training.lr": {"grid": [0.01, 0.001]}}))  # the same grid, valid
+
+
+def test_a_grid_over_ten_thousand_trials_is_refused():
+    space = {"training.seed": {"grid": list(range(101))}, "training.batch_size": {"grid": list(range(1, 101))}}
+    with pytest.raises(JobSpecError) as err:
+        parse_sweep_spec(sweep(search_space=space, num_samples=None))
+    assert err.value.problems[0][0] == "num_samples" and "10100 trials" in err.value.problems[0][1]
+    with pytest.raises(JobSpecError, match="at most 10,000"):
+        parse_sweep_spec(grid_sweep(num_samples=1667))  # 6 x 1667 = 10002
