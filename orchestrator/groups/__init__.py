@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from jobs.states import JobState
 from jobs.store import JobStore
@@ -42,6 +43,8 @@ def group_for(spec: Any, base_fingerprint: str, store: JobStore):
     actor = ray.remote(BaseGroupActor).options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         num_cpus=key.cpus, num_gpus=key.gpus, max_concurrency=64, max_restarts=0,
+        # Never inside the caller's placement group (a sweep trial's): the group outlives it and reserves its own.
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         runtime_env={"env_vars": {**JOB_ENV, **worker_env(key.cpus, key.gpus)}},
     )
     home = str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME")
