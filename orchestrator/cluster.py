@@ -105,7 +105,7 @@ def worker_env(cpus: float, gpus: float) -> dict[str, str]:
     DeepSpeed's accelerator, its thread count, and the settings passed on from this process."""
     return {
         "DS_ACCELERATOR": "cuda" if gpus else "cpu",
-        "OMP_NUM_THREADS": str(max(1, int(cpus))),
+        "OMP_NUM_THREADS": str(max(1, round(cpus))),  # 1.9 CPUs: 2 threads (0.1 left for light processes)
         **{k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ},
     }
 

@@ -105,10 +105,11 @@ def test_a_sweep_whose_driver_died_resumes_keeping_finished_trials(client, tiny_
     assert record.best_adapter in {a.name for a in client.adapters.list()}
 
 
-def test_pbt_continues_weak_trials_from_strong_ones_checkpoints(client, tiny_spec):
+@pytest.mark.parametrize("packing", ["off", "auto"])  # auto: its trials train in one base group
+def test_pbt_continues_weak_trials_from_strong_ones_checkpoints(client, tiny_spec, packing):
     space = {"training.lr": {"loguniform": [1e-6, 0.05]}}
     sweep = client.tune(
-        _spec(tiny_spec),
+        {**_spec(tiny_spec), "packing": packing},
         search_space=space,
         metric="eval_loss",
         mode="min",
@@ -129,6 +130,9 @@ def test_pbt_continues_weak_trials_from_strong_ones_checkpoints(client, tiny_spe
         donor = job.runtime["continues"]
         assert donor["job_id"] in {x["job"] for x in trials} and donor["step"] > 0
         assert client.store.metrics(job.id, "resumed_from_step")[0].value == donor["step"]  # not from scratch
+        if packing == "auto":  # it continued in the donor's group, from the donor's packed checkpoint
+            assert job.runtime["base_group"] == client.store.get(donor["job_id"]).runtime["base_group"]
+            assert "/packed/step-" in donor["path"]
     # A continued trial's earlier job is settled, never a failure: cut short (whoever settled it first, the
     # new trial's actor, "PBT exploit", or the runner seeing its Train controller go), or, when its last
     # steps outran the exploit decision, finished with its adapter.
