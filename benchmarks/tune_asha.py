@@ -31,26 +31,25 @@ SPACE = {"training.lr": {"loguniform": [1e-4, 3e-2]}, "method.r": {"choice": [4,
 SAMPLES, SEED = 8, 3
 
 
-def run(client, scheduler: str) -> dict:
+def timed_sweep(client, spec: dict, scheduler: str, **options) -> tuple:
+    """One sweep ranked by held-out loss, run to its end: its record, wall seconds, and its trials, each with
+    its final held-out accuracy."""
     started = time.perf_counter()
-    sweep = client.tune(
-        SPEC,
-        search_space=SPACE,
-        metric="eval_loss",
-        mode="min",
-        num_samples=SAMPLES,
-        scheduler=scheduler,
-        max_concurrent=2,
-        seed=SEED,
-        name=f"bench-{scheduler}",
-        scheduler_options={"grace_period": 1, "reduction_factor": 2} if scheduler == "asha" else {},
-    )
-    record = sweep.wait()
+    handle = client.tune(spec, metric="eval_loss", mode="min", scheduler=scheduler,
+                         scheduler_options={"grace_period": 1, "reduction_factor": 2} if scheduler == "asha" else {},
+                         **options)
+    record = handle.wait()
     wall = time.perf_counter() - started
-    trials = sweep.trials()
+    trials = handle.trials()
     for t in trials:
         accuracy = client.store.metrics(t["job"], "eval_accuracy")
         t["eval_accuracy"] = accuracy[-1].value if accuracy else None
+    return record, wall, trials
+
+
+def run(client, scheduler: str) -> dict:
+    record, wall, trials = timed_sweep(client, SPEC, scheduler, search_space=SPACE, num_samples=SAMPLES,
+                                       max_concurrent=2, seed=SEED, name=f"bench-{scheduler}")
     cpu_seconds = sum(t["seconds"] * 0.9 for t in trials)
     finished = [t["eval_accuracy"] for t in trials if t["state"] == "SUCCEEDED" and t["eval_accuracy"] is not None]
     return {

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tune_asha import timed_sweep  # run as a script, so its folder is on the path
+
 RESULTS = Path(__file__).parent / "results"
 SPEC = {
     "name": "packed-bench", "base_model": "minilm", "task": "sequence-classification",
@@ -39,25 +41,17 @@ SPEC = {
     "resources": {"num_workers": 1},
 }
 GRID8 = {"training.lr": {"grid": [3e-4, 1e-3, 3e-3, 1e-2]}, "method.r": {"grid": [4, 16]}}
-GRID32 = {"training.lr": {"grid": [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]}, "method.r": {"grid": [2, 4, 8, 16]}}
+GRID32 = {"training.lr": {"grid": [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]},
+          "method.r": {"grid": [2, 4, 8, 16]}}
 SOLO = {"packing": "off", "resources": {"num_workers": 1, "cpus_per_worker": 0.9}}
 PACKED = {"packing": "auto", "resources": {"num_workers": 1, "cpus_per_worker": 1.9}}
 
 
 def sweep(client, label: str, space: dict, how: dict, scheduler: str, *, epochs: int = 3) -> dict:
     spec = {**SPEC, **how, "training": {**SPEC["training"], "epochs": epochs}}
-    started = time.perf_counter()
-    handle = client.tune(
-        spec, search_space=space, metric="eval_loss", mode="min", scheduler=scheduler, name=f"bench-{label}",
-        max_concurrent=2 if how is SOLO else None,
-        scheduler_options={"grace_period": 1, "reduction_factor": 2} if scheduler == "asha" else {},
-    )
-    record = handle.wait()
-    wall = time.perf_counter() - started
-    trials = handle.trials()
+    record, wall, trials = timed_sweep(client, spec, scheduler, search_space=space, name=f"bench-{label}",
+                                       max_concurrent=2 if how is SOLO else None)
     for t in trials:
-        accuracy = client.store.metrics(t["job"], "eval_accuracy")
-        t["eval_accuracy"] = accuracy[-1].value if accuracy else None
         t["steps"] = steps_taken(client.store, t["job"])
     finished = [t for t in trials if t["state"] == "SUCCEEDED" and t["eval_loss"] is not None]
     best = min(finished, key=lambda t: t["eval_loss"])
@@ -106,10 +100,11 @@ def main() -> None:
         "asha_accuracy_gap_points": 100 * (packed["best_accuracy"] - asha["best_accuracy"]),
     }
     if with_32:
-        findings["grid32_packed_over_solo_wall"] = by["grid32-packed"]["wall_seconds"] / by["grid32-solo"]["wall_seconds"]
+        grid_packed, grid_solo = by["grid32-packed"]["wall_seconds"], by["grid32-solo"]["wall_seconds"]
+        findings["grid32_packed_over_solo_wall"] = grid_packed / grid_solo
     (RESULTS / "tune_packed.partial.json").unlink()
-    (RESULTS / "tune_packed.json").write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "runs": runs, "findings": findings}, indent=2) + "\n")
+    report = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "runs": runs, "findings": findings}
+    (RESULTS / "tune_packed.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# Packed sweeps: TREC / MiniLM LoRA grids, trials packed in one base group vs one worker group each",
         "",
@@ -121,7 +116,7 @@ def main() -> None:
         "optimizer steps each trial took. 32-configuration grid: `training.lr` ∈ {1e-4 … 2e-2} (8) × `method.r` ∈ "
         "{2, 4, 8, 16}, 1 epoch (62 steps), packed 8 at a time vs solo 2 at a time.",
         "",
-        "| sweep | state | wall seconds | trial-steps | best config (lr, r) | best accuracy | trials finished / stopped |",
+        "| sweep | state | wall seconds | trial-steps | best config (lr, r) | best accuracy | finished / stopped |",
         "|---|---|---:|---:|---|---:|---:|",
     ]
     for r in runs:
@@ -131,20 +126,20 @@ def main() -> None:
         lines.append(f"| {r['sweep']} | {r['state']} | {r['wall_seconds']:.0f} | {r['trial_steps']} | "
                      f"{p['training.lr']:g}, {p['method.r']} | {r['best_accuracy']:.3f} | {done} / {stopped} |")
     f = findings
+    gap, asha_gap = f["packed_accuracy_gap_points"], f["asha_accuracy_gap_points"]
     lines += [
         "",
         f"- Packed FIFO took {f['packed_over_solo_wall']:.2f}× solo FIFO's wall time (target ≤ 0.7× on 2 CPUs: "
         f"{'met' if f['packed_over_solo_wall'] <= 0.7 else 'MISSED'}); best configuration "
-        f"{'the same' if f['same_best_config'] else 'DIFFERENT'}; its accuracy {f['packed_accuracy_gap_points']:+.1f} "
-        f"points below solo's (target within 0.5: {'met' if abs(f['packed_accuracy_gap_points']) <= 0.5 else 'MISSED'}).",
+        f"{'the same' if f['same_best_config'] else 'DIFFERENT'}; its accuracy {gap:+.1f} points below solo's "
+        f"(target within 0.5: {'met' if abs(gap) <= 0.5 else 'MISSED'}).",
         f"- Packed ASHA spent {100 * f['asha_share_of_packed_fifo_steps']:.0f}% of packed FIFO's trial-steps (target "
         f"≤ 50%: {'met' if f['asha_share_of_packed_fifo_steps'] <= 0.5 else 'MISSED'}); its best accuracy "
-        f"{f['asha_accuracy_gap_points']:+.1f} points below packed FIFO's (target within 1: "
-        f"{'met' if abs(f['asha_accuracy_gap_points']) <= 1 else 'MISSED'}).",
+        f"{asha_gap:+.1f} points below packed FIFO's (target within 1: {'met' if abs(asha_gap) <= 1 else 'MISSED'}).",
     ]
     if with_32:
-        lines.append(f"- The 32-configuration grid finished packed in {by['grid32-packed']['wall_seconds']:.0f} s, "
-                     f"{f['grid32_packed_over_solo_wall']:.2f}× the solo path's {by['grid32-solo']['wall_seconds']:.0f} s.")
+        lines.append(f"- The 32-configuration grid finished packed in {grid_packed:.0f} s, "
+                     f"{f['grid32_packed_over_solo_wall']:.2f}× the solo path's {grid_solo:.0f} s.")
     lines += ["", "| sweep | trial | lr | r | state | steps | held-out accuracy | held-out loss |",
               "|---|---|---:|---:|---|---:|---:|---:|"]
     for r in runs[:3]:

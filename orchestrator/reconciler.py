@@ -13,6 +13,7 @@ training is instead handed back for another run — RUNNING → RETRYING, QUEUED
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from jobs.states import IllegalTransition, JobState
 from jobs.store import JobRecord, JobStore
 from orchestrator.cluster import RAY_LIVE, Cluster
 
+HEARTBEAT_INTERVAL_S = float(os.environ.get("PEFTFLEET_HEARTBEAT_INTERVAL_S", "5"))  # how often owners beat
 LIVE = (JobState.PENDING, JobState.QUEUED, JobState.RUNNING, JobState.RETRYING, JobState.CANCELLING)
 RESUBMITTABLE = {
     JobState.RUNNING: JobState.RETRYING,

@@ -20,8 +20,7 @@ import traceback
 
 from jobs.states import JobState
 from jobs.store import JobStore
-
-HEARTBEAT_INTERVAL_S = float(os.environ.get("PEFTFLEET_HEARTBEAT_INTERVAL_S", "5"))
+from orchestrator.reconciler import HEARTBEAT_INTERVAL_S
 
 
 class _Stopped(BaseException):

@@ -51,8 +51,8 @@ from peft_methods.mixed_module import MixedModule, RowRouter
 from peft_methods.row_deltas import InputDelta, RowDelta
 from peft_methods.targeting import replace_module, task_head_names
 
-# Families whose causal-LM logits are exactly ``lm_head(last hidden state)`` (no soft-capping or scaling).
 PACKED_STATE = "packed_state.json"  # in every checkpoint a member writes, beside its adapter and optimizer tensors
+# Families whose causal-LM logits are exactly ``lm_head(last hidden state)`` (no soft-capping or scaling).
 PLAIN_LM_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"})
 
 

@@ -34,7 +34,7 @@ from jobs.store import JobStore
 from jobs.training.base_group import BaseGroup, GroupKey, Member
 from jobs.training.subspaces import resolve_method_config
 from orchestrator.groups.reporter import GroupReporter
-from orchestrator.runner import HEARTBEAT_INTERVAL_S
+from orchestrator.reconciler import HEARTBEAT_INTERVAL_S
 
 NAMESPACE = "peftfleet"
 PREFIX = "peftfleet-group-"

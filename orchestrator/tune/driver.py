@@ -5,8 +5,8 @@ It runs Ray Tune over the sweep's drawn configurations. Each trial is a job in t
 the same code as any job (:func:`orchestrator.runner.run`): as a member of the base group of its base
 model when every trial can pack (a packed sweep: up to the group's member cap of trials train together
 on one resident base, and a stopped trial's rows leave the group at its next step), else with Ray
-Train workers and DeepSpeed of its own. The trial reports that job's evaluation metrics to Tune as they reach the store,
-so ASHA can stop weak trials early. Under PBT every reported evaluation comes with a pointer to
+Train workers and DeepSpeed of its own. The trial reports that job's evaluation metrics to Tune as
+they reach the store, so ASHA can stop weak trials early. Under PBT every reported evaluation comes with a pointer to
 that step's checkpoint in shared storage; a trial PBT restarts from another's checkpoint becomes a
 new job starting from it with the perturbed values. A trial the scheduler stopped or paused
 is recorded STOPPED, not FAILED. At the end the best finished trial's adapter is recorded on the
@@ -33,6 +33,7 @@ from jobs.states import TERMINAL, IllegalTransition, JobState
 from jobs.store import JobStore
 from jobs.store.sweep_registry import SweepRecord
 from jobs.sweep_spec import SweepSpec, draw, mutable, trial_spec
+from orchestrator.groups import holds, leave
 from orchestrator.tune.sweeps import packing
 
 POLL_S = 1.0
@@ -168,7 +169,7 @@ def _job_for(
         job = store.submit(job_spec)
         if job.state is JobState.PENDING or job.state is JobState.SUCCEEDED:
             return job
-        if _held_by_group(job):  # its old driver died, its base group trains on: re-attach, lose nothing
+        if holds(job):  # its old driver died, its base group trains on: re-attach, lose nothing
             return job
         if job.state in (JobState.RUNNING, JobState.QUEUED, JobState.RETRYING):  # its old driver died
             target = JobState.RETRYING if job.state is JobState.RUNNING else JobState.PENDING
@@ -228,17 +229,9 @@ class RecordTrialEnds(Callback):
             pass  # the trial's own runner settled it first
 
 
-def _held_by_group(job) -> bool:
-    from orchestrator.groups import holds
-
-    return holds(job)
-
-
 def _release(job, reason: str) -> None:
     """Free what an ended trial's job held: its base-group rows (gone at the group's next step) or its
     Ray Train workers."""
-    from orchestrator.groups import leave
-
     leave(job, reason)
     _release_workers(job.runtime.get("placement_group"))
 
