@@ -18,6 +18,8 @@ accuracy within 0.5 point; packed ASHA ≤ 50% of packed FIFO's trial-steps with
 
     python benchmarks/tune_packed.py            # ~40 minutes on 2 CPUs; writes benchmarks/results/tune_packed.{md,json}
     python benchmarks/tune_packed.py --no-32    # the 8-configuration sweeps only
+    python benchmarks/tune_packed.py --report   # the tables again, from results/tune_packed.partial.json
+    python benchmarks/tune_packed.py --only grid32-packed   # re-measure some sweeps, keep the others' results
 """
 
 from __future__ import annotations
@@ -79,18 +81,30 @@ def steps_taken(store, job_id: str) -> int:
 def main() -> None:
     from orchestrator import Client
 
-    with_32 = "--no-32" not in sys.argv[1:]
-    client = Client(home=tempfile.mkdtemp(), num_cpus=os.cpu_count())
+    if "--report" in sys.argv[1:]:  # only write the tables, from the runs a previous invocation saved
+        report(json.loads((RESULTS / "tune_packed.partial.json").read_text()))
+        return
+    args = sys.argv[1:]
+    only = set(args[args.index("--only") + 1].split(",")) if "--only" in args else None
     plan = [("solo-fifo", GRID8, SOLO, "fifo", 3), ("packed-fifo", GRID8, PACKED, "fifo", 3),
             ("packed-asha", GRID8, PACKED, "asha", 3)]
-    if with_32:
+    if "--no-32" not in args:
         plan += [("grid32-packed", GRID32, PACKED, "fifo", 1), ("grid32-solo", GRID32, SOLO, "fifo", 1)]
+    saved = RESULTS / "tune_packed.partial.json"
+    runs = json.loads(saved.read_text()) if only and saved.exists() else []  # --only re-measures some, keeps others
+    client = Client(home=tempfile.mkdtemp(), num_cpus=os.cpu_count())
     RESULTS.mkdir(exist_ok=True)
-    runs = []
     for label, space, how, scheduler, epochs in plan:
-        runs.append(sweep(client, label, space, how, scheduler, epochs=epochs))
-        (RESULTS / "tune_packed.partial.json").write_text(json.dumps(runs, indent=2) + "\n")  # survives a crash
+        if only is None or label in only:
+            runs = [r for r in runs if r["sweep"] != label] + [sweep(client, label, space, how, scheduler,
+                                                                     epochs=epochs)]
+            saved.write_text(json.dumps(runs, indent=2) + "\n")  # survives a crash
+    report(runs)
+
+
+def report(runs: list[dict]) -> None:
     by = {r["sweep"]: r for r in runs}
+    with_32 = "grid32-packed" in by
     solo, packed, asha = by["solo-fifo"], by["packed-fifo"], by["packed-asha"]
     findings = {
         "packed_over_solo_wall": packed["wall_seconds"] / solo["wall_seconds"],
@@ -100,9 +114,9 @@ def main() -> None:
         "asha_accuracy_gap_points": 100 * (packed["best_accuracy"] - asha["best_accuracy"]),
     }
     if with_32:
-        grid_packed, grid_solo = by["grid32-packed"]["wall_seconds"], by["grid32-solo"]["wall_seconds"]
-        findings["grid32_packed_over_solo_wall"] = grid_packed / grid_solo
-    (RESULTS / "tune_packed.partial.json").unlink()
+        grid_packed = by["grid32-packed"]["wall_seconds"]
+        grid_solo = by["grid32-solo"]["wall_seconds"] if "grid32-solo" in by else None
+        findings["grid32_packed_over_solo_wall"] = grid_packed / grid_solo if grid_solo else None
     report = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "runs": runs, "findings": findings}
     (RESULTS / "tune_packed.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
@@ -113,8 +127,9 @@ def main() -> None:
         "{3e-4, 1e-3, 3e-3, 1e-2} × `method.r` ∈ {4, 16}; 1,000 training questions, 3 epochs (186 steps), held-out "
         "loss and accuracy on 500 every 31 steps (trials ranked by loss). Solo: 1 Ray Train worker × 0.9 CPU per "
         "trial, 2 at a time. Packed: one base group of 1.9 CPUs (2 threads), all trials at once. Trial-steps = Σ "
-        "optimizer steps each trial took. 32-configuration grid: `training.lr` ∈ {1e-4 … 2e-2} (8) × `method.r` ∈ "
-        "{2, 4, 8, 16}, 1 epoch (62 steps), packed 8 at a time vs solo 2 at a time.",
+        "optimizer steps each trial took."
+        + (" 32-configuration grid: `training.lr` ∈ {1e-4 … 2e-2} (8) × `method.r` ∈ {2, 4, 8, 16}, 1 epoch (62 "
+           "steps), packed 8 at a time vs solo 2 at a time." if with_32 else ""),
         "",
         "| sweep | state | wall seconds | trial-steps | best config (lr, r) | best accuracy | finished / stopped |",
         "|---|---|---:|---:|---|---:|---:|",
@@ -138,8 +153,9 @@ def main() -> None:
         f"{asha_gap:+.1f} points below packed FIFO's (target within 1: {'met' if abs(asha_gap) <= 1 else 'MISSED'}).",
     ]
     if with_32:
-        lines.append(f"- The 32-configuration grid finished packed in {grid_packed:.0f} s, "
-                     f"{f['grid32_packed_over_solo_wall']:.2f}× the solo path's {grid_solo:.0f} s.")
+        lines.append(f"- The 32-configuration grid finished packed in {grid_packed:.0f} s" + (
+            f", {f['grid32_packed_over_solo_wall']:.2f}× the solo path's {grid_solo:.0f} s." if grid_solo
+            else " (the solo path was not run for it)."))
     lines += ["", "| sweep | trial | lr | r | state | steps | held-out accuracy | held-out loss |",
               "|---|---|---:|---:|---|---:|---:|---:|"]
     for r in runs[:3]:
