@@ -56,9 +56,9 @@ def train_in_group(job_id: str, raw_spec: dict, spec: Any, shared: dict[str, Any
     that dies under it sends it RETRYING; it resumes from its own last checkpoint in a new group."""
     deaths = 0
     config = {**shared, "spec": raw_spec}
-    while True:
+    store.set_runtime(job_id, base_group=group_name(GroupKey.of(spec, shared["base_fingerprint"]), store))
+    while True:  # a group that died is started again under the same name
         group = group_for(spec, shared["base_fingerprint"], store)
-        store.set_runtime(job_id, base_group=group_name(GroupKey.of(spec, shared["base_fingerprint"]), store))
         try:
             result = ray.get(group.train.remote(job_id, config))
         except (GroupClosing, RayActorError) as e:
