@@ -29,6 +29,7 @@ from jobs.training.data import DATASET_TASKS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_MAX = 64
+HEAD_LR = 2e-3  # the task head's default rate, every method (docs/methods.md#learning-rates)
 
 
 def validate_name(value: str, what: str = "name") -> str:
@@ -92,6 +93,10 @@ class TrainingSpec(_Spec):
     batch_size: int = Field(default=16, gt=0, le=4096, description="Micro-batch size per worker.")
     grad_accum_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(default=1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
+    head_lr: float = Field(
+        default=HEAD_LR, gt=0, le=1,
+        description="Peak learning rate of the fresh task head (modules_to_save), whatever the method's own `lr`.",
+    )
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(default="linear", description="Decay after warm-up.")
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1, description="Share of steps spent warming up linearly.")
     weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")

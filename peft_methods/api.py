@@ -13,8 +13,14 @@ A method is a subclass of :class:`PeftMethod` registered under the entry-point g
 * ``mergeable`` with ``merge`` / ``unmerge`` where the method allows folding into the base.
 * ``inference_overhead`` — what serving an unmerged adapter costs, in words users can act on.
 * optionally ``prime(model, batches)`` (look at data before training),
-  ``regularization_loss(model)`` (a term added to the task loss) and ``loading_config`` (a
-  lighter form to load a trained adapter in).
+  ``regularization_loss(model)`` (a term added to the task loss), ``training_loss`` (a whole
+  objective of its own, e.g. two stochastic forwards), ``begin_step`` (act at a step boundary, e.g.
+  a second training phase), ``parameter_group`` / ``group_settings`` (learning rates of its own per
+  parameter group) and ``loading_config`` (a lighter form to load a trained adapter in).
+
+Learning rates: the job's ``training.lr`` drives the ``adapter`` group, ``training.head_lr`` the
+``head`` group (``modules_to_save``), and a method may name further groups with their own settings
+(diff pruning's ``gates``). Every group follows the job's warm-up and decay.
 
 The applied config is recorded on the model (:func:`applied_config`), so saving needs no
 other state.
@@ -22,7 +28,7 @@ other state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -103,6 +109,45 @@ class PeftMethod:
     def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the task loss after each forward (e.g. diff pruning's L0 penalty)."""
         return None
+
+    def training_loss(self, model: nn.Module, forward: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training micro-batch's (task loss, loss to backpropagate). ``forward()`` runs the model on the
+        micro-batch once and returns its output (with ``.loss``); a method may call it more than once (AdaMix's
+        two stochastic routes). Default: one forward, plus :meth:`regularization_loss`."""
+        out = forward()
+        extra = self.regularization_loss(model)
+        return out.loss, out.loss if extra is None else out.loss + extra
+
+    def begin_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called before optimizer step ``step`` (0-based) of ``total_steps``, also on the first step after a
+        resume; what it changes must be restored by a checkpoint (buffers are). Default: nothing."""
+
+    def parameter_group(self, name: str, config: MethodConfig) -> str:
+        """The optimizer group of the method's own trainable parameter ``name``: ``adapter`` (the job's
+        ``lr``) unless the method names another one in :meth:`group_settings`."""
+        return "adapter"
+
+    def group_settings(self, config: MethodConfig) -> dict[str, dict[str, float]]:
+        """Optimizer settings (``lr``, ``weight_decay``) of the groups the method adds beyond ``adapter``
+        and ``head``. Default: none."""
+        return {}
+
+    def optimizer_groups(self, model: nn.Module, names: Iterable[str], *, lr: float, head_lr: float,
+                         weight_decay: float) -> list[dict[str, Any]]:
+        """The trainable parameters ``names`` split into optimizer groups, each a dict with ``name``,
+        ``names`` (parameter names, in the given order), ``lr`` and ``weight_decay``; empty groups are left
+        out. The task heads form the ``head`` group (``head_lr``)."""
+        config = _require_applied(model)
+        settings = {"adapter": {"lr": lr, "weight_decay": weight_decay},
+                    "head": {"lr": head_lr, "weight_decay": weight_decay}, **self.group_settings(config)}
+        heads = getattr(model, _HEADS_ATTR, ())
+        grouped: dict[str, list[str]] = {}
+        for n in names:
+            group = "head" if any(n.startswith(h + ".") for h in heads) else self.parameter_group(n, config)
+            if group not in settings:
+                raise ValueError(f"{self.name}: parameter group {group!r} of {n} has no settings")
+            grouped.setdefault(group, []).append(n)
+        return [{"name": g, "names": ns, **settings[g]} for g, ns in grouped.items()]
 
     def loading_config(self, config: MethodConfig, state: dict[str, torch.Tensor]) -> MethodConfig:
         """The config ``load_adapter`` applies before copying in the saved tensors ``state``.

@@ -357,10 +357,9 @@ class Member(Recipe):
 
     def setup_optimizer(self) -> None:
         t = self.spec.training
-        params = list(self.params.values())
-        self.summary = {"trainable_parameters": sum(p.numel() for p in params),
+        self.summary = {"trainable_parameters": sum(p.numel() for p in self.params.values()),
                         "total_parameters": sum(p.numel() for p in self.model.parameters())}
-        self.optimizer = make_optimizer(params, lr=t.lr, weight_decay=t.weight_decay, offload=False)
+        self.optimizer = make_optimizer(self.method, self.model, self.params, t, offload=False)
         warmup = int(t.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.lr_schedule, warmup, self.total_steps))
@@ -450,7 +449,7 @@ class Member(Recipe):
                    for i, entries in state["state"].items() for k, v in entries.items()}
         save_file(tensors, os.path.join(folder, "optimizer.safetensors"))
         scheduler = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+        groups = state["param_groups"]  # each with its parameters' indices in the optimizer's order
         with open(os.path.join(folder, PACKED_STATE), "w") as f:
             json.dump({"step": self.step, "names": names, "param_groups": groups, "scheduler": scheduler}, f)
         with open(os.path.join(folder, STEP_FILE), "w") as f:
@@ -470,8 +469,7 @@ class Member(Recipe):
         for key, value in moments.items():
             index, _, field = key.partition(".")
             state.setdefault(int(index), {})[field] = value.reshape(()) if field == "step" else value
-        groups = [{**g, "params": list(range(len(self.params)))} for g in saved["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
         if with_schedule:
             self.scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": [None]})
         return int(saved["step"])

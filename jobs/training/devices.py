@@ -12,6 +12,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,16 +70,23 @@ def all_sum(values: torch.Tensor | Iterable[float], device: torch.device | str =
     return t.tolist()
 
 
-def make_optimizer(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float, offload: bool):
-    """AdamW for the trainable parameters. Offloading the optimizer runs the step on the CPU, which
-    DeepSpeed only accepts from its own CPU Adam (``zero_force_ds_cpu_optimizer``); that needs the
-    ``cpu_adam`` op, pre-built in deploy/Dockerfile or compiled here on first use."""
+def make_optimizer(method: Any, model: torch.nn.Module, named: dict[str, torch.nn.Parameter], training: Any, *,
+                   offload: bool):
+    """AdamW over ``named`` (the trainable parameters of ``model``, which has ``method`` applied), one
+    parameter group per learning rate the method asks for (adapter: ``training.lr``, task head:
+    ``training.head_lr``, and the method's own, see ``PeftMethod.optimizer_groups``); each group keeps its
+    ``name``. Offloading the optimizer runs the step on the CPU, which DeepSpeed only accepts from its own
+    CPU Adam (``zero_force_ds_cpu_optimizer``); that needs the ``cpu_adam`` op, pre-built in
+    deploy/Dockerfile or compiled here on first use."""
+    groups = [{**{k: v for k, v in g.items() if k != "names"}, "params": [named[n] for n in g["names"]]}
+              for g in method.optimizer_groups(model, list(named), lr=training.lr, head_lr=training.head_lr,
+                                               weight_decay=training.weight_decay)]
     if not offload:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups)
     check_cpu_adam()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return DeepSpeedCPUAdam(groups, adamw_mode=True)
 
 
 def check_cpu_adam() -> None:

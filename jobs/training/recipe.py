@@ -220,10 +220,10 @@ class Recipe:
         import deepspeed
 
         t = self.spec.training
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.summary = {"trainable_parameters": sum(_numel(p) for p in trainable),
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.summary = {"trainable_parameters": sum(_numel(p) for p in trainable.values()),
                         "total_parameters": sum(_numel(p) for p in self.model.parameters())}
-        optimizer = make_optimizer(trainable, lr=t.lr, weight_decay=t.weight_decay,
+        optimizer = make_optimizer(self.method, self.model, trainable, t,
                                    offload=self.spec.deepspeed.offload_optimizer)
         warmup = int(t.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -315,10 +315,11 @@ class Recipe:
         """One optimizer step over this rank's micro-batches; returns their mean loss, on the device
         (reading it waits for the step, so only logging does)."""
         total = None
+        self.method.begin_step(self.engine.module, self.step, self.total_steps)
         for batch in micro:
-            loss = self.engine(**self.placement.batch(batch)).loss
-            extra = self.method.regularization_loss(self.engine.module)
-            self.engine.backward(loss if extra is None else loss + extra)
+            batch = self.placement.batch(batch)
+            loss, objective = self.method.training_loss(self.engine.module, lambda: self.engine(**batch))
+            self.engine.backward(objective)
             self.engine.step()
             total = loss.detach().float() if total is None else total + loss.detach().float()
         return total / len(micro)

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import peft_methods
-from tests.conftest import MODEL_CASES, randomize_adapter
+from tests.conftest import MODEL_CASES, TINY_LLAMA, randomize_adapter
 
 METHODS = peft_methods.list_methods()
-CASES = [pytest.param(m, c, id=f"{m}-{c.name}") for m in METHODS for c in MODEL_CASES]
+# head_only trains a task head and nothing else; a causal LM has none (its test below says so)
+CASES = [pytest.param(m, c, id=f"{m}-{c.name}") for m in METHODS for c in MODEL_CASES
+         if c.classification or m != "head_only"]
 
 
 def applied(method: str, case):
@@ -96,3 +98,8 @@ def test_declares_its_contract(method):
     assert impl.inference_overhead and impl.inference_overhead != "unknown"
     assert impl.paper
     assert impl.Config().method == method
+
+
+def test_head_only_refuses_a_model_without_a_task_head():
+    with pytest.raises(ValueError, match="head_only: LlamaForCausalLM has no task head"):
+        applied("head_only", TINY_LLAMA)
