@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 import peft_methods
 from jobs.base_models import BUILTIN_MODELS
 from jobs.training.data import DATASET_TASKS
+from peft_methods.api import HEAD_LR
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_MAX = 64
-HEAD_LR = 2e-3  # the task head's default rate, every method (docs/methods.md#learning-rates)
 
 
 def validate_name(value: str, what: str = "name") -> str:
@@ -92,7 +92,11 @@ class TrainingSpec(_Spec):
     )
     batch_size: int = Field(default=16, gt=0, le=4096, description="Micro-batch size per worker.")
     grad_accum_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
-    lr: float = Field(default=1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
+    lr: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Peak learning rate (AdamW) of the method's own parameters. None = the method's default_lr "
+        "(docs/methods.md#learning-rates); the stored spec records the rate used.",
+    )
     head_lr: float = Field(
         default=HEAD_LR, gt=0, le=1,
         description="Peak learning rate of the fresh task head (modules_to_save), whatever the method's own `lr`.",
@@ -295,6 +299,9 @@ def _build_job_spec() -> type[BaseModel]:
 
         @model_validator(mode="after")
         def _consistent(self) -> JobSpec:
+            if self.training.lr is None:  # filled in here, so every reader of training.lr gets a number
+                lr = peft_methods.get_method(self.method.method).default_lr
+                object.__setattr__(self, "training", self.training.model_copy(update={"lr": lr}))
             if self.dataset.name is not None and DATASET_TASKS[self.dataset.name] != self.task:
                 raise _At(
                     "dataset.name",

@@ -12,6 +12,7 @@ A method is a subclass of :class:`PeftMethod` registered under the entry-point g
   ``to_file_keys`` / ``from_file_keys``), which a method may override (e.g. to save sparsely).
 * ``mergeable`` with ``merge`` / ``unmerge`` where the method allows folding into the base.
 * ``inference_overhead`` — what serving an unmerged adapter costs, in words users can act on.
+* ``default_lr`` — the learning rate of its own parameters when a job names none.
 * optionally ``prime(model, batches)`` (look at data before training),
   ``regularization_loss(model)`` (a term added to the task loss), ``training_loss`` (a whole
   objective of its own, e.g. two stochastic forwards), ``begin_step`` (act at a step boundary, e.g.
@@ -38,6 +39,7 @@ from torch import nn
 from peft_methods.targeting import task_head_names
 
 FILE_KEY_PREFIX = "base_model.model."  # HF PEFT's prefix for tensors of the wrapped model
+HEAD_LR = 2e-3  # the fresh task head's default learning rate, whatever the method (a job's training.head_lr)
 _APPLIED_ATTR = "peftfleet_config"
 _HEADS_ATTR = "peftfleet_modules_to_save"
 
@@ -74,6 +76,7 @@ class PeftMethod:
     mergeable: ClassVar[bool] = False
     inference_overhead: ClassVar[str] = "unknown"
     paper: ClassVar[str] = ""
+    default_lr: ClassVar[float] = 1e-3  # a job's training.lr when its spec sets none (the head has its own)
 
     # -- what subclasses implement ---------------------------------------------------------
     def _inject(self, model: nn.Module, config: MethodConfig) -> None:

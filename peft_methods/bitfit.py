@@ -45,6 +45,7 @@ class BitFit(PeftMethod):
     Config = BitFitConfig
     mergeable = True
     inference_overhead = "none: the trained biases replace the base's"
+    default_lr = 4e-3
     paper = "Ben Zaken et al. 2021, arXiv:2106.10199"
 
     def _inject(self, model: nn.Module, config: BitFitConfig) -> None:

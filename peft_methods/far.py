@@ -114,6 +114,7 @@ class FAR(PeftMethod):
         "none when merged; unmerged, one extra (k × in) matmul and an output scatter per FFN input "
         "projection (k = fraction of its units)"
     )
+    default_lr = 2e-3
     paper = "Vucetic et al. 2022, arXiv:2205.01541"
 
     def _inject(self, model: nn.Module, config: FARConfig) -> None:

@@ -81,6 +81,7 @@ class LoRA(PeftMethod):
     Config = LoRAConfig
     mergeable = True
     inference_overhead = "none when merged; unmerged, two rank-r matmuls per adapted layer"
+    default_lr = 4e-3
     paper = "Hu et al. 2021, arXiv:2106.09685"
 
     def _inject(self, model: nn.Module, config: LoRAConfig) -> None:
