@@ -1,6 +1,7 @@
 """Hyper-parameter sweeps on the local Ray cluster: every trial a job, ASHA stopping weak ones early
 (recorded STOPPED), the best adapter registered and promoted, bad spaces refused up front, and a
-sweep whose driver died resumed with its finished trials kept."""
+sweep whose driver died resumed with its finished trials kept and the best of all its trials (not the
+last one standing) picked and promoted."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def test_asha_sweep_records_every_trial_stops_weak_ones_and_promotes_the_best(
         assert pg is None or groups[pg]["state"] == "REMOVED"
     assert not [t for t in trials if t["state"] == "FAILED"]
 
-    good = next(t for t in trials if t["params"]["training.lr"] == GOOD)
+    good = next(t for t in trials if t["params"]["training.lr"] == GOOD)  # the only trial that finished: the
+    # best by construction; choosing among finished trials is checked by the resume test below
     assert record.best_job_id == good["job"] and record.best_value == good["eval_loss"]
     adapter = client.adapters.get(record.best_adapter)
     assert adapter.job_id == good["job"] and adapter.promoted
@@ -84,9 +86,27 @@ def test_an_invalid_search_space_is_refused_before_any_trial(client, tiny_spec):
     assert len(client.cluster.jobs_client().list_jobs()) == ray_jobs_before
 
 
-def test_a_sweep_whose_driver_died_resumes_keeping_finished_trials(client, tiny_spec):
-    sweep = client.tune(_spec(tiny_spec), search_space={"training.lr": {"loguniform": [0.01, 0.05]}}, num_samples=3,
-                        scheduler="fifo", max_concurrent=1, name="resumable")
+def _best_of_all_trials(client, sweep) -> tuple[str, float, str]:
+    """(job, final eval_loss, adapter) of the best finished trial, computed here from every trial job's
+    recorded metrics (which must agree with the metrics its adapter was registered with), not the sweep's."""
+    final, adapter_of = {}, {}
+    for t in client.store.sweeps.trials(sweep.id):
+        losses = client.store.metrics(t.job.id, "eval_loss")
+        (adapter,) = client.adapters.list(job_id=t.job.id)
+        assert losses and adapter.metrics["eval_loss"] == losses[-1].value, (t.job.name, losses, adapter.metrics)
+        final[t.job.id], adapter_of[t.job.id] = losses[-1].value, adapter.name
+    best = min(final, key=final.get)
+    assert sorted(final.values())[1] > final[best], final  # one best, no tie
+    return best, final[best], adapter_of[best]
+
+
+def test_a_sweep_whose_driver_died_resumes_keeping_finished_trials_and_picks_the_best_of_all(client, tiny_spec):
+    # FIFO over a fixed grid, one trial at a time: a slow learning rate finishes before the driver dies; the
+    # one that learns, then one that cannot, run after the resume. The best must be picked over all three,
+    # though it is neither the first trial to finish nor the last one standing.
+    lrs = [1e-3, GOOD, BAD]
+    sweep = client.tune(_spec(tiny_spec), search_space={"training.lr": {"grid": lrs}}, metric="eval_loss",
+                        mode="min", scheduler="fifo", max_concurrent=1, promote=True, name="resumable")
     deadline = time.monotonic() + 600
     while not any(t["state"] == "SUCCEEDED" for t in sweep.trials()):
         assert time.monotonic() < deadline, sweep.trials()
@@ -102,7 +122,13 @@ def test_a_sweep_whose_driver_died_resumes_keeping_finished_trials(client, tiny_
     assert len(trials) == 3 and all(t["state"] == "SUCCEEDED" for t in trials), trials
     events = [e.to_state for e in client.store.events(first["job"])]
     assert events.count(JobState.SUCCEEDED) == 1 and events.count(JobState.RUNNING) == 1  # not run again
-    assert record.best_adapter in {a.name for a in client.adapters.list()}
+
+    best, value, adapter = _best_of_all_trials(client, sweep)
+    ends = [t["job"] for t in sorted(trials, key=lambda t: client.store.get(t["job"]).finished_at)]
+    assert best not in (ends[0], ends[-1]), ([(t["params"], t["eval_loss"]) for t in trials], ends)  # the premise
+    assert (record.best_job_id, record.best_value, record.best_adapter) == (best, value, adapter)
+    assert sweep.best() == {"job": best, "eval_loss": value, "adapter": adapter}
+    assert [a.name for a in client.adapters.list(promoted=True)] == [adapter]  # promoted, and no other
 
 
 @pytest.mark.parametrize("packing", ["off", "auto"])  # auto: its trials train in one base group
