@@ -148,6 +148,7 @@ class IPT(PeftMethod):
         "at save time; served adapters hold the decoded prompt)"
     )
     paper = "Qin et al. 2021, arXiv:2110.07867"
+    default_lr = 3e-2
 
     def _inject(self, model: nn.Module, config: IPTConfig) -> None:
         table = input_embedding_table(model, self.name)
@@ -266,6 +267,9 @@ def fit_subspace(
     k, n, hidden = prompts.shape
     if k < 2:
         raise ValueError(f"fitting a subspace needs the prompts of at least 2 tasks, got {k}")
+    if intrinsic_dim > k:
+        raise ValueError(f"intrinsic_dim {intrinsic_dim} exceeds the {k} source prompts: a subspace cannot have "
+                         "more dimensions than the prompts it is fitted from")
     x = prompts.reshape(k, n * hidden).double()
     mean = x.mean(0)
     if (x - mean).norm() <= 1e-6 * x.norm():

@@ -6,8 +6,14 @@ attend to; the base model stays frozen. They reach the layers as a pre-filled KV
 forward pre-hook on each call (see :mod:`peft_methods.virtual_tokens`), with the attention mask
 widened to cover them; position ids of real tokens start after the prefix, as in HF PEFT.
 
-With ``prefix_projection`` the prefix is re-parametrised during training as an MLP of a small
-embedding (the paper's stabilisation trick). The saved adapter always holds the computed prefix,
+With ``prefix_projection`` (on by default, as in the paper, which found optimising the prefix
+directly unstable and slightly worse) the prefix is re-parametrised during training as an MLP of a
+small embedding. Either way the prefix starts as the keys/values the model computes for random
+vocabulary tokens (the paper's initialisation with real words' activations, which it found to matter
+most with little data): without the MLP they are the prefix itself; with it, a frozen per-token
+offset added to the MLP's output makes the first prefix exactly those activations, so the MLP learns
+the change from them (our way of combining the two; the paper does not say how it combines them).
+The saved adapter always holds the computed prefix,
 ``prompt_embeddings`` of shape (num_virtual_tokens, num_layers * 2 * kv_dim) in HF PEFT's layout,
 so loading gives plain prefixes and ``peft.PeftModel.from_pretrained`` reads our adapters.
 """
@@ -46,10 +52,11 @@ class PrefixTuningConfig(MethodConfig):
         default=20, gt=0, le=1024, description="Trainable key/value positions added in front of every attention layer."
     )
     prefix_projection: bool = Field(
-        default=False,
+        default=True,
         description=(
-            "Train the prefix as an MLP of a small per-token embedding (more stable, more parameters while "
-            "training); the MLP is folded away when the adapter is saved."
+            "Train the prefix as an MLP of a small per-token embedding, as Li & Liang do (more stable, more "
+            "parameters while training); the MLP is folded away when the adapter is saved. False = train the "
+            "prefix directly."
         ),
     )
     encoder_hidden_size: int = Field(
@@ -74,19 +81,24 @@ class Prefix(nn.Module):
 
 
 class ProjectedPrefix(nn.Module):
-    """prefix = W2 tanh(W1 e + b1) + b2. Parameters sit on this module directly, so one call gathers
-    them all under ZeRO-3 and ``table()`` can be computed without module hooks when saving."""
+    """prefix = W2 tanh(W1 e + b1) + b2 + c: the MLP learns the change from ``start``, the frozen offset
+    ``c`` (a buffer, fixed when built) making the first prefix exactly ``start``. Parameters sit on this
+    module directly, so one call gathers them all under ZeRO-3 and ``table()`` can be computed without
+    module hooks when saving."""
 
-    def __init__(self, n: int, layout: KVLayout, hidden: int, like: torch.Tensor):
+    def __init__(self, start: torch.Tensor, layout: KVLayout, hidden: int):
         super().__init__()
-        factory = {"device": like.device, "dtype": like.dtype}
+        factory = {"device": start.device, "dtype": start.dtype}
         first, second = nn.Linear(layout.token_dim, hidden, **factory), nn.Linear(hidden, layout.width, **factory)
-        self.embedding = nn.Parameter(torch.randn(n, layout.token_dim, **factory))
+        self.embedding = nn.Parameter(torch.randn(start.shape[0], layout.token_dim, **factory))
         self.w1, self.b1 = first.weight, first.bias
         self.w2, self.b2 = second.weight, second.bias
+        self.register_buffer("offset", torch.zeros_like(start))
+        with torch.no_grad():
+            self.offset.copy_(start - self.table())
 
     def table(self) -> torch.Tensor:
-        return F.linear(torch.tanh(F.linear(self.embedding, self.w1, self.b1)), self.w2, self.b2)
+        return F.linear(torch.tanh(F.linear(self.embedding, self.w1, self.b1)), self.w2, self.b2) + self.offset
 
     def forward(self) -> torch.Tensor:
         return self.table()
@@ -101,12 +113,13 @@ class PrefixTuning(PeftMethod):
         "and real tokens' positions start after the prefix, shortening the usable length by that much"
     )
     paper = "Li & Liang 2021, arXiv:2101.00190"
+    default_lr = 3e-3
 
     def _inject(self, model: nn.Module, config: PrefixTuningConfig) -> None:
         layout, n, key = KVLayout.of(model.config), config.num_virtual_tokens, cache_kwarg(model)
         real = _real_token_prefix(model, n, layout, key)  # also checks that the layout fits the model
         if config.prefix_projection:
-            setattr(model, _ATTR, ProjectedPrefix(n, layout, config.encoder_hidden_size, like=real))
+            setattr(model, _ATTR, ProjectedPrefix(real, layout, config.encoder_hidden_size))
         else:
             setattr(model, _ATTR, Prefix(real))
         install_input_hook(model, lambda m, kwargs: _add_prefix(m, kwargs, n, layout, key))

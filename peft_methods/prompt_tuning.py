@@ -2,11 +2,20 @@
 (arXiv:2104.08691).
 
 ``num_virtual_tokens`` trainable embeddings are prepended to every input's token embeddings; the
-whole base model stays frozen. The model is changed in place, so a forward pre-hook does the
-prepending (see :mod:`peft_methods.virtual_tokens`); for causal LMs the logits of the virtual
-positions are dropped again, so ``logits`` stay aligned with ``input_ids``. Saved in HF PEFT's
-layout (``prompt_embeddings`` + ``base_model.<head>.*``), so ``peft.PeftModel.from_pretrained``
-loads our adapters unchanged (HF PEFT's causal-LM logits keep the virtual positions in front).
+whole base model stays frozen. By default the prompt starts as the embeddings of
+``num_virtual_tokens`` token ids drawn at random (torch's global RNG, which a job seeds with its
+``training.seed``) from the first ``init_vocab_size`` (5,000) ids: Lester et al. found sampled
+vocabulary initialisation better than random vectors, drawing from the 5,000 most common tokens of
+T5's vocabulary, whose ids are ordered by frequency. We take the lowest ids as the most common; that
+holds roughly for SentencePiece and BPE vocabularies (merge order), less well for BERT's WordPiece,
+whose first 1,996 ids are 994 reserved ``[unused]`` tokens, a few special ones and single characters
+(its words follow, by frequency).
+
+The model is changed in place, so a forward pre-hook does the prepending (see
+:mod:`peft_methods.virtual_tokens`); for causal LMs the logits of the virtual positions are dropped
+again, so ``logits`` stay aligned with ``input_ids``. Saved in HF PEFT's layout
+(``prompt_embeddings`` + ``base_model.<head>.*``), so ``peft.PeftModel.from_pretrained`` loads our
+adapters unchanged (HF PEFT's causal-LM logits keep the virtual positions in front).
 """
 
 from __future__ import annotations
@@ -44,11 +53,20 @@ class PromptTuningConfig(MethodConfig):
         le=1024,
         description="Trainable embeddings prepended to every input (the soft prompt's length).",
     )
-    init: Literal["random", "text"] = Field(
-        default="random",
+    init: Literal["vocab", "random", "text"] = Field(
+        default="vocab",
         description=(
-            "How the soft prompt starts: 'random' (normal, at the scale of the model's token embeddings) or "
-            "'text' (the embeddings of `init_text`'s tokens, repeated or cut to num_virtual_tokens)."
+            "How the soft prompt starts: 'vocab' (the embeddings of num_virtual_tokens token ids drawn at random "
+            "below init_vocab_size, as Lester et al. do), 'random' (normal, at the scale of the model's token "
+            "embeddings) or 'text' (the embeddings of `init_text`'s tokens, repeated or cut to num_virtual_tokens)."
+        ),
+    )
+    init_vocab_size: int | None = Field(
+        default=5000,
+        gt=0,
+        description=(
+            "init='vocab' draws token ids below this (Lester et al.: the 5,000 most common tokens; lower ids "
+            "are taken as the more common); None = the whole vocabulary, as HF PEFT's SAMPLE_VOCAB does."
         ),
     )
     init_text: str | None = Field(
@@ -92,6 +110,7 @@ class PromptTuning(PeftMethod):
         "were that many tokens longer, and they use up the model's maximum length"
     )
     paper = "Lester et al. 2021, arXiv:2104.08691"
+    default_lr = 1e-2
 
     def _inject(self, model: nn.Module, config: PromptTuningConfig) -> None:
         table = input_embedding_table(model, self.name)
@@ -127,8 +146,9 @@ class PromptTuning(PeftMethod):
         return from_hf_keys(self.name, tensors)
 
     def adapter_config(self, model: nn.Module, config: PromptTuningConfig) -> dict[str, Any]:
-        """HF PEFT's PromptTuningConfig. The init is recorded as RANDOM: the saved tensor already holds the
-        trained prompt, and TEXT would make HF PEFT load a tokenizer only to overwrite its result."""
+        """HF PEFT's PromptTuningConfig. The init is recorded as RANDOM whatever ours was: the saved tensor
+        already holds the trained prompt, and TEXT would make HF PEFT load a tokenizer (SAMPLE_VOCAB sample
+        tokens) only to overwrite its result."""
         hidden = getattr(model, _ATTR).weight.shape[1]
         return {
             **hf_prompt_learning_config(model, "PROMPT_TUNING", config.num_virtual_tokens, hidden,
@@ -159,6 +179,10 @@ def install_prompt(model: nn.Module, prompt: nn.Module, n: int) -> None:
 
 def _initial_prompt(model: nn.Module, table: torch.Tensor, config: PromptTuningConfig) -> torch.Tensor:
     n = config.num_virtual_tokens
+    if config.init == "vocab":
+        vocabulary = table.shape[0] if config.init_vocab_size is None else min(config.init_vocab_size, table.shape[0])
+        ids = torch.randint(vocabulary, (n,))  # on the CPU generator: the same draw on every device
+        return table.detach()[ids.to(table.device)].clone()
     if config.init == "random":
         # At the scale of real token embeddings, so the first forwards see inputs of familiar magnitude.
         scale = table.detach().float().std()

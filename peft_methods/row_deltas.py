@@ -12,7 +12,8 @@ of its own and nothing that serves it changes.
   embeddings and/or key/value prefixes, which the bank packs into the batch.
 
 Built-in kinds: ``LowRank`` (LoRA) and ``BiasShift`` (BitFit) use banks; ``OutputAdapter``
-(bottleneck, AdaMix), ``RowOverride`` (FAR) and ``SparseDelta`` (diff pruning) are grouped;
+(bottleneck, AdaMix), ``OwnParameters`` (bottleneck's trained norms), ``RowOverride`` (FAR) and
+``SparseDelta`` (diff pruning) are grouped;
 ``Prompt`` (prompt tuning, IPT) and ``PrefixKV`` (prefix tuning) are input deltas.
 """
 
@@ -199,6 +200,20 @@ class OutputAdapter(RowDelta):
     def apply(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         hidden = self.activation(F.linear(y, self.down_weight, self.down_bias))
         return y + F.linear(hidden, self.up_weight, self.up_bias)
+
+
+@dataclass
+class OwnParameters(RowDelta):
+    """The module run on the rows' input with the adapter's own ``weight`` / ``bias`` (None: the base's):
+    e.g. a trained LayerNorm or RMSNorm, recomputed by the module's own forward, so exactly what the adapted
+    model computes (no division by the base's weight) and differentiable in the given tensors."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None = None
+
+    def apply(self, base_layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        own = {k: v for k, v in (("weight", self.weight), ("bias", self.bias)) if v is not None}
+        return torch.func.functional_call(base_layer, own, (x,))
 
 
 @dataclass

@@ -46,14 +46,30 @@ def select_sources(store: JobStore, sources: SubspaceSourcesSpec, base_fingerpri
     return sorted(chosen, key=lambda a: a.created_at)
 
 
+def check_intrinsic_dim(intrinsic_dim: int, num_sources: int) -> None:
+    """Refuse a subspace of more dimensions than there are source prompts: ``k`` prompts span at most a
+    ``k``-dimensional subspace (``k - 1`` around their mean), so the rest of the code would be unconstrained
+    by any task (Qin et al. fit theirs from the prompts of many training tasks)."""
+    if intrinsic_dim > num_sources:
+        raise ValueError(
+            f"intrinsic_dim {intrinsic_dim} exceeds the {num_sources} source prompts the sources select: a "
+            f"subspace cannot have more dimensions than the prompts it is fitted from; set intrinsic_dim to at "
+            f"most {num_sources} or select more {SOURCE_METHOD} adapters"
+        )
+
+
 def check_references(store: JobStore, spec: Any) -> None:
     """Refuse, before anything is stored, a spec that names registry entries that do not fit it."""
     if getattr(spec, "kind", "train") == "ipt-subspace":
         base = store.register_base_model(spec.base_model)
         try:
-            select_sources(store, spec.sources, base.fingerprint)
+            sources = select_sources(store, spec.sources, base.fingerprint)
         except (KeyError, ValueError) as e:
             raise JobSpecError([("sources", str(e))]) from None
+        try:
+            check_intrinsic_dim(spec.intrinsic_dim, len(sources))
+        except ValueError as e:
+            raise JobSpecError([("intrinsic_dim", str(e))]) from None
     elif spec.method.method == "ipt" and spec.method.subspace and not Path(spec.method.subspace).is_dir():
         try:
             subspace = store.subspaces.get(spec.method.subspace)
@@ -94,6 +110,7 @@ def fit_subspace_job(config: dict[str, Any]) -> str:
     job_id, fingerprint = config["job_id"], config["base_fingerprint"]
     spec = parse_job_spec(store.get(job_id).spec)
     sources = select_sources(store, spec.sources, fingerprint)
+    check_intrinsic_dim(spec.intrinsic_dim, len(sources))  # again: adapters may have gone since submission
     store.transition(
         job_id,
         JobState.RUNNING,

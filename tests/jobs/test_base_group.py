@@ -134,7 +134,7 @@ def test_a_member_continues_another_members_checkpoint_with_its_own_hyper_parame
                  lr=0.01, lr_schedule="constant")
     full = run_group(tmp_path, {"specs": [donor]})["members"][0]
     (_, checkpoint), = full["checkpoints"]
-    recipient = {**donor, "name": "recipient", "training": {**donor["training"], "lr": 0.05}}
+    recipient = {**donor, "name": "recipient", "training": {**donor["training"], "lr": 0.05, "head_lr": 0.05}}
     assert packing_problem(parse_job_spec(recipient), init_checkpoint=checkpoint) is None  # a PBT exploit packs
     assert "DeepSpeed" in packing_problem(parse_job_spec(recipient), init_checkpoint=str(tmp_path))
     continued = run_group(tmp_path, {"specs": [recipient], "init": {"0": checkpoint}})["members"][0]

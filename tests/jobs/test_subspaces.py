@@ -128,6 +128,29 @@ def test_fit_job_registers_a_subspace_tied_to_base_and_sources(store, bases, pro
     assert (decoder(init) - sources.mean(0)).norm() < (sources - sources.mean(0)).norm(dim=(1, 2)).max()
 
 
+def test_a_subspace_of_more_dimensions_than_source_prompts_is_refused_before_anything_runs(
+        store, bases, prompts):  # noqa: F811
+    """Three source prompts cannot pin down a 4-dimensional subspace: refused at submission (nothing stored),
+    and by the job itself before it starts fitting (sources may have gone since it was submitted)."""
+    spec = subspace_spec(bases["a"][0], intrinsic_dim=4)
+    jobs_before = store.count_jobs()
+    with pytest.raises(JobSpecError, match="intrinsic_dim 4 exceeds the 3 source prompts") as err:
+        check_references(store, parse_job_spec(spec))
+    assert err.value.problems[0][0] == "intrinsic_dim"
+    assert store.count_jobs() == jobs_before
+    check_references(store, parse_job_spec(subspace_spec(bases["a"][0], intrinsic_dim=3)))  # as many: allowed
+    with pytest.raises(JobSpecError, match="intrinsic_dim 3 exceeds the 2 source prompts"):
+        check_references(store, parse_job_spec(subspace_spec(bases["a"][0], intrinsic_dim=3,
+                                                             sources={"task_names": ["trec"]})))
+
+    job = store.submit(spec)  # as if its sources shrank after submission
+    store.transition(job.id, JobState.QUEUED)
+    with pytest.raises(ValueError, match="intrinsic_dim 4 exceeds the 3 source prompts"):
+        fit_subspace_job({"job_id": job.id, "store_url": store.url, "storage_url": store.artifacts.url,
+                          "home": str(store.home), "base_fingerprint": bases["a"][1]})
+    assert store.get(job.id).state is JobState.QUEUED and store.subspaces.list() == []  # it never started
+
+
 def _prompt(store, name):
     from safetensors.torch import load_file
 

@@ -1,17 +1,21 @@
-"""Diff pruning: sparse artifact sizes, the L0 penalty, gates, merge arithmetic, config checks."""
+"""Diff pruning: sparse artifact sizes, the L0 penalty, gates and their optimizer group, the fixed-mask
+phase 2 (switch, training, saving, resuming), merge arithmetic, config checks."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pydantic
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import peft_methods
 from peft_methods.adapter_files import WEIGHTS_FILE
-from peft_methods.diff_pruning import BETA, GAMMA, ZETA, DiffLinear
-from tests.conftest import MINILM, TINY_BERT, TINY_LLAMA, randomize_adapter
+from peft_methods.diff_pruning import BETA, GAMMA, ZETA, DiffLinear, dense_diff, deterministic_gate
+from tests.conftest import MINILM, TINY_BERT, TINY_LLAMA, randomize_adapter, save_tiny_bert
+from tests.jobs.test_recipe import losses, run_recipe
 
 DIFF = peft_methods.get_method("diff_pruning")
 
@@ -146,3 +150,145 @@ def test_invalid_config_names_the_field(bad, field):
     with pytest.raises(pydantic.ValidationError) as err:
         peft_methods.parse_config({"method": "diff_pruning", **bad})
     assert [e["loc"][-1] for e in err.value.errors()] == [field]
+
+
+def test_gates_train_in_their_own_group_at_gate_lr_without_weight_decay():
+    model = peft_methods.apply(TINY_BERT.fresh(), {"method": "diff_pruning", "gate_lr": 0.3})
+    names = sorted(DIFF.trainable_parameter_names(model))
+    groups = {g["name"]: g for g in DIFF.optimizer_groups(model, names, lr=1e-4, head_lr=2e-3, weight_decay=0.01)}
+    assert set(groups) == {"adapter", "gates", "head"}
+    assert groups["gates"]["lr"] == 0.3 and groups["gates"]["weight_decay"] == 0.0
+    assert groups["adapter"]["lr"] == 1e-4 and groups["adapter"]["weight_decay"] == 0.01
+    assert groups["head"]["lr"] == 2e-3
+    assert groups["gates"]["names"] == [n for n in names if n.endswith(".diff_log_alpha")]
+    assert groups["adapter"]["names"] == [n for n in names if n.endswith(".diff_delta")]
+    assert all(n.startswith("classifier.") for n in groups["head"]["names"])
+
+
+def _train(model, steps, total, optimizer):
+    """``steps`` optimizer steps of ``total`` as the recipe takes them: begin_step, then loss and penalty."""
+    model.train()
+    for step in steps:
+        DIFF.begin_step(model, step, total)
+        _, objective = DIFF.training_loss(model, lambda step=step: model(**TINY_BERT.batch(seed=step)))
+        objective.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def _optimizer(model):
+    names = sorted(DIFF.trainable_parameter_names(model))
+    params = dict(model.named_parameters())
+    groups = DIFF.optimizer_groups(model, names, lr=3e-2, head_lr=1e-2, weight_decay=0.01)
+    return torch.optim.AdamW([{"params": [params[n] for n in g.pop("names")], **g} for g in groups])
+
+
+def _phase2_model():
+    config = {"method": "diff_pruning", "fix_mask_at": 0.5, "target_sparsity": 0.05, "l0_weight": 10.0}
+    torch.manual_seed(0)
+    return peft_methods.apply(TINY_BERT.fresh(), config)
+
+
+def test_phase_two_fixes_the_projected_mask_at_its_step_and_trains_only_those_entries():
+    model = _phase2_model()
+    optimizer = _optimizer(model)
+    _train(model, range(3), 6, optimizer)
+    layers = _layers(model)
+    assert not any(m.fixed for m in layers.values())
+    assert DIFF.regularization_loss(model) is not None
+    projected = {n: m.sparse_entries() for n, m in layers.items()}  # phase 1's eval-time projection
+    with torch.no_grad():
+        before = model(**_inputs(TINY_BERT)).logits
+        with dense_diff(model):
+            dense = model(**_inputs(TINY_BERT)).logits
+        assert not torch.equal(dense, before), "dense_diff evaluated the projection"
+        expected = {n: (m.diff_delta * deterministic_gate(m.diff_log_alpha)).flatten() for n, m in layers.items()}
+
+    DIFF.begin_step(model, 3, 6)  # fix_mask_at 0.5 of 6 steps: the mask is fixed before step 3
+    for name, layer in layers.items():
+        assert layer.fixed and bool(layer.diff_fixed)
+        kept = layer.diff_kept
+        assert kept.numel() == layer.keep and torch.equal(kept, projected[name][0])
+        top = expected[name].abs().topk(layer.keep).values
+        assert torch.equal(expected[name][kept].abs().sort().values, top.sort().values)
+    with torch.no_grad():  # the switch itself changes nothing the model computes
+        assert torch.equal(model(**_inputs(TINY_BERT)).logits, before)
+        at_switch = {n: m.pruned_diff().clone() for n, m in layers.items()}
+
+    _train(model, range(3, 6), 6, optimizer)
+    assert DIFF.regularization_loss(model) is None
+    state = peft_methods.adapter_state_dict(model)
+    moved = 0
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert torch.equal(layer.diff_kept, projected[name][0]), "the mask moved after the switch"
+            diff = layer.pruned_diff()
+            changed = (diff != at_switch[name]).flatten().nonzero().flatten()
+            assert set(changed.tolist()) <= set(layer.diff_kept.tolist()), f"{name}: entries outside the mask"
+            moved += changed.numel()
+            assert torch.equal(state[name + ".diff_indices"], layer.diff_kept)
+            assert torch.equal(state[name + ".diff_values"], diff.flatten()[layer.diff_kept])
+            with dense_diff(model):  # in phase 2 the dense model is the masked one
+                assert torch.equal(layer.gated_diff(), diff)
+    assert moved > 0, "phase 2 trained nothing"
+    # What is evaluated is what is saved, merged or served.
+    with torch.no_grad():
+        evaluated = model(**_inputs(TINY_BERT)).logits
+        peft_methods.merge(model)
+        torch.testing.assert_close(model(**_inputs(TINY_BERT)).logits, evaluated, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_after_the_switch_restores_the_mask_and_phase():
+    model = _phase2_model()
+    optimizer = _optimizer(model)
+    _train(model, range(4), 6, optimizer)  # fixed before step 3
+    # What a DeepSpeed checkpoint with exclude_frozen_parameters holds: trainable parameters and buffers.
+    trainable = DIFF.trainable_parameter_names(model)
+    frozen = {n for n, _ in model.named_parameters()} - trainable
+    saved = {k: v.clone() for k, v in model.state_dict().items() if k not in frozen}
+    with torch.no_grad():
+        expected = model(**_inputs(TINY_BERT)).logits
+
+    resumed = _phase2_model()
+    resumed.load_state_dict(saved, strict=False)
+    layers, originals = _layers(resumed), _layers(model)
+    assert all(m.fixed for m in layers.values())
+    with torch.no_grad():
+        for layer in layers.values():  # what a mask re-derived now would keep instead
+            layer.diff_delta.add_(torch.randn_like(layer.diff_delta))
+    DIFF.begin_step(resumed, 4, 6)  # the first step after the resume must not fix the mask again
+    for name, layer in layers.items():
+        assert torch.equal(layer.diff_kept, originals[name].diff_kept)
+        assert torch.equal(layer.diff_kept_gate, originals[name].diff_kept_gate)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.diff_delta.copy_(originals[name].diff_delta)
+        assert torch.equal(resumed(**_inputs(TINY_BERT)).logits, expected)
+
+
+def test_a_recipe_resumed_after_the_switch_continues_identically(tmp_path):
+    base = save_tiny_bert(tmp_path / "tiny-bert")
+    spec = {
+        "name": "diff-phases", "base_model": str(base), "task": "sequence-classification",
+        "dataset": {"name": "trec", "train_size": 64},
+        "method": {"method": "diff_pruning", "fix_mask_at": 0.5, "target_sparsity": 0.05},
+        "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 16, "max_length": 32,
+                     "checkpoint_every_steps": 6, "eval_every_steps": 8},
+    }
+    full = run_recipe(tmp_path, spec)  # 8 steps: the mask is fixed before step 4, the checkpoint is at step 6
+    (_, checkpoint), = full["checkpoints"]
+    resumed = run_recipe(tmp_path, spec, resume=checkpoint)
+    assert resumed["events"][0][1]["resumed"]
+    for step, value in losses(resumed).items():
+        assert value == pytest.approx(losses(full)[step], rel=1e-4), step
+    (first, _), = full["adapters"]
+    (second, _), = resumed["adapters"]
+    a = load_file(Path(first) / WEIGHTS_FILE)
+    b = load_file(Path(second) / WEIGHTS_FILE)
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith(".diff_indices"):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

@@ -47,9 +47,11 @@ def test_fitted_decoder_reproduces_the_source_prompts(subspace):
     assert (start - mean).norm() < 0.5 * (prompts - mean).norm(dim=(1, 2)).max()
 
 
-def test_fitting_needs_two_different_tasks():
+def test_fitting_needs_two_different_tasks_and_no_more_dimensions_than_tasks():
     with pytest.raises(ValueError, match="at least 2 tasks"):
         fit_subspace(_low_rank_prompts(k=1, rank=1), intrinsic_dim=1, inner_dim=4, steps=1, lr=1e-2, seed=0)
+    with pytest.raises(ValueError, match="intrinsic_dim 4 exceeds the 3 source prompts"):
+        fit_subspace(_low_rank_prompts(k=3, rank=2), intrinsic_dim=4, inner_dim=4, steps=1, lr=1e-2, seed=0)
     with pytest.raises(ValueError, match="identical"):
         fit_subspace(
             _low_rank_prompts(k=1, rank=1).repeat(3, 1, 1), intrinsic_dim=1, inner_dim=4, steps=1, lr=1e-2, seed=0

@@ -29,6 +29,7 @@ CONFIGS = {m: {"method": m} for m in SERVABLE} | {
     "lora-r2-all": {"method": "lora", "r": 2, "alpha": 4, "target_modules": ["*"]},
     "prompt-short": {"method": "prompt_tuning", "num_virtual_tokens": 3},
     "prefix-short": {"method": "prefix_tuning", "num_virtual_tokens": 2},
+    "bottleneck-pfeiffer": {"method": "bottleneck", "placement": "pfeiffer"},  # norms of its own, beside bottleneck's
 }
 
 
@@ -77,7 +78,11 @@ def test_one_forward_over_rows_of_every_method_equals_each_row_alone(adapters):
     case, folders = adapters
     keys = [None, *folders, None, "lora"]  # the base, every adapter, repeats
     rows = _rows(case, len(keys))
-    out = _bank(case, folders).forward_rows(rows, keys).logits
+    bank = _bank(case, folders)
+    norms = [m for m in bank.model.modules() if isinstance(m, MixedModule)
+             and sum(type(d).__name__ == "OwnParameters" for ds in m.grouped.values() for d in ds) == 2]
+    assert norms  # both bottleneck adapters' trained norms are served, each on its own rows
+    out = bank.forward_rows(rows, keys).logits
     for i, (ids, key) in enumerate(zip(rows, keys)):
         expected = _alone(case, folders.get(key), ids)
         if case.classification:

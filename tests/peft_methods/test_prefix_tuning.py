@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import peft_methods
-from peft_methods.prefix_tuning import KVLayout, Prefix
+from peft_methods.prefix_tuning import KVLayout, Prefix, ProjectedPrefix
 from tests.conftest import MINILM, TINY_BERT, TINY_LLAMA, randomize_adapter
 
 METHOD = peft_methods.get_method("prefix_tuning")
@@ -35,7 +35,7 @@ def _kv_dim(config) -> int:
 def test_parameter_count_is_tokens_times_layers_times_two_kv_dims(case, n):
     base = case.fresh()
     head, layers, kv = _head_size(base, case), base.config.num_hidden_layers, _kv_dim(base.config)
-    model = peft_methods.apply(base, {"method": "prefix_tuning", "num_virtual_tokens": n})
+    model = peft_methods.apply(base, {"method": "prefix_tuning", "num_virtual_tokens": n, "prefix_projection": False})
     assert METHOD.num_adapter_parameters(model) == n * layers * 2 * kv + head
 
 
@@ -127,15 +127,24 @@ def test_folding_the_projection_preserves_outputs(case, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-6, rtol=0)
 
 
-def test_the_initial_prefix_is_the_models_own_context_of_real_tokens():
-    """A plain prefix starts as the keys/values of random vocabulary tokens, so for a causal LM it acts
-    exactly like having those tokens in front of the input."""
+def test_by_default_the_prefix_is_trained_through_the_papers_mlp():
+    model = peft_methods.apply(TINY_LLAMA.fresh(), {"method": "prefix_tuning"})
+    assert isinstance(model.peft_prefix, ProjectedPrefix)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"peft_prefix.{n}" for n in ("embedding", "w1", "b1", "w2", "b2")}
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
+def test_the_initial_prefix_is_the_models_own_context_of_real_tokens(projection):
+    """A prefix starts as the keys/values of random vocabulary tokens, so for a causal LM it acts
+    exactly like having those tokens in front of the input; through the MLP too."""
     n = 4
     torch.manual_seed(5)
     context = torch.randint(TINY_LLAMA.vocab_size, (1, n))
     base, model = TINY_LLAMA.fresh(), TINY_LLAMA.fresh()  # fresh() seeds the RNG itself
     torch.manual_seed(5)
-    model = peft_methods.apply(model, {"method": "prefix_tuning", "num_virtual_tokens": n})
+    model = peft_methods.apply(model, {"method": "prefix_tuning", "num_virtual_tokens": n,
+                                       "prefix_projection": projection})
     ids = _inputs(TINY_LLAMA)["input_ids"]
     with torch.no_grad():
         ours = model(input_ids=ids).logits

@@ -93,8 +93,47 @@ def test_text_init_refuses_a_tokenizer_that_does_not_fit_the_model():
 def test_random_init_is_at_the_scale_of_the_token_embeddings():
     base = MINILM.fresh()
     scale = base.get_input_embeddings().weight.detach().std()
-    model = peft_methods.apply(base, {"method": "prompt_tuning", "num_virtual_tokens": 64})
+    model = peft_methods.apply(base, {"method": "prompt_tuning", "num_virtual_tokens": 64, "init": "random"})
     assert 0.7 * scale < model.peft_prompt.weight.detach().std() < 1.3 * scale
+    assert not _rows_of(model.peft_prompt.weight.detach(), base.get_input_embeddings().weight.detach())
+
+
+def _rows_of(prompt: torch.Tensor, table: torch.Tensor) -> list[int] | None:
+    """The token ids whose embeddings the prompt's rows are, or None if some row is no token's embedding."""
+    ids = []
+    for row in prompt:
+        hits = (table == row).all(dim=1).nonzero().flatten().tolist()
+        if not hits:
+            return None
+        ids.append(hits[0])
+    return ids
+
+
+def test_by_default_the_prompt_starts_as_embeddings_of_tokens_sampled_from_the_5000_most_common():
+    """Lester et al.'s sampled-vocabulary init: each virtual token starts as a real token's embedding, drawn
+    (by torch's RNG, which jobs seed) from the first 5,000 ids of the vocabulary."""
+    base = MINILM.fresh()
+    table = base.get_input_embeddings().weight.detach().clone()
+    draws = []
+    for seed in (0, 0, 1):
+        model = MINILM.fresh() if draws else base  # fresh() seeds the RNG itself: seed after it
+        torch.manual_seed(seed)
+        model = peft_methods.apply(model, {"method": "prompt_tuning", "num_virtual_tokens": 50})
+        draws.append(_rows_of(model.peft_prompt.weight.detach(), table))
+    assert draws[0] is not None and len(draws[0]) == 50 and max(draws[0]) < 5000
+    assert draws[0] == draws[1] != draws[2]  # seeded, and a new seed draws other tokens
+    assert len(set(draws[0])) > 40  # sampled, not one token repeated
+
+    tiny = [TINY_BERT.fresh(), TINY_BERT.fresh()]
+    torch.manual_seed(0)  # the whole vocabulary, and a limit beyond the vocabulary's size is the vocabulary
+    whole = peft_methods.apply(tiny[0], {"method": "prompt_tuning", "num_virtual_tokens": 64, "init_vocab_size": None})
+    torch.manual_seed(0)
+    capped = peft_methods.apply(tiny[1], {"method": "prompt_tuning", "num_virtual_tokens": 64,
+                                          "init_vocab_size": 10**6})
+    tiny_table = TINY_BERT.fresh().get_input_embeddings().weight.detach()
+    assert _rows_of(whole.peft_prompt.weight.detach(), tiny_table) == _rows_of(capped.peft_prompt.weight.detach(),
+                                                                               tiny_table)
+    assert max(_rows_of(whole.peft_prompt.weight.detach(), tiny_table)) >= 50  # ids across the 101 of them
 
 
 def test_positional_arguments_and_explicit_ids_mean_the_same_as_the_defaults():
@@ -167,7 +206,8 @@ def test_adapter_config_is_hf_peft_prompt_tuning(tmp_path):
     [
         ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
         ({"num_virtual_tokens": "many"}, "num_virtual_tokens"),
-        ({"init": "vocab"}, "init"),
+        ({"init": "sample"}, "init"),
+        ({"init_vocab_size": 0}, "init_vocab_size"),
         ({"init": "text"}, "init_text"),
         ({"init_text": "hello"}, "init_text"),
         ({"init": "text", "init_text": ""}, "init_text"),
