@@ -1,26 +1,33 @@
 """AdaMix: Wang et al. 2022, "AdaMix: Mixture-of-Adaptations for Parameter-efficient Model Tuning"
-(arXiv:2205.12410).
+(arXiv:2205.12410); reference implementation github.com/microsoft/AdaMix (``expert_soup.py``).
 
 Every adapted sublayer (placed as in peft_methods.bottleneck) holds ``num_experts`` bottleneck
-adapters. While training, each forward routes through a random down-projection and a random
-up-projection, as in the paper. Inference uses one adapter whose weights are the experts' average
-("merging by weight averaging"), so serving costs exactly one bottleneck adapter; that averaged
-adapter is also what is saved (``keep_experts`` adds the experts themselves).
+adapters. As in the reference, all experts start as copies of ONE initialisation (it deep-copies one
+``nn.Linear`` per expert), so the experts' weight average is, at first, exactly every route's adapter
+and stays close to them while training keeps them together. ``share_up`` keeps a single
+up-projection shared by all experts (the reference's ``sharing_up=1``, used in its GLUE scripts);
+the down-projections are always per expert (``sharing_down=0``).
 
-Consistency regularisation, adapted to a single-forward training loop: the paper runs the whole
-model twice with different routes and adds a symmetric KL between the two predictions. Here each
-adapted sublayer, in the same forward, also computes a second route through a different down and a
-different up expert; the mean squared difference between the two routes' outputs (the sublayer
-outputs differ by exactly that, as both add to the same projection output) is recorded, and
-``regularization_loss`` returns its mean over sublayers times ``consistency_weight``, then clears
-it. This pulls the experts' functions together layer by layer, which is what makes averaging them
-afterwards safe, at the cost of a second (small) adapter computation per sublayer in training only.
+Training: each forward routes, in every adapted sublayer, through a random down- and a random
+up-expert (chosen per forward, for the whole batch, as in the reference). Consistency
+regularisation as in the paper: :meth:`AdaMix.training_loss` runs the whole model twice on the same
+micro-batch (two independent random routes) and adds ``consistency_weight`` times the symmetric KL
+``(KL(p1||p2) + KL(p2||p1)) / 2`` between the two predictions, each direction pulling one pass
+towards the other's detached distribution, as the reference does. Sequence classifiers compare the
+class distributions (batch mean); causal LMs the next-token distributions at the positions that
+are scored (label != -100), averaged over those positions. The task loss is the first pass's, as in
+the paper's objective and the reference (its second pass adds only the KL term).
+
+Inference uses one adapter whose weights are the experts' average ("merging by weight averaging",
+the reference's ``inference_level=3``), so serving costs exactly one bottleneck adapter; that
+averaged adapter is also what is saved (``keep_experts`` adds the experts themselves).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +53,16 @@ AVERAGED = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "ad
 class AdaMixConfig(AdapterShapeConfig):
     method: Literal["adamix"] = Field(default="adamix", description="Selects AdaMix.")
     num_experts: int = Field(default=4, gt=0, le=64, description="Bottleneck adapters (experts) per adapted sublayer.")
+    share_up: bool = Field(
+        default=True,
+        description="One up-projection shared by all experts (the reference's sharing_up, on in its GLUE "
+        "scripts); only the down-projections are mixed. False = num_experts up-projections too.",
+    )
     consistency_weight: float = Field(
-        default=1.0, ge=0, description="Weight of the consistency loss between two random routes; 0 = off."
+        default=1.0,
+        ge=0,
+        description="Weight of the symmetric KL between two stochastic forward passes (two random routes) of "
+        "each training batch; 0 = off (and one forward per batch).",
     )
     keep_experts: bool = Field(
         default=False,
@@ -57,28 +72,28 @@ class AdaMixConfig(AdapterShapeConfig):
 
 
 class ExpertBank(nn.Module):
-    """``num_experts`` bottleneck adapters, stacked along dim 0 of four parameters.
+    """``num_experts`` bottleneck adapters, stacked along dim 0 of four parameters (the up-projection's
+    two hold one entry when it is shared).
 
     Stacked parameters of one module (rather than a ModuleList) let the eval path average them in
-    forward, and ZeRO-3 gathers them with this module. The bank returns its consistency term as a
-    second output so that ZeRO-3's backward hook, which wraps module outputs, gathers the experts
-    before that term's gradient needs them.
+    forward, and ZeRO-3 gathers them with this module.
     """
 
     def __init__(self, hidden: int, config: AdaMixConfig, factory: dict):
         super().__init__()
         n, size = config.num_experts, bottleneck_size(hidden, config)
+        ups = 1 if config.share_up else n
         self.down_weight = nn.Parameter(torch.empty(n, size, hidden, **factory))
         self.down_bias = nn.Parameter(torch.empty(n, size, **factory))
-        self.up_weight = nn.Parameter(torch.empty(n, hidden, size, **factory))
-        self.up_bias = nn.Parameter(torch.empty(n, hidden, **factory))
+        self.up_weight = nn.Parameter(torch.empty(ups, hidden, size, **factory))
+        self.up_bias = nn.Parameter(torch.empty(ups, hidden, **factory))
         self.act = ACTIVATIONS[config.nonlinearity]()
-        self.consistency = config.consistency_weight > 0 and n > 1
-        bound = 1 / math.sqrt(hidden)
-        for e in range(n):  # each expert initialised like its own nn.Linear, so they start different
-            nn.init.kaiming_uniform_(self.down_weight[e], a=math.sqrt(5))
-            nn.init.uniform_(self.down_bias[e], -bound, bound)
-            init_up_projection(self.up_weight[e], self.up_bias[e], config.init_scale)
+        with torch.no_grad():  # one expert initialised like an nn.Linear + a bottleneck up-projection...
+            nn.init.kaiming_uniform_(self.down_weight[0], a=math.sqrt(5))
+            nn.init.uniform_(self.down_bias[0], -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+            init_up_projection(self.up_weight[0], self.up_bias[0], config.init_scale)
+            for p in self.stacked():  # ...and every other expert a copy of it
+                p[1:] = p[0]
 
     def stacked(self) -> tuple[nn.Parameter, ...]:
         return self.down_weight, self.down_bias, self.up_weight, self.up_bias
@@ -91,19 +106,12 @@ class ExpertBank(nn.Module):
     def _adapter(self, y, down_w, down_b, up_w, up_b) -> torch.Tensor:
         return F.linear(self.act(F.linear(y, down_w, down_b)), up_w, up_b)
 
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return self._adapter(y, *self.averaged()), None
-        n = self.down_weight.shape[0]
-        down, up, shift_down, shift_up = torch.randint(n, (4,)).tolist()
-        out = self._adapter(y, self.down_weight[down], self.down_bias[down], self.up_weight[up], self.up_bias[up])
-        if not self.consistency:
-            return out, None
-        # The second route uses other experts than the first (never the same pair), so the term is
-        # always informative; the paper's two independent passes can coincide.
-        down2, up2 = (down + 1 + shift_down % (n - 1)) % n, (up + 1 + shift_up % (n - 1)) % n
-        other = self._adapter(y, self.down_weight[down2], self.down_bias[down2], self.up_weight[up2], self.up_bias[up2])
-        return out, (out - other).pow(2).mean()
+            return self._adapter(y, *self.averaged())
+        down = int(torch.randint(self.down_weight.shape[0], ()))
+        up = int(torch.randint(self.up_weight.shape[0], ()))
+        return self._adapter(y, self.down_weight[down], self.down_bias[down], self.up_weight[up], self.up_bias[up])
 
 
 class AdaMixLinear(nn.Module):
@@ -114,7 +122,6 @@ class AdaMixLinear(nn.Module):
         self.base_layer = base_layer
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.adamix_experts = ExpertBank(base_layer.out_features, config, factory)
-        self.pending_consistency: torch.Tensor | None = None  # lives from one forward to regularization_loss
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `layer.weight.dtype` keeps working
@@ -122,8 +129,26 @@ class AdaMixLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        delta, self.pending_consistency = self.adamix_experts(y)
-        return y + delta
+        return y + self.adamix_experts(y)
+
+
+def symmetric_kl(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``(KL(p1||p2) + KL(p2||p1)) / 2`` between the softmaxes of two passes' logits, each KL's target
+    detached (as the reference does). Logits of shape (batch, classes): the batch mean. Causal-LM
+    logits (batch, length, vocab): the mean over the positions whose next-token label is not -100
+    (every position when ``labels`` is None)."""
+    if first.dim() == 3:
+        if labels is not None:
+            scored = labels[:, 1:] != -100  # logits at t predict the label at t + 1
+            first, second = first[:, :-1][scored], second[:, :-1][scored]
+        else:
+            first, second = first.flatten(0, 1), second.flatten(0, 1)
+        if first.shape[0] == 0:
+            return first.sum() * 0 + second.sum() * 0  # nothing scored: a zero that keeps the graph
+    log_p, log_q = F.log_softmax(first.float(), -1), F.log_softmax(second.float(), -1)
+    kl_pq = F.kl_div(log_q, log_p.detach(), log_target=True, reduction="batchmean")  # KL(p||q), moves q
+    kl_qp = F.kl_div(log_p, log_q.detach(), log_target=True, reduction="batchmean")  # KL(q||p), moves p
+    return 0.5 * (kl_pq + kl_qp)
 
 
 class AdaMix(PeftMethod):
@@ -147,15 +172,27 @@ class AdaMix(PeftMethod):
         """The averaged adapter, served like a bottleneck adapter (kept experts are not needed)."""
         return output_adapter_deltas(config, {k: v for k, v in state.items() if ".adamix_experts." not in k})
 
-    def regularization_loss(self, model: nn.Module) -> torch.Tensor | None:
-        terms = []
-        for layer in _adamix_layers(model).values():
-            if layer.pending_consistency is not None:
-                terms.append(layer.pending_consistency)
-                layer.pending_consistency = None  # each forward's term is added to the loss once
-        if not terms:
-            return None
-        return applied_config(model).consistency_weight * torch.stack(terms).mean()
+    def training_loss(self, model: nn.Module, forward: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's objective: the task loss of one random route plus ``consistency_weight`` times the
+        symmetric KL between its predictions and those of a second, independent route on the same batch.
+        One forward (no KL) when the term is off, the model is in eval mode, or there is a single route."""
+        config = applied_config(model)
+        routes = config.num_experts > 1
+        if config.consistency_weight == 0 or not routes or not model.training:
+            out = forward()
+            return out.loss, out.loss
+        seen: dict[str, Any] = {}
+
+        def keep_labels(module, args, kwargs):
+            seen["labels"] = kwargs.get("labels")
+
+        hook = model.register_forward_pre_hook(keep_labels, with_kwargs=True)
+        try:
+            first, second = forward(), forward()
+        finally:
+            hook.remove()
+        consistency = symmetric_kl(first.logits, second.logits, seen.get("labels"))
+        return first.loss, first.loss + config.consistency_weight * consistency
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Task head + each layer's averaged adapter (as a bottleneck adapter's tensors), + experts if kept."""
