@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -38,6 +39,8 @@ CONFIGS = {  # name: (dataset, epochs, seeds)
     "sentiment-3ep": ("movie_sentiment", 3, (0,)),
 }
 FULL = "full fine-tuning"
+# Rows that run a method with other settings than its defaults: row name -> method config.
+VARIANTS = {"bottleneck (norms frozen)": {"method": "bottleneck", "train_layer_norms": False}}
 FULL_LR = 1e-4
 IPT_SOURCES = 2000  # examples per source task of the IPT subspace
 # What each paper reports, to read our numbers against (GLUE/SuperGLUE-scale models and budgets).
@@ -45,6 +48,7 @@ PAPER = {
     "head_only": "the baseline every method must beat",
     "lora": "≥ full FT on GLUE with RoBERTa/DeBERTa (Hu et al. 2021)",
     "bottleneck": "within 0.4 pt of full FT on GLUE with BERT-large (Houlsby et al. 2019)",
+    "bottleneck (norms frozen)": "AdaMix's like-for-like baseline (its experts have this shape, norms frozen)",
     "adamix": "≥ full FT and > one adapter on GLUE (Wang et al. 2022)",
     "bitfit": "near full FT on GLUE with BERT-base/large, small data (Ben Zaken et al. 2021)",
     "diff_pruning": "within ~1 pt of full FT on GLUE at 0.5% changed (Guo et al. 2021)",
@@ -59,7 +63,7 @@ PAPER = {
 
 def _spec(method: str, method_config: dict, dataset: str, epochs: int, seed: int) -> dict:
     return {
-        "name": f"table-{method.replace('_', '-')}-{dataset.replace('_', '-')}-{epochs}ep-s{seed}",
+        "name": f"table-{re.sub('[^a-z0-9]+', '-', method).strip('-')}-{dataset.replace('_', '-')}-{epochs}ep-s{seed}",
         "base_model": "minilm",
         "task": "sequence-classification",
         "dataset": {"name": dataset, "train_size": TRAIN},
@@ -189,7 +193,9 @@ class Jobs:
 
         if method == "ipt" and self._subspace is None:
             self._subspace = ipt_subspace(self.client)
-        config = {"method": "ipt", "subspace": self._subspace} if method == "ipt" else {"method": method}
+        config = VARIANTS.get(method) or {"method": method}
+        if method == "ipt":
+            config = {"method": "ipt", "subspace": self._subspace}
         handle = self.client.submit(_spec(method, config, dataset, epochs, seed))
         job = handle.wait(progress=False)
         if job.state.value != "SUCCEEDED":
@@ -210,7 +216,7 @@ class Jobs:
                 "adapter_bytes": adapter.size_bytes, "seconds_per_step": per_step,
                 "peak_rss_mb": latest["peak_rss_mb"], "lr": spec.training.lr, "head_lr": spec.training.head_lr,
                 "inference_ratio": forward_ratio(base, adapted, tokenizer, texts) if timed else None,
-                "overhead": peft_methods.get_method(method).inference_overhead}
+                "overhead": peft_methods.get_method(config["method"]).inference_overhead}
 
 
 def _load_runs() -> list[dict]:
@@ -318,7 +324,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the recorded runs")
     args = parser.parse_args()
     if not args.report:
-        methods = args.only or ["head_only", *[m for m in peft_methods.list_methods() if m != "head_only"], FULL]
+        methods = args.only or ["head_only", *[m for m in peft_methods.list_methods() if m != "head_only"],
+                                *VARIANTS, FULL]
         measure(methods, args.configs, args.seeds, args.again)
     print(report())
 

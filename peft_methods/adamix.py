@@ -159,6 +159,7 @@ class AdaMix(PeftMethod):
         "one bottleneck adapter (two small matmuls) per adapted sublayer, the experts' average; cannot be merged"
     )
     paper = "Wang et al. 2022, arXiv:2205.12410"
+    default_lr = 2e-3
 
     def _inject(self, model: nn.Module, config: AdaMixConfig) -> None:
         for name, layer in adapted_sublayers(model, config.placement):
