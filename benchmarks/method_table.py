@@ -204,7 +204,7 @@ class Jobs:
         logged = handle.metrics("train_loss")
         per_step = statistics.median((b.at - a.at) / (b.step - a.step) for a, b in zip(logged[1:], logged[2:]))
         adapter = handle.adapter()
-        labels = len(adapter.metadata.get("labels") or []) or 6
+        labels = {"trec": 6, "movie_sentiment": 2}[dataset]
         base, tokenizer = load_base_model("minilm", "sequence-classification", num_labels=labels)
         adapted = self.client.adapters.load(adapter.name,
                                             load_base_model("minilm", "sequence-classification", num_labels=labels)[0])

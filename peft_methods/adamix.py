@@ -173,26 +173,17 @@ class AdaMix(PeftMethod):
         """The averaged adapter, served like a bottleneck adapter (kept experts are not needed)."""
         return output_adapter_deltas(config, {k: v for k, v in state.items() if ".adamix_experts." not in k})
 
-    def training_loss(self, model: nn.Module, forward: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                      forward: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's objective: the task loss of one random route plus ``consistency_weight`` times the
         symmetric KL between its predictions and those of a second, independent route on the same batch.
         One forward (no KL) when the term is off, the model is in eval mode, or there is a single route."""
         config = applied_config(model)
-        routes = config.num_experts > 1
-        if config.consistency_weight == 0 or not routes or not model.training:
+        if config.consistency_weight == 0 or config.num_experts == 1 or not model.training:
             out = forward()
             return out.loss, out.loss
-        seen: dict[str, Any] = {}
-
-        def keep_labels(module, args, kwargs):
-            seen["labels"] = kwargs.get("labels")
-
-        hook = model.register_forward_pre_hook(keep_labels, with_kwargs=True)
-        try:
-            first, second = forward(), forward()
-        finally:
-            hook.remove()
-        consistency = symmetric_kl(first.logits, second.logits, seen.get("labels"))
+        first, second = forward(), forward()
+        consistency = symmetric_kl(first.logits, second.logits, batch.get("labels"))
         return first.loss, first.loss + config.consistency_weight * consistency
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -113,10 +113,11 @@ class PeftMethod:
         """A term added to the task loss after each forward (e.g. diff pruning's L0 penalty)."""
         return None
 
-    def training_loss(self, model: nn.Module, forward: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training micro-batch's (task loss, loss to backpropagate). ``forward()`` runs the model on the
-        micro-batch once and returns its output (with ``.loss``); a method may call it more than once (AdaMix's
-        two stochastic routes). Default: one forward, plus :meth:`regularization_loss`."""
+    def training_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                      forward: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training micro-batch's (task loss, loss to backpropagate). ``forward()`` runs the model (or the
+        engine wrapping it) on ``batch`` once and returns its output (with ``.loss``); a method may call it more
+        than once (AdaMix's two stochastic routes). Default: one forward, plus :meth:`regularization_loss`."""
         out = forward()
         extra = self.regularization_loss(model)
         return out.loss, out.loss if extra is None else out.loss + extra

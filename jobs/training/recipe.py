@@ -318,7 +318,7 @@ class Recipe:
         self.method.begin_step(self.engine.module, self.step, self.total_steps)
         for batch in micro:
             batch = self.placement.batch(batch)
-            loss, objective = self.method.training_loss(self.engine.module, lambda: self.engine(**batch))
+            loss, objective = self.method.training_loss(self.engine.module, batch, lambda: self.engine(**batch))
             self.engine.backward(objective)
             self.engine.step()
             total = loss.detach().float() if total is None else total + loss.detach().float()

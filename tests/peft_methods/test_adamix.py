@@ -170,7 +170,7 @@ def _two_pass(model, batch, seed=3):
         return outputs[-1]
 
     torch.manual_seed(seed)
-    task, objective = METHOD.training_loss(model, forward)
+    task, objective = METHOD.training_loss(model, batch, forward)
     return task, objective, outputs
 
 
@@ -341,7 +341,7 @@ def test_after_training_randomly_routed_models_predict_like_the_averaged_one():
     losses = []
     for step in range(60):
         batch = encode(train[step * 16 % 512 :][:16])
-        task, objective = METHOD.training_loss(model, lambda: model(**batch))
+        task, objective = METHOD.training_loss(model, batch, lambda: model(**batch))
         objective.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -365,7 +365,7 @@ def test_the_consistency_term_pulls_diverged_routes_together():
     torch.manual_seed(0)
     for _ in range(40):
         model.train()
-        task, objective = METHOD.training_loss(model, lambda: model(**batch))
+        task, objective = METHOD.training_loss(model, batch, lambda: model(**batch))
         (objective - task).backward()  # the consistency term only
         optimizer.step()
         optimizer.zero_grad()

@@ -170,7 +170,8 @@ def _train(model, steps, total, optimizer):
     model.train()
     for step in steps:
         DIFF.begin_step(model, step, total)
-        _, objective = DIFF.training_loss(model, lambda step=step: model(**TINY_BERT.batch(seed=step)))
+        batch = TINY_BERT.batch(seed=step)
+        _, objective = DIFF.training_loss(model, batch, lambda: model(**batch))
         objective.backward()
         optimizer.step()
         optimizer.zero_grad()
