@@ -30,6 +30,7 @@ other state.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -51,6 +52,11 @@ class MergeableLayer(Protocol):
     def merge(self) -> None: ...
 
     def unmerge(self) -> None: ...
+
+
+def no_gather(params: list[nn.Parameter]) -> AbstractContextManager:
+    """Parameters that are whole already: nothing to gather."""
+    return nullcontext()
 
 
 class MethodConfig(BaseModel):
@@ -122,9 +128,12 @@ class PeftMethod:
         extra = self.regularization_loss(model)
         return out.loss, out.loss if extra is None else out.loss + extra
 
-    def begin_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+    def begin_step(self, model: nn.Module, step: int, total_steps: int,
+                   gathered: Callable[[list[nn.Parameter]], AbstractContextManager] = no_gather) -> None:
         """Called before optimizer step ``step`` (0-based) of ``total_steps``, also on the first step after a
-        resume; what it changes must be restored by a checkpoint (buffers are). Default: nothing."""
+        resume; what it changes must be restored by a checkpoint (buffers are). ``gathered(params)`` is a
+        context in which partitioned parameters (ZeRO-3) are whole, read-only; the caller supplies it.
+        Default: nothing."""
 
     def parameter_group(self, name: str, config: MethodConfig) -> str:
         """The optimizer group of the method's own trainable parameter ``name``: ``adapter`` (the job's

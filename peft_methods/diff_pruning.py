@@ -36,8 +36,8 @@ evaluated is what is saved. The adapter file holds flat int64 ``indices`` and ``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import torch
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from peft_methods.api import MethodConfig, PeftMethod, applied_config, check_state_keys
+from peft_methods.api import MethodConfig, PeftMethod, applied_config, check_state_keys, no_gather
 from peft_methods.row_deltas import SparseDelta
 from peft_methods.targeting import ALL_LINEAR_IN_BLOCKS, default_targets, find_modules, replace_module
 
@@ -174,10 +174,10 @@ class DiffLinear(nn.Module):
         return flat.index_put((indices,), values).view_as(self.diff_delta)
 
     @torch.no_grad()
-    def fix_mask(self) -> None:
+    def fix_mask(self, gathered: Callable[[list[nn.Parameter]], AbstractContextManager] = no_gather) -> None:
         """Start phase 2: freeze the projection of the current deterministic gated diff in the buffers.
-        Parameters stay untouched; under ZeRO-3 they are gathered for the projection."""
-        with _gathered([self.diff_delta, self.diff_log_alpha]):
+        Parameters stay untouched; ``gathered`` makes them whole for the projection (ZeRO-3)."""
+        with gathered([self.diff_delta, self.diff_log_alpha]):
             indices, _ = self.sparse_entries()
             gate = deterministic_gate(self.diff_log_alpha).reshape(-1)[indices]
         self.diff_kept.copy_(indices)
@@ -228,15 +228,6 @@ def dense_diff(model: nn.Module) -> Iterator[None]:
             m.dense = False
 
 
-def _gathered(params: list[nn.Parameter]):
-    """Under ZeRO-3 the whole tensors of partitioned ``params`` (read-only), else nothing to do."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
 class DiffPruning(PeftMethod):
     name = "diff_pruning"
     Config = DiffPruningConfig
@@ -263,13 +254,14 @@ class DiffPruning(PeftMethod):
     def group_settings(self, config: DiffPruningConfig) -> dict[str, dict[str, float]]:
         return {_GATES: {"lr": config.gate_lr, "weight_decay": 0.0}}
 
-    def begin_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+    def begin_step(self, model: nn.Module, step: int, total_steps: int,
+                   gathered: Callable[[list[nn.Parameter]], AbstractContextManager] = no_gather) -> None:
         """From step ``fix_mask_at × total_steps`` on: phase 2 (each layer fixes its mask once)."""
         if step < fix_mask_step(applied_config(model), total_steps):
             return
         for _, layer in _diff_layers(model):
             if not layer.fixed:
-                layer.fix_mask()
+                layer.fix_mask(gathered)
 
     def row_deltas(self, base: nn.Module, config: DiffPruningConfig, state: dict[str, torch.Tensor]
                    ) -> list[SparseDelta]:

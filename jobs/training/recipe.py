@@ -216,6 +216,14 @@ class Recipe:
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
+    def _whole(self, params: list[torch.nn.Parameter]):
+        """A context in which ``params`` are whole (read-only): gathered under ZeRO-3, as they are otherwise."""
+        if not self.zero3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
     def setup_optimizer(self) -> None:
         import deepspeed
 
@@ -315,7 +323,7 @@ class Recipe:
         """One optimizer step over this rank's micro-batches; returns their mean loss, on the device
         (reading it waits for the step, so only logging does)."""
         total = None
-        self.method.begin_step(self.engine.module, self.step, self.total_steps)
+        self.method.begin_step(self.engine.module, self.step, self.total_steps, self._whole)
         for batch in micro:
             batch = self.placement.batch(batch)
             loss, objective = self.method.training_loss(self.engine.module, batch, lambda: self.engine(**batch))
