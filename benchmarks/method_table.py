@@ -304,18 +304,35 @@ def report() -> str:
     if failed:
         lines += ["", "Failed runs: " + "; ".join(f"{r['method']} {r['config']} seed {r['seed']}: "
                                                   f"{r['error'][:120]}" for r in failed)]
-    lines += ["", "IPT trains in a subspace fitted (an ipt-subspace job, d = 5, the most five sources allow) on "
-              "five prompt-tuning adapters of other tasks, trained first as jobs: movie sentiment (3 seeds) and TREC "
-              f"one-vs-rest \"location?\" and \"number?\" ({IPT_SOURCES} examples each, 1 epoch); its trainable count "
-              "is d + the head."]
+    missing = [m for m in _all_rows() if m not in order]
+    if missing:
+        lines += ["", "Not measured yet (no recorded run): " + ", ".join(missing) + "."]
+    seeds_missing = [c for c, (_, _, seeds) in CONFIGS.items() if any(
+        len([r for r in runs if r["method"] == m and r["config"] == c]) < len(seeds) for m in order)]
+    if seeds_missing:
+        lines += ["", "Incomplete configurations (runs missing for some rows or seeds): " + ", ".join(seeds_missing)
+                  + "; a cell with one value is one seed."]
+    if "diff_pruning" in order:
+        lines += ["", "diff_pruning's trainable count is phase 1's (the dense diff and one gate per entry of the block "
+                  "linears); phase 2 trains only the kept 0.5 % of each diffed weight (53,076 entries + the head, "
+                  "0.24 % of the base), and that is what the file holds."]
+    if "ipt" in order:
+        lines += ["", "IPT trains in a subspace fitted (an ipt-subspace job, d = 5, the most five sources allow) "
+                  "on five prompt-tuning adapters of other tasks, trained first as jobs: movie sentiment (3 seeds) "
+                  f"and TREC one-vs-rest \"location?\" and \"number?\" ({IPT_SOURCES} examples each, 1 epoch); its "
+                  "trainable count is d + the head."]
     text = "\n".join(lines) + "\n"
     (RESULTS / "method_table.md").write_text(text)
     return text
 
 
-def main() -> None:
+def _all_rows() -> list[str]:
     import peft_methods
 
+    return ["head_only", *[m for m in peft_methods.list_methods() if m != "head_only"], *VARIANTS, FULL]
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", help="methods to (re-)measure (default: all, and full fine-tuning)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
@@ -324,8 +341,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the recorded runs")
     args = parser.parse_args()
     if not args.report:
-        methods = args.only or ["head_only", *[m for m in peft_methods.list_methods() if m != "head_only"],
-                                *VARIANTS, FULL]
+        methods = args.only or _all_rows()
         measure(methods, args.configs, args.seeds, args.again)
     print(report())
 
