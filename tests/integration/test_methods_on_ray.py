@@ -79,16 +79,13 @@ def test_ipt_fits_a_subspace_on_registered_prompt_adapters_then_trains_only_z_in
     for h in sources:
         assert h.wait(timeout=900, progress=False).state is JobState.SUCCEEDED, h.logs()[-3000:]
 
-    fit = client.submit(
-        {
-            "kind": "ipt-subspace",
-            "name": "trec-sub",
-            "base_model": base,
-            "intrinsic_dim": 4,
-            "inner_dim": 32,
-            "steps": 200,
-        }
-    )
+    fit_spec = {"kind": "ipt-subspace", "name": "trec-sub", "base_model": base, "intrinsic_dim": 2, "inner_dim": 32,
+                "steps": 200}
+    job_count = client.store.count_jobs()
+    with pytest.raises(JobSpecError, match="intrinsic_dim 3 exceeds the 2 source prompts"):
+        client.submit({**fit_spec, "intrinsic_dim": 3})  # two prompts span at most two dimensions
+    assert client.store.count_jobs() == job_count
+    fit = client.submit(fit_spec)
     job = fit.wait(timeout=600, progress=False)
     assert job.state is JobState.SUCCEEDED, f"{job.error}\n{fit.logs()[-3000:]}"
     subspace = fit.subspace()
@@ -100,7 +97,7 @@ def test_ipt_fits_a_subspace_on_registered_prompt_adapters_then_trains_only_z_in
     job = ipt.wait(timeout=900, progress=False)
     assert job.state is JobState.SUCCEEDED, f"{job.error}\n{ipt.logs()[-3000:]}"
     head = 32 * 6 + 6  # TREC's six classes on a 32-wide encoder
-    assert ipt.metrics("trainable_parameters")[-1].value == 4 + head
+    assert ipt.metrics("trainable_parameters")[-1].value == 2 + head
     adapter = ipt.adapter()
     lineage = peft_methods.read_manifest(client.adapters.local_folder(adapter.name))["metadata"]["subspace"]
     assert lineage == {"id": subspace.id, "name": subspace.name, "sha256": subspace.sha256}

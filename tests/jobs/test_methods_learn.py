@@ -105,7 +105,11 @@ MISSES = {
 }
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=MISSES[m]))
+BORDERLINE = {"ia3"}  # one held-out question from the margin: floating-point order on another CPU may tip it
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(strict=m not in BORDERLINE,
+                                                                           reason=MISSES[m]))
                                     if m in MISSES else m for m in METHODS])
 def test_method_beats_the_head_only_baseline_and_its_loss_falls(results, method):
     accuracy, probe = _final(results[method], "eval_accuracy"), _final(results["head_only"], "eval_accuracy")
