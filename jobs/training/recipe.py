@@ -210,11 +210,7 @@ class Recipe:
     def _base_gathered(self):
         """Under ZeRO-3 the base's partitions, gathered while the method is applied and primed (it may read
         base weights and run forwards before any engine exists): one transient copy in the job's precision."""
-        if not self.zero3:
-            return nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+        return self._whole(list(self.model.parameters()))
 
     def _whole(self, params: list[torch.nn.Parameter]):
         """A context in which ``params`` are whole (read-only): gathered under ZeRO-3, as they are otherwise."""

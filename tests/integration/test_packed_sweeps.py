@@ -27,9 +27,9 @@ def test_a_packed_asha_sweep_trains_its_trials_in_one_group_stops_weak_ones_ther
 ):
     base = _packed(tiny_spec)
     # Two trials that learn: the better one (lr 0.05, 3 epochs, evaluated every 8 steps) finishes first; the
-    # other (lr 0.002, 6 epochs, evaluated every 96) is the last standing. Two that cannot learn (6 epochs,
-    # evaluated every 32 steps, head and adapter alike, so they meet the best trial's results on their rungs long before their end):
-    # ASHA stops them.
+    # other (lr 0.002, 6 epochs, evaluated every 96) is the last standing. Two that cannot learn (head and
+    # adapter alike; 6 epochs, evaluated every 32 steps, so they meet the best trial's results on their rungs
+    # long before their end): ASHA stops them.
     training = base["training"]
     options = [{**training, "lr": 0.05, "head_lr": 0.05, "epochs": 3, "eval_every_steps": 8},
                {**training, "lr": 0.002, "head_lr": 0.002, "epochs": 6, "eval_every_steps": 96},
