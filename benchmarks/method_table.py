@@ -39,8 +39,11 @@ CONFIGS = {  # name: (dataset, epochs, seeds)
     "sentiment-3ep": ("movie_sentiment", 3, (0,)),
 }
 FULL = "full fine-tuning"
-# Rows that run a method with other settings than its defaults: row name -> method config.
-VARIANTS = {"bottleneck (norms frozen)": {"method": "bottleneck", "train_layer_norms": False}}
+# Rows that run a method with other settings than its defaults: row name -> (method config, training settings).
+VARIANTS = {
+    "bottleneck (norms frozen)": ({"method": "bottleneck", "train_layer_norms": False}, {}),
+    "prefix_tuning (MLP)": ({"method": "prefix_tuning", "prefix_projection": True}, {"lr": 5e-4}),
+}
 FULL_LR = 1e-4
 IPT_SOURCES = 2000  # examples per source task of the IPT subspace
 # What each paper reports, to read our numbers against (GLUE/SuperGLUE-scale models and budgets).
@@ -49,6 +52,7 @@ PAPER = {
     "lora": "≥ full FT on GLUE with RoBERTa/DeBERTa (Hu et al. 2021)",
     "bottleneck": "within 0.4 pt of full FT on GLUE with BERT-large (Houlsby et al. 2019)",
     "bottleneck (norms frozen)": "AdaMix's like-for-like baseline (its experts have this shape, norms frozen)",
+    "prefix_tuning (MLP)": "Li & Liang's re-parametrisation (off by default here), at lr 5e-4",
     "adamix": "≥ full FT and > one adapter on GLUE (Wang et al. 2022)",
     "bitfit": "near full FT on GLUE with BERT-base/large, small data (Ben Zaken et al. 2021)",
     "diff_pruning": "within ~1 pt of full FT on GLUE at 0.5% changed (Guo et al. 2021)",
@@ -61,7 +65,7 @@ PAPER = {
 }
 
 
-def _spec(method: str, method_config: dict, dataset: str, epochs: int, seed: int) -> dict:
+def _spec(method: str, method_config: dict, dataset: str, epochs: int, seed: int, training: dict | None = None) -> dict:
     return {
         "name": f"table-{re.sub('[^a-z0-9]+', '-', method).strip('-')}-{dataset.replace('_', '-')}-{epochs}ep-s{seed}",
         "base_model": "minilm",
@@ -69,7 +73,7 @@ def _spec(method: str, method_config: dict, dataset: str, epochs: int, seed: int
         "dataset": {"name": dataset, "train_size": TRAIN},
         "method": method_config,
         "training": {"epochs": epochs, "batch_size": BATCH, "eval_size": EVAL, "max_length": MAX_LEN, "seed": seed,
-                     "eval_every_steps": 10**6},  # evaluated once, at the end
+                     "eval_every_steps": 10**6, **(training or {})},  # evaluated once, at the end
         "resources": {"num_workers": 1, "cpus_per_worker": 2},
         "packing": "off",  # one job at a time, each its own s/step and memory
     }
@@ -193,10 +197,10 @@ class Jobs:
 
         if method == "ipt" and self._subspace is None:
             self._subspace = ipt_subspace(self.client)
-        config = VARIANTS.get(method) or {"method": method}
+        config, training = VARIANTS.get(method) or ({"method": method}, {})
         if method == "ipt":
             config = {"method": "ipt", "subspace": self._subspace}
-        handle = self.client.submit(_spec(method, config, dataset, epochs, seed))
+        handle = self.client.submit(_spec(method, config, dataset, epochs, seed, training))
         job = handle.wait(progress=False)
         if job.state.value != "SUCCEEDED":
             return {"error": job.error}

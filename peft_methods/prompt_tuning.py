@@ -110,7 +110,7 @@ class PromptTuning(PeftMethod):
         "were that many tokens longer, and they use up the model's maximum length"
     )
     paper = "Lester et al. 2021, arXiv:2104.08691"
-    default_lr = 1e-2
+    default_lr = 3e-2
 
     def _inject(self, model: nn.Module, config: PromptTuningConfig) -> None:
         table = input_embedding_table(model, self.name)

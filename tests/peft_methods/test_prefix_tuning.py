@@ -127,11 +127,14 @@ def test_folding_the_projection_preserves_outputs(case, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-6, rtol=0)
 
 
-def test_by_default_the_prefix_is_trained_through_the_papers_mlp():
-    model = peft_methods.apply(TINY_LLAMA.fresh(), {"method": "prefix_tuning"})
-    assert isinstance(model.peft_prefix, ProjectedPrefix)
+@pytest.mark.parametrize("projection", [False, True], ids=["default", "projection"])
+def test_the_prefix_trains_directly_by_default_and_through_the_papers_mlp_when_asked(projection):
+    config = {"method": "prefix_tuning", **({"prefix_projection": True} if projection else {})}
+    model = peft_methods.apply(TINY_LLAMA.fresh(), config)
+    assert isinstance(model.peft_prefix, ProjectedPrefix if projection else Prefix)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"peft_prefix.{n}" for n in ("embedding", "w1", "b1", "w2", "b2")}
+    names = ("embedding", "w1", "b1", "w2", "b2") if projection else ("prefix",)
+    assert trainable == {f"peft_prefix.{n}" for n in names}
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])

@@ -91,7 +91,7 @@ class IA3(PeftMethod):
     mergeable = True
     inference_overhead = "none when merged; unmerged, one elementwise multiply per adapted layer"
     paper = "Liu et al. 2022, arXiv:2205.05638"
-    default_lr = 4e-3
+    default_lr = 3e-2
 
     def _inject(self, model: nn.Module, config: IA3Config) -> None:
         # the default names both families' projections; keep the patterns this model has
