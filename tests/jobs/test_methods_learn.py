@@ -4,7 +4,8 @@ training loss falls. A method whose own parameters stopped mattering (a zeroed d
 scores like the head-only row and fails here.
 
 The jobs run the real recipe (DeepSpeed engine, gloo, the method's default learning rates and the job's
-default head rate) in one process without Ray (tests/jobs/recipe_runs.py), a few seconds each on 2 CPUs.
+default head rate) in one process without Ray (tests/jobs/recipe_runs.py), about half a minute each on
+2 CPUs.
 IPT trains in a subspace fitted, as its paper does, on prompt-tuning adapters of other tasks (trained here
 first, on the same budget)."""
 
