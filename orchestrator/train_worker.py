@@ -26,6 +26,7 @@ from jobs.states import JobState
 from jobs.store import JobStore
 from jobs.training.recipe import STEP_FILE, Recipe
 from jobs.training.subspaces import resolve_method_config
+from orchestrator.tune.pbt_hold import Hold
 
 
 def checkpoint_root(store: JobStore) -> str:
@@ -58,6 +59,7 @@ class RayTrainReporter:
         self.config, self.spec, self.rank, self.world = config, spec, rank, world
         self.job_id = config["job_id"]
         self.store = _store(config) if rank == 0 else None
+        self._hold = Hold(self.store, self.job_id) if self.store is not None else None
 
     @contextmanager
     def checkpoint_to_resume(self) -> Iterator[str | None]:
@@ -99,6 +101,13 @@ class RayTrainReporter:
             ray.train.report(report)
         else:  # persisted to Ray Train's storage before report returns
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint))
+
+    def hold(self, step: int) -> None:
+        if self._hold is not None:  # rank 0 waits; the other ranks wait for it at the next collective
+            self._hold.begin(step)
+            self._hold.wait()
+
+    held = False  # a solo job waits inside hold()
 
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
         fingerprint = self.config["base_fingerprint"]

@@ -173,13 +173,18 @@ class BaseGroup:
     def remove(self, member: Member) -> None:
         self.members.pop(member.slot, None)
 
+    def active(self) -> list[Member]:
+        """The members that train at the next step (not held)."""
+        return [m for m in self.members.values() if not m.reporter.held]
+
     # -- one packed step -------------------------------------------------------------------------
     def step(self) -> list[tuple[Member, BaseException | None]]:
         """One micro-batch of every member through one forward and backward of the base; members at an
         accumulation boundary take their optimizer step (and log, evaluate, checkpoint, finish). Returns
         the members that left during it: (member, None) finished with its adapter registered,
-        (member, error) failed."""
-        members = list(self.members.values())
+        (member, error) failed. A held member (its reporter's ``held``: a PBT trial waiting for its
+        scheduler's decision) sits the step out."""
+        members = self.active()
         if not members:
             return []
         parts = [m.next_micro() for m in members]

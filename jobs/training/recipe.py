@@ -299,6 +299,7 @@ class Recipe:
                 self.save_checkpoint(folder)
                 self.reporter.progress(step, self.last_metrics if evaluated else {}, checkpoint=folder)
             self.reporter.metrics(step, {"checkpoint_step": step})  # persisted: a sweep may hand it on
+            self.reporter.hold(step)  # a PBT trial's scheduler decides on it before it trains on
         elif evaluated:
             self.reporter.progress(step, self.last_metrics)
 

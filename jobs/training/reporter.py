@@ -30,6 +30,14 @@ class Reporter(Protocol):
         """An evaluation (or a checkpoint) reached: tell the scheduler; ``checkpoint`` is a folder that
         must be persisted before this returns."""
 
+    def hold(self, step: int) -> None:
+        """The checkpoint at ``step`` is recorded and a sweep's scheduler may act on it (PBT): block until it
+        has, or mark the job :attr:`held` (a base group, which trains its other members meanwhile)."""
+
+    @property
+    def held(self) -> bool:
+        """True while the job must not train on (see :meth:`hold`)."""
+
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
         """Publish and record the trained adapter (rank 0 only); returns its name."""
 
@@ -63,6 +71,11 @@ class InMemoryReporter:
         if checkpoint is not None:  # the recipe deletes its folder afterwards: keep a copy
             kept = shutil.copytree(checkpoint, tempfile.mkdtemp(prefix="peftfleet-ckpt-"), dirs_exist_ok=True)
             self.checkpoints.append((step, kept))
+
+    def hold(self, step: int) -> None:
+        pass  # no scheduler decides on it
+
+    held = False
 
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
         kept = shutil.copytree(folder, tempfile.mkdtemp(prefix="peftfleet-adapter-"), dirs_exist_ok=True)

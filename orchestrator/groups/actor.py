@@ -127,9 +127,12 @@ class BaseGroupActor:
                         break
                     time.sleep(0.05)
                     continue
-                for member, error in self.group.step():
-                    self._left(member, error)
-                self._steps += 1
+                if self.group.active():
+                    for member, error in self.group.step():
+                        self._left(member, error)
+                    self._steps += 1
+                else:  # every member held (PBT trials waiting for their scheduler's decisions)
+                    time.sleep(0.05)
                 if time.monotonic() - last_poll > STORE_POLL_S:
                     last_poll = time.monotonic()
                     self._poll_store()

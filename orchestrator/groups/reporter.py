@@ -20,6 +20,7 @@ from typing import Any
 from jobs.states import JobState
 from jobs.store import JobStore
 from orchestrator.train_worker import checkpoint_root, register_job_adapter, run_name
+from orchestrator.tune.pbt_hold import Hold
 
 KEEP_CHECKPOINTS = 2
 
@@ -38,9 +39,9 @@ class GroupReporter:
         self.store, self.job_id, self.spec = store, job_id, spec
         self.base_fingerprint, self.group = base_fingerprint, group
         self.members = 1  # members when this one started, for its events
-        sweep = store.get(job_id).runtime.get("sweep_id")
         # A PBT trial's checkpoints are what other trials continue from: keep them all, as Ray Train does.
-        self.keep = None if sweep and store.sweeps.get(sweep).scheduler == "pbt" else KEEP_CHECKPOINTS
+        self._hold = Hold(store, job_id)
+        self.keep = None if self._hold.active else KEEP_CHECKPOINTS
 
     @contextmanager
     def checkpoint_to_resume(self) -> Iterator[str | None]:
@@ -74,6 +75,13 @@ class GroupReporter:
         staging.rename(final)
         for _, old in packed_checkpoints(self.store, self.job_id)[: -self.keep if self.keep else 0]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def hold(self, step: int) -> None:
+        self._hold.begin(step)  # the group trains its other members meanwhile
+
+    @property
+    def held(self) -> bool:
+        return self._hold.waiting()
 
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
         return register_job_adapter(self.store, self.spec, self.job_id, self.base_fingerprint, folder, metrics)

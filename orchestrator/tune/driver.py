@@ -34,6 +34,7 @@ from jobs.store import JobStore
 from jobs.store.sweep_registry import SweepRecord
 from jobs.sweep_spec import SweepSpec, draw, mutable, trial_spec
 from orchestrator.groups import holds, leave
+from orchestrator.tune.pbt_hold import mark_decided
 from orchestrator.tune.sweeps import packing
 
 POLL_S = 1.0
@@ -84,13 +85,13 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
             if spec.scheduler == "pbt" and not alive:
                 break  # the job is over: nothing left to continue from, only its final result counts
             value = next((v.value for v in reversed(store.metrics(job.id, spec.metric)) if v.step == m.step), None)
-            if value is None:
-                continue
             result = {spec.metric: value, "step": m.step, "job_id": job.id}
-            if spec.scheduler == "pbt":
-                tune.report(result, checkpoint=_pointer(store, job.id, m.step))
-            else:
+            if spec.scheduler != "pbt":
                 tune.report(result)
+                continue
+            if value is not None:  # returns once PBT let the trial go on (an exploit ends this thread here)
+                tune.report(result, checkpoint=_pointer(store, job.id, m.step))
+            mark_decided(store, job.id, m.step)  # its job, held at that checkpoint, trains on
         reported = len(rows)
         if not alive:
             break

@@ -159,15 +159,17 @@ def test_pbt_continues_weak_trials_from_strong_ones_checkpoints(client, tiny_spe
         if packing == "auto":  # it continued in the donor's group, from the donor's packed checkpoint
             assert job.runtime["base_group"] == client.store.get(donor["job_id"]).runtime["base_group"]
             assert "/packed/step-" in donor["path"]
-    # A continued trial's earlier job is settled, never a failure: cut short (whoever settled it first, the
-    # new trial's actor, "PBT exploit", or the runner seeing its Train controller go), or, when its last
-    # steps outran the exploit decision, finished with its adapter.
+    # A continued trial's earlier job was held at the checkpoint PBT decided on (it never trained past it,
+    # however fast it trains) and then cut short: STOPPED (CANCELLED had it not started), no adapter.
     jobs_of: dict[str, list] = {}
     for t in trials:
         jobs_of.setdefault(t["trial"], []).append(client.store.get(t["job"]))
     replaced = [j for jobs in jobs_of.values() for j in sorted(jobs, key=lambda j: j.created_at)[:-1]]
     assert replaced, trials
     for j in replaced:
-        finished_first = j.state.value == "SUCCEEDED" and client.adapters.list(job_id=j.id)
-        assert j.state.value in ("STOPPED", "CANCELLED") or finished_first, (j.name, j.state, j.error)
+        assert j.state.value in ("STOPPED", "CANCELLED"), (j.name, j.state, j.error)
+        assert not client.adapters.list(job_id=j.id)
+        trained = max((m.step for m in client.store.metrics(j.id, "train_loss")), default=0)
+        held_at = max((m.step for m in client.store.metrics(j.id, "checkpoint_step")), default=0)
+        assert trained <= held_at, (j.name, trained, held_at)
     assert record.best_adapter and not [t for t in trials if t["state"] == "FAILED"]

@@ -191,6 +191,41 @@ def test_a_member_whose_rows_break_the_shared_step_leaves_and_the_others_restart
     assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], rel=1e-6)  # its first step was restarted
 
 
+class HoldingReporter(InMemoryReporter):
+    """Holds its job at every checkpoint until the test lets it go (what a PBT trial's reporter does until
+    its scheduler decided)."""
+
+    held = False
+
+    def hold(self, step: int) -> None:
+        self.held = True
+
+
+def test_a_held_member_sits_out_while_the_others_train_and_then_goes_on_as_if_never_held(tiny_bert_dir):
+    def fresh() -> tuple[BaseGroup, list]:
+        group = BaseGroup(str(tiny_bert_dir), "sequence-classification")
+        specs = [parse_job_spec(trec(n, {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=4,
+                                     checkpoint_every_steps=2)) for n in ("trial", "other")]
+        return group, [group.add(specs[0], HoldingReporter()), group.add(specs[1], InMemoryReporter())]
+
+    group, (trial, other) = fresh()
+    group.step(), group.step()
+    assert trial.step == other.step == 2 and trial.reporter.held  # held at its checkpoint at step 2
+    group.step()
+    assert (trial.step, other.step) == (2, 3) and group.active() == [other]
+    trial.reporter.held = False  # its scheduler decided: it trains on
+    while group.members:
+        group.step()
+    assert trial.step == 4 and trial.reporter.events[-1][0] == "finished"
+    unheld, (alone, _) = fresh()
+    alone.reporter.hold = lambda step: None
+    while unheld.members:
+        unheld.step()
+    mine, theirs = trial.reporter.values("train_loss"), alone.reporter.values("train_loss")
+    assert [s for s, _ in mine] == [s for s, _ in theirs] == [1, 2, 3, 4]
+    assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], rel=1e-6)
+
+
 @pytest.mark.parametrize(("change", "why"), [
     ({"packing": "off"}, "packing is off"),
     ({"resources": {"num_workers": 2}}, "2 data-parallel workers"),
