@@ -12,8 +12,8 @@ Each targeted frozen weight ``W`` gains a task-specific difference. Training has
    its ``head_lr``.
 2. **Fixed mask.** After ``fix_mask_at`` of the steps the deterministic gated diff
    ``delta ⊙ gate(log_alpha)`` is projected to its ``target_sparsity`` largest-magnitude entries per
-   weight; those positions and their gate values are frozen in buffers and only the surviving
-   ``delta`` entries train on (no gates, no penalty): the paper's magnitude pruning then "fixmask"
+   weight; those positions and their values at the switch are frozen in buffers, and every kept entry
+   trains on from its value (no gates, no penalty): the paper's magnitude pruning then "fixmask"
    fine-tuning.
 
 Where we differ from the reference: the penalty is normalised by the number of gated entries (the
@@ -21,9 +21,10 @@ reference sums ``sparsity_pen`` over entries), so ``l0_weight`` suits models of 
 projection keeps the same fraction of every weight (the reference searches one global threshold),
 which keeps the saved entry count per weight fixed; only linear weights of the transformer blocks are
 diffed (the reference diffs every parameter, embeddings included); both phases run in one job with one
-learning-rate schedule instead of two runs; and phase 2 keeps the frozen gate value as a factor,
-``delta ⊙ gate ⊙ mask`` (the reference restarts from ``delta ⊙ mask``; the gate is 1 wherever
-``log_alpha`` ≥ log 5), so the model is continuous at the switch.
+learning-rate schedule instead of two runs; and phase 2 starts each kept entry from its gated value
+at the switch, ``value₀ + (delta - delta₀)`` (the reference restarts from ``delta ⊙ mask``, dropping
+the gate), so the model is continuous at the switch and every kept entry learns at the full rate, even
+one whose gate had closed (an earlier version kept the gate as a factor: such entries stayed at zero).
 
 Phase 2 lives only in buffers and the forward: parameters are never edited at the switch (under bf16
 DeepSpeed's fp32 masters would overwrite such edits), and a checkpoint, which saves buffers, resumes
@@ -66,11 +67,12 @@ class DiffPruningConfig(MethodConfig):
         description="Fraction of each targeted weight's entries kept in the final diff (0.005 = 0.5%).",
     )
     l0_weight: float = Field(
-        default=1000.0, ge=0, allow_inf_nan=False,
+        default=100.0, ge=0, allow_inf_nan=False,
         description=(
-            "Weight of the expected-L0 penalty, applied to the expected fraction of open gates (0–1). Large "
-            "values are needed for the gates to close within a short job: the penalty's gradient per gate is "
-            "l0_weight / (number of gates) and must exceed AdamW's eps (1e-8) to move log_alpha at gate_lr."
+            "Weight of the expected-L0 penalty, applied to the expected fraction of open gates (0–1). The "
+            "penalty's gradient per gate is l0_weight / (number of gates) and must exceed AdamW's eps (1e-8) to "
+            "move log_alpha at gate_lr; 100 leaves a few percent of the gates open at the switch (1000 closes "
+            "them far past a 0.5% target; the projection enforces the target either way)."
         ),
     )
     init_log_alpha: float = Field(
@@ -109,7 +111,8 @@ class DiffLinear(nn.Module):
     """A frozen ``base_layer`` plus a gated, prunable weight difference.
 
     Buffers (saved in checkpoints): ``diff_fixed`` says phase 2 has started; ``diff_kept`` holds the
-    flat indices of the entries it trains (sorted) and ``diff_kept_gate`` their frozen gate values."""
+    flat indices of the entries it trains (sorted), ``diff_kept_value`` their gated values and
+    ``diff_kept_delta`` their ``delta`` at the switch."""
 
     def __init__(self, base_layer: nn.Linear, target_sparsity: float, init_log_alpha: float):
         super().__init__()
@@ -120,7 +123,8 @@ class DiffLinear(nn.Module):
         self.keep = max(1, round(target_sparsity * w.numel()))
         self.register_buffer("diff_fixed", torch.zeros((), dtype=torch.bool, device=w.device))
         self.register_buffer("diff_kept", torch.zeros(self.keep, dtype=torch.int64, device=w.device))
-        self.register_buffer("diff_kept_gate", torch.zeros(self.keep, dtype=w.dtype, device=w.device))
+        self.register_buffer("diff_kept_value", torch.zeros(self.keep, dtype=w.dtype, device=w.device))
+        self.register_buffer("diff_kept_delta", torch.zeros(self.keep, dtype=w.dtype, device=w.device))
         self._fixed: bool | None = False  # host copy of diff_fixed; None: read it (after a state-dict load)
         self.dense = False  # evaluate the unprojected gated diff (see dense_diff)
         self.merged = False
@@ -152,8 +156,12 @@ class DiffLinear(nn.Module):
             return self._fixed_diff()
         return self.diff_delta * deterministic_gate(self.diff_log_alpha)
 
+    def _kept_values(self) -> torch.Tensor:
+        """Phase 2's entries: each kept entry's value at the switch plus what ``delta`` learnt since."""
+        return self.diff_kept_value + (self.diff_delta.reshape(-1)[self.diff_kept] - self.diff_kept_delta)
+
     def _fixed_diff(self) -> torch.Tensor:
-        values = self.diff_delta.reshape(-1)[self.diff_kept] * self.diff_kept_gate
+        values = self._kept_values()
         flat = torch.zeros(self.diff_delta.numel(), device=values.device, dtype=values.dtype)
         return flat.index_put((self.diff_kept,), values).view_as(self.diff_delta)
 
@@ -161,7 +169,7 @@ class DiffLinear(nn.Module):
         """Flat indices (sorted) and values of the kept entries: the fixed ones in phase 2, before it
         the ``keep`` largest |deterministic gated diff|."""
         if self.fixed:
-            return self.diff_kept, self.diff_delta.reshape(-1)[self.diff_kept] * self.diff_kept_gate
+            return self.diff_kept, self._kept_values()
         diff = self.gated_diff().flatten()
         indices = diff.abs().topk(self.keep, sorted=False).indices.sort().values
         return indices, diff[indices]
@@ -178,10 +186,11 @@ class DiffLinear(nn.Module):
         """Start phase 2: freeze the projection of the current deterministic gated diff in the buffers.
         Parameters stay untouched; ``gathered`` makes them whole for the projection (ZeRO-3)."""
         with gathered([self.diff_delta, self.diff_log_alpha]):
-            indices, _ = self.sparse_entries()
-            gate = deterministic_gate(self.diff_log_alpha).reshape(-1)[indices]
+            indices, values = self.sparse_entries()
+            delta = self.diff_delta.reshape(-1)[indices]
         self.diff_kept.copy_(indices)
-        self.diff_kept_gate.copy_(gate)
+        self.diff_kept_value.copy_(values)
+        self.diff_kept_delta.copy_(delta)
         self.diff_fixed.fill_(True)
         self._fixed = True
 
@@ -341,7 +350,8 @@ class DiffPruning(PeftMethod):
                 log_alpha[indices] = _LOADED_OPEN
                 order = indices.argsort()  # the buffers hold sorted indices, as fix_mask writes them
                 layer.diff_kept.copy_(indices[order])
-                layer.diff_kept_gate.fill_(1.0)
+                layer.diff_kept_value.copy_(delta[indices[order]])
+                layer.diff_kept_delta.copy_(delta[indices[order]])
                 layer.diff_fixed.fill_(True)
                 layer._fixed = True
 

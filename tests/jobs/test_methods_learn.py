@@ -102,9 +102,11 @@ def _final(result: dict, metric: str) -> float:
 # Measured misses (2026-12-02, this budget, head only 0.330): strict, so a method that starts to learn here
 # fails the suite until its mark is removed.
 MISSES = {
-    "ipt": "0.265 < head only 0.330 at its default lr 0.03 (0.28, 0.255, 0.265 at 0.1, 0.3, 0.01); with a source "
-           "prompt trained on another half of TREC added (d = 4), 0.235: three or four numbers in a subspace of "
-           "90-step source prompts carry less than the head alone",
+    "ipt": "0.265 < head only 0.330 at its default lr 0.03 (0.28, 0.255, 0.265 at 0.1, 0.3, 0.01). The fresh head "
+           "is what fails: reading the pooled first position, now a decoded virtual token, it learns nothing in 90 "
+           "steps even with z pinned at the exact prompt of a source trained on another half of TREC (0.235; that "
+           "source's own job, whose head co-adapted, scored 0.71); at head_lr 0.02 IPT reaches 0.295-0.335 and head "
+           "only 0.38. Three to four numbers cannot adapt the prompt to a random head the way prompt tuning's 7,680 do",
 }
 
 

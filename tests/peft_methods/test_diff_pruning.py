@@ -240,6 +240,20 @@ def test_phase_two_fixes_the_projected_mask_at_its_step_and_trains_only_those_en
         torch.testing.assert_close(model(**_inputs(TINY_BERT)).logits, evaluated, atol=1e-5, rtol=0)
 
 
+def test_phase_two_trains_every_kept_entry_even_where_its_gate_had_closed():
+    model = _phase2_model()
+    optimizer = _optimizer(model)
+    _train(model, range(3), 6, optimizer)
+    name, layer = next(iter(_layers(model).items()))
+    with torch.no_grad():
+        layer.diff_log_alpha.fill_(-10.0)  # the penalty closed every gate of this layer before the switch
+    DIFF.begin_step(model, 3, 6)
+    assert torch.count_nonzero(layer.pruned_diff()) == 0  # continuous: its gated diff was zero at the switch
+    _train(model, range(3, 6), 6, optimizer)
+    moved = torch.count_nonzero(layer.pruned_diff()).item()
+    assert moved >= 0.9 * layer.keep, f"{name}: {moved} of {layer.keep} kept entries learnt in phase 2"
+
+
 def test_a_checkpoint_after_the_switch_restores_the_mask_and_phase():
     model = _phase2_model()
     optimizer = _optimizer(model)
@@ -261,7 +275,8 @@ def test_a_checkpoint_after_the_switch_restores_the_mask_and_phase():
     DIFF.begin_step(resumed, 4, 6)  # the first step after the resume must not fix the mask again
     for name, layer in layers.items():
         assert torch.equal(layer.diff_kept, originals[name].diff_kept)
-        assert torch.equal(layer.diff_kept_gate, originals[name].diff_kept_gate)
+        assert torch.equal(layer.diff_kept_value, originals[name].diff_kept_value)
+        assert torch.equal(layer.diff_kept_delta, originals[name].diff_kept_delta)
     with torch.no_grad():
         for name, layer in layers.items():
             layer.diff_delta.copy_(originals[name].diff_delta)
