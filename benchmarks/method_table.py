@@ -330,8 +330,7 @@ def report() -> str:
     if "diff_pruning" in order:
         lines += ["", "diff_pruning's trainable count is phase 1's (the dense diff and one gate per entry of the block "
                   "linears); phase 2 trains only the kept 0.5 % of each diffed weight (53,076 entries + the head, "
-                  "0.24 % of the base), and that is what the file holds; with the default l0_weight most of the kept "
-                  "entries' gates had closed by the switch, so only 0.02 % of the entries carry a diff "
+                  "0.24 % of the base), each from its value at the switch, and that is what the file holds "
                   "(diff_pruning_phases.md)."]
     if "prefix_tuning (MLP)" in order:
         lines += ["", "prefix_tuning (MLP) trains through Li & Liang's re-parametrisation at lr 5e-4; its trainable "
