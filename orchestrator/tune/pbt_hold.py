@@ -40,7 +40,7 @@ def mark_decided(store: JobStore, job_id: str, step: int) -> None:
 
 
 class Hold:
-    """The job's side: ``waiting(step)`` is True while the job must not train past the checkpoint at
+    """The job's side: after ``begin(step)``, ``waiting()`` is True while the job must not train past the checkpoint at
     ``step`` (checked against the store at most every ``poll_s`` seconds)."""
 
     def __init__(self, store: JobStore, job_id: str, *, poll_s: float = 0.2):
