@@ -5,9 +5,10 @@ Tune asks for the next result). A peftfleet trial's job trains apart from its tr
 workers or in a base group) and the trial reports what reaches the store, so a fast job could train
 past the checkpoints PBT should have acted on, or finish before PBT saw them. So the job holds after
 recording each checkpoint (``checkpoint_step``) until its trial marks the step decided: the trial
-reported it and Tune asked for the next result (PBT chose to continue it), or the job left RUNNING
-(PBT exploited the trial: its new job stopped this one). A solo job's rank 0 waits (the other ranks
-wait at the next collective); a base group trains its other members while one is held.
+reported it and Tune asked for the next result (PBT chose to continue it). A job that left RUNNING while
+held (PBT exploited or paused its trial, whose next job stopped this one) stays held: it trains no
+further step while its group removes it or its workers are removed. A solo job's rank 0 waits (the
+other ranks wait at the next collective); a base group trains its other members while one is held.
 
 A hold lasts at most ``PEFTFLEET_PBT_HOLD_S`` seconds (default 300): a sweep driver that died does not
 stall its trials' jobs for ever (its resumed driver re-attaches and decides again).
@@ -67,10 +68,10 @@ class Hold:
             return True
         self._checked = now
         job = self.store.get(self.job_id)
-        if job.state is not JobState.RUNNING or job.runtime.get(DECIDED, -1) >= self.step:
+        if job.state is JobState.RUNNING and job.runtime.get(DECIDED, -1) >= self.step:
             self.step = None
             return False
-        return True
+        return True  # undecided, or stopped: never a step past the checkpoint
 
     def wait(self) -> None:
         """Block until the hold ends (a solo job's rank 0)."""

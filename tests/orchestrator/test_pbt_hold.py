@@ -36,7 +36,8 @@ def test_a_pbt_trials_job_holds_until_that_checkpoint_is_decided(tmp_path):
     mark_decided(store, job_id, 8)  # an earlier decision does not release a later checkpoint
     assert hold.waiting()
     store.transition(job_id, JobState.STOPPED, reason="PBT exploit")  # its trial continues from another job
-    assert not hold.waiting()
+    mark_decided(store, job_id, 16)
+    assert hold.waiting()  # stopped while held: it trains no further step, even were that step decided
 
 
 def test_an_asha_trial_never_holds_and_a_hold_ends_after_its_timeout(tmp_path, monkeypatch):
