@@ -43,6 +43,10 @@ class NotServable(ValueError):
     """An adapter whose method cannot join mixed batches (or does not fit this base)."""
 
 
+class BankFull(RuntimeError):
+    """Every slot holds an adapter that rows in flight use (pinned): nothing may be evicted now."""
+
+
 @dataclass
 class _Slot:
     """What one loaded adapter holds besides its modules' deltas."""
@@ -89,12 +93,16 @@ class AdapterBank:
     def touch(self, key: Hashable) -> None:
         self.loaded.move_to_end(key)
 
-    def load(self, key: Hashable, config: MethodConfig, state: dict[str, torch.Tensor]) -> list[Hashable]:
+    def load(self, key: Hashable, config: MethodConfig, state: dict[str, torch.Tensor], *,
+             pinned: frozenset | set = frozenset()) -> list[Hashable]:
         """Load an adapter (its config and its tensors by parameter name) into a free slot,
-        evicting the least recently used one when full; returns the keys evicted."""
+        evicting the least recently used one not in ``pinned`` (adapters rows in flight use) when full;
+        returns the keys evicted. :class:`BankFull` when every slot is pinned."""
         if key in self.loaded:
             self.touch(key)
             return []
+        if len(self.loaded) >= self.capacity and all(k in pinned for k in self.loaded):
+            raise BankFull(f"all {self.capacity} adapter slots hold adapters in use")
         method = get_method(config.method)
         like = self._embedding_weight()
         # On the base's device, still in the file's precision: a method may combine them with the
@@ -112,7 +120,7 @@ class AdapterBank:
         head_modules = self._build_heads(heads, head_state)
         evicted = []
         if len(self.loaded) >= self.capacity:
-            old = next(iter(self.loaded))
+            old = next(k for k in self.loaded if k not in pinned)
             self.evict(old)
             evicted.append(old)
         used = {v.slot for v in self.loaded.values()}
@@ -211,69 +219,126 @@ class AdapterBank:
                 "position_ids": positions + lengths[:, None], self.cache_kwarg: cache}
 
     def slots(self, keys: Sequence[Hashable | None]) -> torch.Tensor:
+        return self.route(keys, set_router=False)
+
+    def route(self, keys: Sequence[Hashable | None], *, set_router: bool = True) -> torch.Tensor:
+        """The rows' slots on the base's device (their adapters marked used); routes the next forwards
+        to them unless ``set_router`` is False. The router learns the slots from the host's copy: no wait."""
         for key in keys:
             if key is not None:
                 self.touch(key)
-        slots = [self.capacity if key is None else self.loaded[key].slot for key in keys]
-        return _to_device(slots, self._embedding_weight().device)
+        host = [self.capacity if key is None else self.loaded[key].slot for key in keys]
+        slots = _to_device(host, self._embedding_weight().device)
+        if set_router:
+            self.router.set(slots, host)
+        return slots
 
     @torch.no_grad()
     def forward_rows(self, token_ids: Sequence[Sequence[int]], keys: Sequence[Hashable | None], **kwargs: Any) -> Any:
         """One forward over rows that use different adapters (``None`` = the plain base)."""
         inputs = self.pack(token_ids, keys)
-        self.router.set(self.slots(keys))
+        self.route(keys)
         try:
             return self.model(**inputs, **kwargs)
         finally:
             self.router.set(None)
 
     def decode(self, token_ids: Sequence[Sequence[int]], keys: Sequence[Hashable | None]) -> DecodingBatch:
-        """Rows to decode together with a KV cache; use as a context manager (see :class:`DecodingBatch`)."""
-        return DecodingBatch(self, token_ids, keys)
+        """Rows to decode together with a KV cache, as a context manager whose ``logits`` are the rows'
+        first next-token logits (see :class:`DecodingBatch`, which rows may also join and leave)."""
+        batch = DecodingBatch(self)
+        batch.pending = (token_ids, keys)
+        return batch
 
 
 class DecodingBatch:
-    """Rows decoded together over the bank, one token per row per step, with a KV cache.
+    """Rows decoded together over the bank with one KV cache, one token per row per step; rows join
+    and leave between steps (continuous batching).
 
-    Entering runs the prompts' forward; ``logits`` are then each row's next-token logits, and
-    ``step(next_ids)`` feeds one token per row and returns the next. The rows keep their adapters
-    (and every module's gathered deltas) until the block ends.
+    ``join(token_ids, keys)`` runs the new rows' prompts in a forward of their own (a prompt never
+    shares a forward with decoding rows), merges their cache into the batch's (left-padded to a common
+    length: every row keeps its own positions and mask, so it computes what it would alone) and
+    returns their next-token logits. ``step(next_ids)`` feeds one token to every row and returns the
+    rows' next-token logits. ``keep(rows)`` drops the others and trims the cache's columns no kept row
+    uses. Row order is join order; ``keys`` lists each row's adapter. The rows' adapters must stay
+    loaded while they decode (the server pins them).
 
-    >>> with bank.decode([ids_a, ids_b], ["trec-lora", None]) as batch:               # doctest: +SKIP
-    ...     logits = batch.step(batch.logits.argmax(-1))      # token ids stay on the device
+    >>> batch = DecodingBatch(bank)                                                    # doctest: +SKIP
+    >>> logits = batch.join([ids_a, ids_b], ["trec-lora", None])
+    >>> logits = batch.step(logits.argmax(-1))             # token ids stay on the device
+    >>> batch.keep([1]); logits = batch.join([ids_c], ["qa-prefix"])
     """
 
-    def __init__(self, bank: AdapterBank, token_ids: Sequence[Sequence[int]], keys: Sequence[Hashable | None]):
-        self.bank, self.token_ids, self.keys = bank, token_ids, keys
-        self.logits: torch.Tensor | None = None
+    def __init__(self, bank: AdapterBank):
+        self.bank = bank
+        self.keys: list[Hashable | None] = []
         self.cache: DynamicCache | None = None
-        self.mask = self.positions = None  # grow by one column per step
+        self.mask: torch.Tensor | None = None  # (rows, columns): grows by one column per step
+        self.positions: torch.Tensor | None = None  # (rows, 1): each row's last position
+        self.extent: list[int] = []  # host: the columns each row spans, counted from the right
+        self.logits: torch.Tensor | None = None
+        self.pending: tuple | None = None  # bank.decode's rows, joined on entering
+        self._routed: list | None = None  # the keys the router holds
 
-    @torch.no_grad()
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    # -- as a context manager (bank.decode) ----------------------------------------------------------
     def __enter__(self) -> DecodingBatch:
-        bank = self.bank
-        inputs = bank.pack(self.token_ids, self.keys)
-        bank.router.set(bank.slots(self.keys))
+        token_ids, keys = self.pending or ((), ())
+        self.pending = None
         try:
-            cache = inputs.pop(bank.cache_kwarg, None)  # rows with a prefix bring theirs
-            self.cache = DynamicCache() if cache is None else cache
-            self.mask, self.positions = inputs["attention_mask"], inputs["position_ids"]
-            result = bank.model(**inputs, **{bank.cache_kwarg: self.cache}, use_cache=True, **bank.last_logits_only)
+            self.logits = self.join(token_ids, keys)
         except BaseException:
-            bank.router.set(None)
+            self.close()
             raise
-        self.logits = result.logits[:, -1].float()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the router (the rows' adapters)."""
         self.bank.router.set(None)
+        self._routed = None
+
+    # -- rows join, step and leave ----------------------------------------------------------------------
+    @torch.no_grad()
+    def join(self, token_ids: Sequence[Sequence[int]], keys: Sequence[Hashable | None]) -> torch.Tensor:
+        """Prefill new rows and add them to the batch; their next-token logits (float32, on the device).
+        If the prompts' forward fails, the batch is as it was."""
+        bank, keys = self.bank, list(keys)
+        if not keys:
+            return torch.empty(0, 0)
+        inputs = bank.pack(token_ids, keys)
+        self._route(keys)
+        try:
+            cache = inputs.pop(bank.cache_kwarg, None)  # rows with a prefix bring theirs
+            cache = DynamicCache() if cache is None else cache
+            result = bank.model(**inputs, **{bank.cache_kwarg: cache}, use_cache=True, **bank.last_logits_only)
+        finally:
+            self._routed = None  # routed to the new rows alone: route again before the next step
+        mask, width = inputs["attention_mask"], inputs["attention_mask"].shape[1]
+        prefix = width - inputs["inputs_embeds"].shape[1]
+        extent = []
+        for ids, key in zip(token_ids, keys):
+            entry = bank.loaded[key] if key is not None else None
+            own = len(ids) + (entry.prompt.shape[0] if entry is not None and entry.prompt is not None else 0)
+            n_prefix = entry.prefix.shape[3] if entry is not None and entry.prefix is not None else 0
+            extent.append(width - (prefix - n_prefix) if n_prefix else own)  # a prefix sits left of any padding
+        self._merge(cache, mask, inputs["position_ids"][:, -1:], keys, extent)
+        return result.logits[:, -1].float()
 
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Append one token to every row (a tensor of ids, best already on the device, or a list);
         returns the rows' next-token logits (float32, on the device)."""
+        if not self.keys:
+            raise ValueError("no rows to step")
+        self._route(self.keys)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.positions = self.positions[:, -1:] + 1
+        self.positions = self.positions + 1
+        self.extent = [e + 1 for e in self.extent]
         if isinstance(next_ids, torch.Tensor):
             ids = next_ids.to(self.mask.device, torch.long, non_blocking=True).reshape(-1, 1)
         else:
@@ -282,6 +347,67 @@ class DecodingBatch:
                                  **{self.bank.cache_kwarg: self.cache}, use_cache=True)
         self.logits = result.logits[:, -1].float()
         return self.logits
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (indices into the current rows, in the order given); the columns no kept
+        row spans are cut from the cache."""
+        rows = list(rows)
+        if rows == list(range(len(self.keys))):
+            return
+        self.keys = [self.keys[i] for i in rows]
+        self.extent = [self.extent[i] for i in rows]
+        if not rows:
+            self.cache = self.mask = self.positions = None
+            self.close()
+            return
+        index = _to_device(rows, self.mask.device)
+        cut = self.mask.shape[1] - max(self.extent)
+        self.mask = self.mask.index_select(0, index)[:, cut:]
+        self.positions = self.positions.index_select(0, index)
+        _set_layers(self.cache, [(k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:])
+                                 for k, v in _layers(self.cache)])
+        self._routed = None
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _route(self, keys: list) -> None:
+        if self._routed != keys:
+            self.bank.route(keys)
+            self._routed = list(keys)
+
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, keys: list,
+               extent: list[int]) -> None:
+        if not self.keys:
+            self.cache, self.mask, self.positions = cache, mask, positions
+            self.keys, self.extent = keys, extent
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        _set_layers(self.cache, [(torch.cat([left_pad(k0, 2), left_pad(k1, 2)]),
+                                  torch.cat([left_pad(v0, 2), left_pad(v1, 2)]))
+                                 for (k0, v0), (k1, v1) in zip(_layers(self.cache), _layers(cache))])
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.keys, self.extent = self.keys + keys, self.extent + extent
+        self._routed = None
+
+
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values, (rows, heads, columns, head_dim)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _set_layers(cache: DynamicCache, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Replace each layer's keys and values in place (a new cache would allocate each layer afresh)."""
+    for layer, (keys, values) in zip(cache.layers, layers):
+        layer.keys, layer.values = keys, values
 
 
 def _prefix_cache(prefixes: list[torch.Tensor | None],

@@ -30,15 +30,16 @@ class RowRouter:
         self.cache_plans = True  # False where a forward may run again on the same batch (activation checkpointing)
         self._rows: dict[int, torch.Tensor] = {}
 
-    def set(self, slots: torch.Tensor | None) -> None:
+    def set(self, slots: torch.Tensor | None, host: list[int] | None = None) -> None:
         """Route a batch (one slot per row, on the batch's device) or end it (None). The rows of each
-        slot are found on the host from one copy of ``slots``, not by a device search per slot."""
+        slot are found on the host from ``host`` (the same slots as host ints, when the caller has them)
+        or else from one copy of ``slots``, not by a device search per slot."""
         self.slots = slots
         self.version += 1
         self._rows = {}
         if slots is not None:
             by_slot: dict[int, list[int]] = {}
-            for row, s in enumerate(slots.tolist()):
+            for row, s in enumerate(host if host is not None else slots.tolist()):
                 by_slot.setdefault(s, []).append(row)
             self._rows = {s: torch.tensor(rows, dtype=torch.long).to(slots.device, non_blocking=True)
                           for s, rows in sorted(by_slot.items())}

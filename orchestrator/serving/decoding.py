@@ -20,7 +20,6 @@ looks for stop strings; a row a stop string ends is marked on the device without
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_methods.adapter_bank import AdapterBank
+from peft_methods.adapter_bank import AdapterBank, DecodingBatch
 
 # Tokens a TextStream holds back while they show no new printable text (skipped special tokens,
 # bytes of a character still incomplete); a UTF-8 character takes at most four byte tokens.
 MAX_HELD_TOKENS = 8
+# Below this a temperature is greedy: dividing logits by it would overflow to infinity (NaN probabilities).
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -197,22 +198,30 @@ class StopStrings:
         return 0
 
 
-class _Row:
-    """One request's decoding state on the host: its text and its result."""
+class Row:
+    """One request's decoding state on the host: its text, its result, and who hears of it."""
 
-    def __init__(self, request: GenerationRequest, tokenizer: Any):
+    def __init__(self, request: GenerationRequest, tokenizer: Any,
+                 on_update: Callable[[str, Generation], None] | None = None):
         if request.stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         self.request = request
+        self.on_update = on_update
         self.text = TextStream(tokenizer) if tokenizer is not None else None
         self.stops = StopStrings(request.stop)
         self.result = Generation()
         self.stopped = False
+        self.cancelled = False  # its client went away: it leaves at the next step, quietly
         self.result.finish_reason = self._reason(stopped=False, eos=False)  # max_tokens 0 ends at once
 
     @property
     def done(self) -> bool:
         return self.result.finish_reason is not None
+
+    @property
+    def hot(self) -> bool:
+        """Sampled (else greedy): a temperature too small to divide by is greedy."""
+        return self.request.temperature >= MIN_TEMPERATURE
 
     def add(self, token: int, eos: bool) -> str:
         """Record a chosen token (``eos``: it ends the sequence); returns the text released by it."""
@@ -228,87 +237,161 @@ class _Row:
             self.result.pieces.append(piece)
         self.stopped = stopped
         self.result.finish_reason = self._reason(stopped=stopped, eos=eos)
+        if self.on_update and (piece or self.done):
+            self.on_update(piece, self.result)
         return piece
 
     def _reason(self, *, stopped: bool, eos: bool) -> str | None:
         tokens, max_tokens = len(self.result.tokens), self.request.max_tokens
         return finish_reason(stopped=stopped, eos=eos, tokens=tokens, max_tokens=max_tokens)
 
+    def uniforms(self) -> torch.Tensor:
+        """The row's uniform draw for each of its tokens, from its own seed: whatever batch it is in, a
+        row samples what it samples alone."""
+        if not self.hot:
+            return torch.zeros(self.request.max_tokens)
+        generator = torch.Generator().manual_seed(self.request.seed % 2**64)
+        return torch.rand(self.request.max_tokens, generator=generator)
 
-class _DeviceRows:
-    """The rows' state on the model's device: sampling settings, each row's uniforms for every step
-    (drawn up front from its own seeded generator), which rows have finished, the EOS ids."""
 
-    def __init__(self, requests: Sequence[GenerationRequest], rows: list[_Row], eos: list[int],
-                 device: torch.device):
+class Decoder:
+    """Rows decoding together, joining and leaving between steps (continuous batching) over one
+    :class:`~peft_methods.adapter_bank.DecodingBatch`.
+
+    ``join(rows)`` prefills new rows (their own forward) and chooses their first tokens; ``step()``
+    feeds every row its last token and chooses the next. A row that finishes (end-of-sequence, a stop
+    string, ``max_tokens``) or is cancelled leaves at once: its cache columns go, and it costs nothing
+    more. Each forward is followed by one wait for the device: the chosen ids and end-of-sequence flags
+    (2 × rows numbers); the rows' sampling settings and draws live on the device beside them.
+    """
+
+    def __init__(self, bank: AdapterBank):
+        self.bank = bank
+        self.eos = eos_ids(bank.model)
+        self.batch = DecodingBatch(bank)
+        self.rows: list[Row] = []
+        self.ids: torch.Tensor | None = None  # each row's last chosen token, on the device
+        self.temperature = self.top_p = self.uniforms = self.count = None  # (rows,), (rows,), (rows, k), (rows,)
+        self._eos: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def adapters(self) -> set[Hashable]:
+        return {row.request.adapter for row in self.rows} - {None}
+
+    def join(self, rows: Sequence[Row]) -> None:
+        """Prefill ``rows`` and choose their first tokens (rows already finished, e.g. ``max_tokens`` 0,
+        are reported and never join). If the prompts' forward fails, the running rows are untouched."""
+        for row in rows:
+            if row.done and row.on_update:
+                row.on_update("", row.result)
+        rows = [row for row in rows if not row.done and not row.cancelled]
+        if not rows:
+            return
+        logits = self.batch.join([r.request.prompt_ids for r in rows], [r.request.adapter for r in rows])
+        device = logits.device
+
         def put(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-        self.hot = any(r.temperature > 0 for r in requests)
-        self.nucleus = any(r.temperature > 0 and r.top_p < 1 for r in requests)
-        if self.hot:
-            self.temperature = put([r.temperature for r in requests], torch.float32)
-            self.top_p = put([r.top_p for r in requests], torch.float32)
-            steps = max(r.max_tokens for r in requests)
-            self.uniforms = torch.stack([
-                torch.rand(steps, generator=torch.Generator().manual_seed(r.seed)) if r.temperature > 0
-                else torch.zeros(steps) for r in requests]).to(device, non_blocking=True)
-        self.max_tokens = put([r.max_tokens for r in requests], torch.long)
-        self.done = put([row.done for row in rows], torch.bool)
-        self.eos = put(eos, torch.long)
-        self.filler = eos[0] if eos else 0
+        temperature = put([r.request.temperature if r.hot else 0.0 for r in rows], torch.float32)
+        top_p = put([r.request.top_p for r in rows], torch.float32)
+        draws = [r.uniforms() for r in rows]
+        uniforms = torch.zeros(len(rows), max(d.numel() for d in draws))
+        for i, d in enumerate(draws):
+            uniforms[i, : d.numel()] = d
+        uniforms = uniforms.to(device, non_blocking=True)
+        count = torch.zeros(len(rows), dtype=torch.long, device=device)
+        if self._eos is None:
+            self._eos = put(self.eos, torch.long)
+        ids = self._choose(logits, rows, temperature, top_p, uniforms, count)
+        if self.rows:
+            width = max(self.uniforms.shape[1], uniforms.shape[1])
+            self.uniforms = torch.cat([_pad_right(self.uniforms, width), _pad_right(uniforms, width)])
+            self.temperature = torch.cat([self.temperature, temperature])
+            self.top_p = torch.cat([self.top_p, top_p])
+            self.count = torch.cat([self.count, count + 1])
+            self.ids = torch.cat([self.ids, ids])
+        else:
+            self.temperature, self.top_p, self.uniforms = temperature, top_p, uniforms
+            self.count, self.ids = count + 1, ids
+        self.rows = self.rows + list(rows)
+        self._settle(self.rows)
 
-    def choose(self, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step ``step``'s token for every row (the filler for finished ones) and whether it is an
-        end-of-sequence token; rows ending here (EOS, max_tokens) are marked finished."""
-        if self.hot:
-            ids = sample(logits, self.temperature, self.top_p, self.uniforms[:, step], nucleus=self.nucleus)
+    def step(self) -> None:
+        """One token for every running row."""
+        if not self.rows:
+            return
+        logits = self.batch.step(self.ids)
+        self.ids = self._choose(logits, self.rows, self.temperature, self.top_p, self.uniforms, self.count)
+        self.count = self.count + 1
+        self._settle(self.rows)
+
+    def drop_cancelled(self) -> None:
+        self._keep([i for i, row in enumerate(self.rows) if not row.cancelled])
+
+    def clear(self) -> list[Row]:
+        """Drop every row (after a failure); returns them."""
+        rows, self.rows = self.rows, []
+        self.batch.close()
+        self.batch = DecodingBatch(self.bank)
+        self.ids = self.temperature = self.top_p = self.uniforms = self.count = None
+        return rows
+
+    def _choose(self, logits: torch.Tensor, rows: Sequence[Row], temperature: torch.Tensor, top_p: torch.Tensor,
+                uniforms: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (on the device), recorded on the host after the step's one wait."""
+        if any(r.hot for r in rows):
+            draw = uniforms.gather(1, count.clamp_max(uniforms.shape[1] - 1)[:, None]).squeeze(1)
+            nucleus = any(r.hot and r.request.top_p < 1 for r in rows)
+            ids = sample(logits, temperature, top_p, draw, nucleus=nucleus)
         else:
             ids = logits.argmax(-1)
-        ids = ids.masked_fill(self.done, self.filler)
-        eos = torch.isin(ids, self.eos) & ~self.done
-        self.done = self.done | eos | (self.max_tokens <= step + 1)  # a running row has step + 1 tokens now
-        return ids, eos
+        eos = torch.isin(ids, self._eos)
+        tokens, flags = torch.stack([ids, eos.to(ids.dtype)]).tolist()  # the step's one wait
+        for row, token, flag in zip(rows, tokens, flags):
+            row.add(token, eos=bool(flag))
+        return ids
 
-    def finish(self, rows: list[int]) -> None:
-        """Mark rows a stop string ended (found on the host); copied to the device without waiting."""
-        self.done = self.done.index_fill(0, torch.tensor(rows).to(self.done.device, non_blocking=True), True)
+    def _settle(self, rows: list[Row]) -> None:
+        self._keep([i for i, row in enumerate(rows) if not row.done and not row.cancelled])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.batch.keep(keep)
+        if not keep:
+            self.ids = self.temperature = self.top_p = self.uniforms = self.count = None
+            return
+        index = torch.tensor(keep, dtype=torch.long).to(self.ids.device, non_blocking=True)
+        self.ids, self.temperature, self.top_p, self.uniforms, self.count = (
+            t.index_select(0, index) for t in (self.ids, self.temperature, self.top_p, self.uniforms, self.count))
+
+
+def _pad_right(t: torch.Tensor, width: int) -> torch.Tensor:
+    return t if t.shape[1] == width else torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], dim=1)
 
 
 def generate(bank: AdapterBank, requests: Sequence[GenerationRequest], tokenizer: Any = None,
              on_update: Callable[[int, str, Generation], None] | None = None) -> list[Generation]:
-    """Sample continuations for rows that use different adapters, in one batch with a KV cache.
+    """Sample continuations for rows that use different adapters, in one batch with a KV cache: all
+    join at once and each leaves when it ends (a :class:`Decoder` no one else joins).
 
-    Rows end at a stop string (needs ``tokenizer``), end-of-sequence or ``max_tokens``; a finished
-    row stays in the batch (fed a filler token) until all have. ``on_update(row, piece, result)``
-    is called whenever a row releases text or finishes (``result.finish_reason`` is then set).
-    Without a tokenizer only token ids are produced. Each step waits for the device once, for the
-    chosen ids (see the module docstring)."""
-    eos = eos_ids(bank.model)
-    rows = [_Row(r, tokenizer) for r in requests]
-    for i, row in enumerate(rows):
-        if row.done and on_update:
-            on_update(i, "", row.result)
-    if all(row.done for row in rows):
-        return [row.result for row in rows]
-    with bank.decode([r.prompt_ids for r in requests], [r.adapter for r in requests]) as batch:
-        logits = batch.logits
-        state = _DeviceRows(requests, rows, eos, logits.device)
-        for step in itertools.count():
-            ids, ends = state.choose(logits, step)
-            tokens, eos_flags = torch.stack([ids, ends.to(ids.dtype)]).tolist()  # the step's one transfer
-            stopped = []
-            for i, row in enumerate(rows):
-                if row.done:
-                    continue
-                piece = row.add(tokens[i], eos=bool(eos_flags[i]))
-                if row.stopped:
-                    stopped.append(i)
-                if on_update and (piece or row.done):
-                    on_update(i, piece, row.result)
-            if all(row.done for row in rows):
-                break
-            if stopped:
-                state.finish(stopped)
-            logits = batch.step(ids)
+    Rows end at a stop string (needs ``tokenizer``), end-of-sequence or ``max_tokens``.
+    ``on_update(row, piece, result)`` is called whenever a row releases text or finishes
+    (``result.finish_reason`` is then set). Without a tokenizer only token ids are produced."""
+    def hook(i: int):
+        return (lambda piece, result: on_update(i, piece, result)) if on_update else None
+
+    rows = [Row(r, tokenizer, hook(i)) for i, r in enumerate(requests)]
+    decoder = Decoder(bank)
+    try:
+        decoder.join(rows)
+        while len(decoder):
+            decoder.step()
+    finally:
+        decoder.clear()
     return [row.result for row in rows]
