@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -213,40 +215,82 @@ def cmd_subspaces(client: Client, args) -> int:
     return 0
 
 
+# ServeOptions' limits (docs/serving.md#limits), each a `serve` flag; a flag not given keeps its default.
+SERVE_LIMITS = {
+    "max_body_bytes": (int, "largest request body, in bytes (default 1 MiB; over it: 413)"),
+    "max_prompt_tokens": (int, "longest prompt, in tokens (default: the model's positions, else 4096)"),
+    "max_tokens_limit": (int, "largest max_tokens a request may ask for (default 1024)"),
+    "request_timeout_s": (float, "a request still running after this is ended (default 120; 504)"),
+    "max_classify_inputs": (int, "most inputs in one /v1/classify request (default 256)"),
+}
+
+
+def wait_for_stop_signal(poll_s: float = 0.5) -> signal.Signals:
+    """Block until SIGTERM or SIGINT; returns which came. The handlers only set an event (the caller
+    does the stopping, outside any handler); they stay installed, so another such signal while the
+    caller stops is ignored rather than killing it halfway. They also replace Ray's own, which dumps
+    a native stack trace on SIGTERM."""
+    received: list[int] = []
+    stop = threading.Event()
+
+    def record(signum, frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, record)
+    while not stop.wait(poll_s):
+        pass
+    return signal.Signals(received[0])
+
+
 def cmd_serve(client: Client, args) -> int:
+    import ray
+    from ray import serve
+
+    from orchestrator.serving.deployment import check_binding
+
+    api_key = args.api_key or os.environ.get("PEFTFLEET_API_KEY")
+    check_binding(args.host, api_key, args.insecure)
     device = check_device(args.device)
     gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1 if device.startswith("cuda") else 0)
     check_placement(device, gpus)
     if not client.ray_connected():  # the replicas will run on this machine: ask it now, not after Ray starts
         resolve_device(device)
+    limits = {name: getattr(args, name) for name in SERVE_LIMITS if getattr(args, name) is not None}
     serving = client.serve(
         args.base,
         adapters=args.adapters or "all",
         task=args.task,
         capacity=args.capacity,
         num_replicas=args.replicas,
-        api_key=args.api_key or os.environ.get("PEFTFLEET_API_KEY"),
+        api_key=api_key,
         host=args.host,
         port=args.port,
         name=args.name,
         max_batch_size=args.max_batch_size,
+        scheduler=args.scheduler,
+        max_prefill_tokens=args.max_prefill_tokens,
         cpus_per_replica=args.cpus_per_replica,
         gpus_per_replica=gpus,
         device=device,
         dtype=args.dtype,
+        insecure=args.insecure,
+        grace_s=args.grace_s,
+        **limits,
     )
     if args.json:
         _print_json({"name": serving.name, "url": serving.url, "openai_base_url": f"{serving.url}/v1"})
     if not client.cluster.started_here:
         return 0  # the application lives on the cluster; `serve shutdown` or another deploy replaces it
-    print(
-        "serving until interrupted (Ctrl-C); the local Ray cluster ends with this command", file=sys.stderr, flush=True
-    )
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serving.stop()
+    print("serving until SIGTERM or Ctrl-C; the local Ray cluster ends with this command", file=sys.stderr, flush=True)
+    received = wait_for_stop_signal()
+    print(f"{received.name}: taking no new requests; those in flight have {args.grace_s:g} s to finish",
+          file=sys.stderr, flush=True)
+    serving.stop()  # returns once every replica finished its requests or its grace period ran out
+    serve.shutdown()
+    ray.shutdown()
+    print("stopped", file=sys.stderr, flush=True)
     return 0
 
 
@@ -406,11 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when the replica reserved a GPU), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="the base's dtype; auto: bf16 on CUDA where supported, else fp32")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=32, help="most rows a replica decodes together")
+    p.add_argument("--scheduler", choices=["continuous", "static"], default="continuous",
+                   help="continuous: requests join the running batch at every step; static: a new batch only "
+                   "once the running one is empty")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="prompt tokens that may join the running batch in one step")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default="peftfleet", help="Ray Serve application name")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $PEFTFLEET_API_KEY, else none)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --host beyond loopback without an API key (anyone who reaches it can use it)")
+    p.add_argument("--grace-s", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C (or any stop), how long requests in flight have to finish")
+    for name, (kind, meaning) in SERVE_LIMITS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=meaning)
     p.set_defaults(run=cmd_serve)
     p = sub.add_parser(
         "tune", parents=[common], help="start a hyper-parameter sweep (a sweep YAML, see jobs/sweep_spec.py)"

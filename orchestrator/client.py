@@ -395,10 +395,19 @@ class Client:
         route_prefix: str = "/",
         max_batch_size: int = 32,
         batch_wait_s: float = 0.01,
+        scheduler: str = "continuous",
+        max_prefill_tokens: int = 4096,
         cpus_per_replica: float = 1,
         gpus_per_replica: float = 0,
         device: str = "auto",
         dtype: str = "auto",
+        insecure: bool = False,
+        grace_s: float = 30.0,
+        max_body_bytes: int | None = None,
+        max_prompt_tokens: int | None = None,
+        max_tokens_limit: int | None = None,
+        request_timeout_s: float | None = None,
+        max_classify_inputs: int | None = None,
     ) -> Serving:
         """Serve adapters from one copy of ``base`` per replica, over an OpenAI-shaped HTTP API.
 
@@ -412,22 +421,35 @@ class Client:
             num_replicas, autoscaling: a fixed count, or Ray Serve's autoscaling_config.
             api_key: the bearer key requests must carry.
             host, port, name, route_prefix: where and under what name Serve exposes it.
-            max_batch_size, batch_wait_s: how a replica gathers requests into one mixed batch.
+            max_batch_size, batch_wait_s: the most rows a replica decodes together, and how long an idle
+                replica gathers the first requests before it starts.
+            scheduler: ``"continuous"`` (requests join the running batch at every step) or ``"static"``
+                (a new batch only once the running one is empty: the load benchmark's baseline).
+            max_prefill_tokens: prompt tokens that may join the running batch in one step.
             cpus_per_replica, gpus_per_replica: each replica's resources.
             device, dtype: where each replica puts the base and its adapters (``auto``, ``cpu``, ``cuda``,
                 ``cuda:N``) and in what precision (``auto``, ``fp32``, ``bf16``, ``fp16``); ``auto`` is CUDA in
                 bf16 when the replica reserved a GPU, else the CPU in fp32 (``orchestrator.serving.device``).
+            insecure: allow a ``host`` beyond loopback without an ``api_key``.
+            grace_s: when the application is stopped, how long replicas finish the requests in flight.
+            max_body_bytes, max_prompt_tokens, max_tokens_limit, request_timeout_s, max_classify_inputs: the
+                limits each request is held to; None keeps ``ServeOptions``' default (docs/serving.md#limits).
 
         Returns:
             The running application; ``serving.url`` is the OpenAI base URL without ``/v1``.
 
         Raises:
             AdapterNotFound: an adapter named is not registered.
-            ValueError: an adapter was trained on another base or for another task, or ``device`` asks
-                for a GPU the replicas do not reserve.
+            ValueError: an adapter was trained on another base or for another task, ``device`` asks
+                for a GPU the replicas do not reserve, a limit is not positive, or ``host`` is beyond
+                loopback with neither ``api_key`` nor ``insecure``.
         """
-        from orchestrator.serving.deployment import ServeOptions, start
+        from orchestrator.serving.deployment import ServeOptions, check_binding, start
 
+        check_binding(host, api_key, insecure)
+        limits = {k: v for k, v in {"max_body_bytes": max_body_bytes, "max_prompt_tokens": max_prompt_tokens,
+                                    "max_tokens_limit": max_tokens_limit, "request_timeout_s": request_timeout_s,
+                                    "max_classify_inputs": max_classify_inputs}.items() if v is not None}
         base_record = self.store.register_base_model(base)
         task = task or default_task(base_record.path)
         names = None if adapters == "all" else list(adapters)
@@ -438,8 +460,10 @@ class Client:
             if record.task != task:
                 raise ValueError(f"adapter {adapter!r} is a {record.task} adapter; this server serves {task}")
         options = ServeOptions(base=base, task=task, adapters=names, capacity=capacity, max_batch_size=max_batch_size,
-                               batch_wait_s=batch_wait_s, api_key=api_key, store_url=self.store.url,
-                               storage_url=self.store.artifacts.url, home=str(self.home), device=device, dtype=dtype)
+                               batch_wait_s=batch_wait_s, scheduler=scheduler,
+                               max_prefill_tokens=max_prefill_tokens, api_key=api_key, store_url=self.store.url,
+                               storage_url=self.store.artifacts.url, home=str(self.home), device=device, dtype=dtype,
+                               grace_s=grace_s, **limits)
         self.cluster  # noqa: B018 - connect (or start the local cluster) first
         env = {**JOB_ENV, "PEFTFLEET_HOME": str(self.home), "OMP_NUM_THREADS": str(max(1, int(cpus_per_replica)))}
         serving = start(
@@ -448,6 +472,7 @@ class Client:
             host=host,
             port=port,
             route_prefix=route_prefix,
+            insecure=insecure,
             num_replicas=num_replicas,
             autoscaling=autoscaling,
             cpus_per_replica=cpus_per_replica,

@@ -13,21 +13,33 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobs.training.prompts import prompt_ids
 
+# torch's generators take seeds in this range (a wider one fails inside the engine, not here).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# A temperature under this is greedy: logits divided by it would overflow float32 (1e-40 is subnormal).
+GREEDY_BELOW = 1e-6
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs...)
+    # OpenAI clients send fields we do not use (user, logprobs...). Python's json module reads NaN and
+    # Infinity, which no field here can take.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1, description="An adapter name, a task name with a promoted adapter, or the base.")
 
 
 class _Sampling(_Request):
-    max_tokens: int = Field(default=16, ge=0, le=4096)
+    max_tokens: int = Field(default=16, ge=0, description="At most the server's max_tokens_limit.")
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     stream: bool = False
-    seed: int | None = None
-    n: Literal[1] = 1
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    n: int | None = Field(default=1, description="Only 1: the server checks it, to answer 400 as OpenAI does.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy(cls, v: float) -> float:
+        return 0.0 if v < GREEDY_BELOW else v
 
     @field_validator("stop")
     @classmethod
