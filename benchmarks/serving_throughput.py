@@ -97,7 +97,12 @@ def interleaved_throughputs(runs: dict, repeats: dict[str, int]) -> dict[str, di
                 t1, t16 = times[name]
                 t1.append(timed(lambda: run(1), 1))
                 t16.append(timed(lambda: run(NEW_TOKENS), 1))
-    return {name: rates(statistics.median(t1), statistics.median(t16)) for name, (t1, t16) in times.items()}
+    out = {}
+    for name, (t1, t16) in times.items():
+        out[name] = rates(statistics.median(t1), statistics.median(t16))
+        each = [rates(a, b)["generation_tok_s"] for a, b in zip(t1, t16)]  # per repetition: the spread
+        out[name].update(generation_tok_s_min=min(each), generation_tok_s_max=max(each))
+    return out
 
 
 def rates(t1: float, t16: float) -> dict[str, float]:
@@ -242,11 +247,15 @@ def write(results: dict, ratios: dict, args) -> None:
         f"`python benchmarks/serving_throughput.py --device {args.device} --dtype {args.dtype}`. "
         f"Batch of {N_ADAPTERS} requests × {PROMPT_TOKENS} prompt tokens, each for a different LoRA adapter "
         f"(r=8, q/k/v/o), {NEW_TOKENS} greedy tokens. Medians of {args.repeats} runs.", "",
+        "Systems are timed in turn within every repetition (interleaved); generation tok/s is the median "
+        "and, in brackets, the lowest and highest repetition.", "",
         "| system | prefill tok/s | generation tok/s | s (1 token) | s (16 tokens) |", "|---|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['generation_tok_s']:.1f} | {r['seconds_1_token']:.2f} "
-                     f"| {r['seconds_16_tokens']:.2f} |")
+        spread = (f" [{r['generation_tok_s_min']:.1f}–{r['generation_tok_s_max']:.1f}]"
+                  if "generation_tok_s_min" in r else "")
+        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['generation_tok_s']:.1f}{spread} | "
+                     f"{r['seconds_1_token']:.2f} | {r['seconds_16_tokens']:.2f} |")
     lines += ["", "| ratio (peftfleet / other) | value | target |", "|---|---:|---:|",
               f"| vs base, prefill | {ratios['vs_base_prefill']:.3f} | ≥ 0.93 |",
               f"| vs base, generation | {ratios['vs_base_generation']:.3f} | ≥ 0.93 |",
