@@ -12,10 +12,10 @@ The rules a response reports are written once here: :func:`finish_reason` and
 :func:`check_context_length`.
 
 The logits stay on the model's device. Each step chooses every row's next token there (greedy or
-sampled, :func:`sample`), marks rows that hit end-of-sequence or ``max_tokens`` there, and then
-copies the chosen ids and those flags to the host in one transfer: the step's only wait for the
-device. No vocabulary-sized tensor ever leaves the device. The host turns the ids into text and
-looks for stop strings; a row a stop string ends is marked on the device without waiting.
+sampled, :func:`sample`), flags end-of-sequence tokens there, and then copies the chosen ids and
+those flags to the host in one transfer: the step's only wait for the device. No vocabulary-sized
+tensor ever leaves the device. The host turns the ids into text, looks for stop strings and counts
+``max_tokens``; rows that ended leave the batch (:class:`Decoder`) without another wait.
 """
 
 from __future__ import annotations
