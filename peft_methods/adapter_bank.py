@@ -218,20 +218,14 @@ class AdapterBank:
         return {"inputs_embeds": embeds, "attention_mask": torch.cat([prefix_mask, mask], dim=1),
                 "position_ids": positions + lengths[:, None], self.cache_kwarg: cache}
 
-    def slots(self, keys: Sequence[Hashable | None]) -> torch.Tensor:
-        return self.route(keys, set_router=False)
-
-    def route(self, keys: Sequence[Hashable | None], *, set_router: bool = True) -> torch.Tensor:
-        """The rows' slots on the base's device (their adapters marked used); routes the next forwards
-        to them unless ``set_router`` is False. The router learns the slots from the host's copy: no wait."""
+    def route(self, keys: Sequence[Hashable | None]) -> None:
+        """Route the next forwards to the rows' slots (their adapters marked used). The router learns
+        the slots from the host's copy: no wait for the device."""
         for key in keys:
             if key is not None:
                 self.touch(key)
         host = [self.capacity if key is None else self.loaded[key].slot for key in keys]
-        slots = _to_device(host, self._embedding_weight().device)
-        if set_router:
-            self.router.set(slots, host)
-        return slots
+        self.router.set(_to_device(host, self._embedding_weight().device), host)
 
     @torch.no_grad()
     def forward_rows(self, token_ids: Sequence[Sequence[int]], keys: Sequence[Hashable | None], **kwargs: Any) -> Any:
