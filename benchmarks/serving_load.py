@@ -4,8 +4,9 @@ An open-loop client sends Poisson arrivals of streamed completions at rising rat
 one of 32 adapters of mixed methods (LoRA, BitFit, bottleneck, prompt tuning, prefix tuning) on
 SmolLM2-135M, a prompt of 16–256 tokens and ``max_tokens`` 8–128 (uniform, greedy). Arrivals do not
 wait for answers (open loop), so a server that falls behind builds a queue, as under real traffic.
-Each engine serves in turn (one replica with every CPU, or the GPU, to itself), at every rate on the
-same arrivals: first the static engine, then the continuous one.
+The engines are interleaved: at each rate the static engine, then the continuous one, each deployed
+alone (one replica with every CPU, or the GPU, to itself, adapters loaded first) on the same arrivals,
+so a slow minute of a shared machine does not land on one engine's whole column.
 
 Per engine and rate: output tokens/s, time to first token (TTFT) and inter-token latency (ITL), p50
 and p99, and whether p99 TTFT stays ≤ 2 s; then the highest rate each engine holds that way.
@@ -155,20 +156,19 @@ def main() -> None:
     warm = arrivals(8.0, N_ADAPTERS, names, tokenizer, seed=99)
     for i, request in enumerate(warm):  # every adapter loaded before timing
         request.update(model=names[i], max_tokens=2)
-    table: dict[str, dict[float, dict]] = {}
-    for engine in ("static", "continuous"):  # one replica at a time, with every CPU / the GPU to itself
-        serving = client.serve(
-            str(base_folder), name=f"load-{engine}", capacity=N_ADAPTERS, max_batch_size=args.max_batch_size,
-            batch_wait_s=0.01, api_key=key, port=8312, scheduler=engine, cpus_per_replica=os.cpu_count(),
-            gpus_per_replica=1 if cuda else 0, device=args.device, dtype=args.dtype)
-        asyncio.run(run_load(serving.url, key, warm))
-        table[engine] = {}
-        for rate in args.rates:  # the same arrivals for both engines
-            requests = arrivals(rate, args.requests, names, tokenizer, seed=int(rate * 1000))
+    table: dict[str, dict[float, dict]] = {"static": {}, "continuous": {}}
+    for rate in args.rates:  # interleaved: at each rate both engines, on the same arrivals
+        requests = arrivals(rate, args.requests, names, tokenizer, seed=int(rate * 1000))
+        for engine in table:  # one replica at a time, with every CPU / the GPU to itself
+            serving = client.serve(
+                str(base_folder), name=f"load-{engine}", capacity=N_ADAPTERS, max_batch_size=args.max_batch_size,
+                batch_wait_s=0.01, api_key=key, port=8312, scheduler=engine, cpus_per_replica=os.cpu_count(),
+                gpus_per_replica=1 if cuda else 0, device=args.device, dtype=args.dtype)
+            asyncio.run(run_load(serving.url, key, warm))
             summary = summarize(asyncio.run(run_load(serving.url, key, requests)))
             table[engine][rate] = summary
             print(json.dumps({"engine": engine, "rate": rate, **summary}), flush=True)
-        serving.stop()
+            serving.stop()
     write(table, args)
 
 
