@@ -18,8 +18,6 @@ import hmac
 import ipaddress
 import json
 import os
-import sys
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +49,7 @@ from orchestrator.serving.device import (
     resolve_device,
     resolve_dtype,
 )
-from orchestrator.serving.engine import AdapterResolver, ApiError, Engine, Finished
+from orchestrator.serving.engine import AdapterResolver, ApiError, Engine, Finished, log_error
 
 DEFAULT_MAX_PROMPT_TOKENS = 4096  # for a model whose config names no max_position_embeddings
 
@@ -112,15 +110,6 @@ def client_error(e: ApiError) -> tuple[dict[str, Any], int]:
     if e.status >= 500 and not isinstance(e, LimitExceeded):
         message = f"internal server error (error id {log_error(f'{e.status} {e.code}: {e.message}')})"
     return error_body(message, e.type, e.param, e.code), e.status
-
-
-def log_error(message: str, *, with_traceback: bool = False) -> str:
-    """Print ``message`` (and the exception being handled) to the replica's log; returns its id."""
-    error_id = uuid.uuid4().hex[:12]
-    print(f"peftfleet serving error {error_id}: {message}", file=sys.stderr, flush=True)
-    if with_traceback:
-        traceback.print_exc()
-    return error_id
 
 
 _SERVER_ERROR = "internal server error"

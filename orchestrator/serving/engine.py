@@ -20,6 +20,7 @@ Adapters the running rows use are pinned in the bank: loading another never evic
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import traceback
 import uuid
@@ -385,11 +386,18 @@ class Engine:
             self._fail(p, _server_error(e), loop)
 
 
+def log_error(message: str, *, with_traceback: bool = False) -> str:
+    """Print what the client must not see (paths, internals; with the exception being handled when asked)
+    to the replica's log under a fresh id; returns the id, for the client's message."""
+    error_id = uuid.uuid4().hex[:12]
+    print(f"peftfleet serving error {error_id}: {message}", file=sys.stderr, flush=True)
+    if with_traceback:
+        traceback.print_exc()
+    return error_id
+
+
 def _log_error(e: BaseException) -> str:
-    """Log an error the client must not see (paths, internals) under a fresh id; returns the id."""
-    ref = uuid.uuid4().hex[:12]
-    print(f"serving error {ref}: {type(e).__name__}: {e}", flush=True)
-    return ref
+    return log_error(f"{type(e).__name__}: {e}")
 
 
 def _server_error(e: BaseException) -> ApiError:
