@@ -28,6 +28,7 @@ from jobs.states import IllegalTransition, JobState, check_transition
 from jobs.store.adapter_registry import AdapterRegistry
 from jobs.store.artifacts import ArtifactStorage
 from jobs.store.base_model_registry import BaseModelRecord, BaseModelRegistry
+from jobs.store.checkpoint_registry import CheckpointRegistry
 from jobs.store.db import Database, default_store_url
 from jobs.store.records import IdempotencyConflict, JobEvent, JobNotFound, JobRecord, Metric
 from jobs.store.schema import JobEventRow, JobRow, MetricRow
@@ -36,8 +37,8 @@ from jobs.store.sweep_registry import SweepRegistry
 
 
 class JobStore:
-    """Jobs, events and metrics; ``store.base_models``, ``store.adapters``, ``store.subspaces`` and
-    ``store.sweeps`` are the registries on the same database."""
+    """Jobs, events and metrics; ``store.base_models``, ``store.adapters``, ``store.subspaces``,
+    ``store.sweeps`` and ``store.checkpoints`` are the registries on the same database."""
 
     def __init__(
         self,
@@ -54,6 +55,7 @@ class JobStore:
         self.adapters = AdapterRegistry(self.db, self.artifacts, self.base_models)
         self.subspaces = SubspaceRegistry(self.db, self.artifacts, self.base_models)
         self.sweeps = SweepRegistry(self.db)
+        self.checkpoints = CheckpointRegistry(self.db)
 
     def close(self) -> None:
         self.db.close()

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3  # 2: subspaces (IPT); 3: sweeps and their trials
+SCHEMA_VERSION = 4  # 2: subspaces (IPT); 3: sweeps and their trials; 4: checkpoint manifests
 
 
 class Base(DeclarativeBase):
@@ -157,4 +157,17 @@ class SweepTrialRow(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     trial_id: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class CheckpointRow(Base):
+    """A training checkpoint a job's rank 0 wrote: where, and the sha256 of every file in it, recorded
+    when it was written so a restore reads only bytes the store vouches for."""
+
+    __tablename__ = "checkpoints"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    folder: Mapped[str] = mapped_column(Text)
+    files: Mapped[dict[str, str]] = mapped_column(JSON)  # path relative to the folder -> sha256
     created_at: Mapped[float] = mapped_column(Float)
