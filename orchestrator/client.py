@@ -10,9 +10,10 @@
 >>> client.subspaces.list(base="minilm")                 # IPT subspaces                # doctest: +SKIP
 
 On a cluster: ``Client(address="ray://head:10001" or "auto", store_url="postgresql+psycopg2://...",
-storage_url="s3://bucket/peftfleet")``. Another process finds a job with
+storage_url="s3://bucket/peftfleet", secrets="cluster")``. Another process finds a job with
 ``Client(store_url=...).jobs.get(job_id)`` and can wait on it; only submitting, cancelling and
-reading logs talk to Ray.
+reading logs talk to Ray. Secrets (a store URL's password, the Serve API key) never travel in a Ray
+runtime env: see :func:`orchestrator.cluster.secret_env` and docs/security.md.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.home import peftfleet_home
+from jobs.secrets import has_password
 from jobs.spec import JobSpec, JobSpecError, load_job_spec, parse_job_spec
-from jobs.states import ALLOWED, JobState
+from jobs.states import ALLOWED, IllegalTransition, JobState
 from jobs.store import JobRecord, JobStore, Metric
 from jobs.store.adapter_registry import AdapterRecord, AdapterRegistry
 from jobs.store.subspace_registry import SubspaceRecord, SubspaceRegistry
 from jobs.training.subspaces import check_references
-from orchestrator.cluster import JOB_ENV, Cluster, connect, launch, stop_and_wait
+from orchestrator.cluster import JOB_ENV, SECRETS_MODES, Cluster, connect, launch, secret_env, stop_and_wait
 from orchestrator.feasibility import InfeasibleJob, check_feasible
 from orchestrator.reconciler import settle_orphans
 from orchestrator.tune.sweeps import SweepHandle, Sweeps, start_sweep
@@ -209,13 +211,19 @@ class Client:
         heartbeat_timeout_s: a live job whose owner was silent this long is settled as FAILED.
         resubmit_orphans: instead of FAILED, give such a job up to this many new owners, each resuming
             from its last checkpoint (default ``$PEFTFLEET_RESUBMIT_ORPHANS`` or 0).
+        secrets: how launched processes get secrets (a store URL with a password, the API key): ``"auto"``
+            (default, or ``$PEFTFLEET_SECRETS``): a 0600 file on this machine for a local cluster, refused for
+            a remote one; ``"cluster"``: the cluster's pods already hold them (Kubernetes Secrets).
     """
 
     def __init__(
         self, *, address: str | None = None, store_url: str | None = None, storage_url: str | None = None,
         home: str | os.PathLike | None = None, num_cpus: int | None = None, heartbeat_timeout_s: float = 120,
-        resubmit_orphans: int | None = None,
+        resubmit_orphans: int | None = None, secrets: str | None = None,
     ):
+        self.secrets = secrets or os.environ.get("PEFTFLEET_SECRETS") or "auto"
+        if self.secrets not in SECRETS_MODES:
+            raise ValueError(f"secrets must be one of {list(SECRETS_MODES)}, not {self.secrets!r}")
         self.home = Path(peftfleet_home(home))
         self.store = JobStore(store_url, storage_url=storage_url, home=self.home)
         self.jobs = Jobs(self)
@@ -256,14 +264,20 @@ class Client:
         check_references(self.store, spec)
         check_feasible(self.cluster, spec)
         job = self.store.submit(spec, idempotency_key=idempotency_key)
-        if job.runtime.get("ray_submission_id"):
-            return JobHandle(self, job.id)  # an idempotent resubmission: already scheduled
-        self._hand_to_ray(job.id, f"peftfleet-{job.id}", spec, "could not hand the job to Ray")
+        submission_id = f"peftfleet-{job.id}"
+        # One launch per job: of two submits with one key (or a submit racing a cancel) only the caller
+        # that records the submission id while the job is PENDING launches it.
+        if self.store.claim_launch(job.id, submission_id, dashboard_url=self.cluster.dashboard_url):
+            self._launch(job.id, submission_id, spec, "could not hand the job to Ray")
         return JobHandle(self, job.id)
 
     def _hand_to_ray(self, job_id: str, submission_id: str, spec: Any, failure: str) -> None:
-        """Launch the job's runner as a Ray job; a job that cannot be handed over is FAILED."""
+        """Record the job's new Ray submission, then launch its runner (see :meth:`_launch`)."""
         self.store.set_runtime(job_id, ray_submission_id=submission_id, dashboard_url=self.cluster.dashboard_url)
+        self._launch(job_id, submission_id, spec, failure)
+
+    def _launch(self, job_id: str, submission_id: str, spec: Any, failure: str) -> None:
+        """Launch the job's runner as a Ray job; a job that cannot be handed over is FAILED."""
         try:
             launch(
                 self.cluster,
@@ -274,16 +288,23 @@ class Client:
                 metadata={"peftfleet_job": job_id, "name": spec.name},
             )
         except Exception as e:
-            self.store.transition(job_id, JobState.FAILED, reason=failure, error=f"{type(e).__name__}: {e}")
+            try:
+                self.store.transition(job_id, JobState.FAILED, reason=failure, error=f"{type(e).__name__}: {e}")
+            except IllegalTransition:
+                pass  # settled meanwhile (a cancel): nothing was launched for it
             raise
 
     def process_env(self) -> dict[str, str]:
-        """Where a process this client launches finds the store, the artifacts and the home folder."""
-        return {
-            "PEFTFLEET_STORE_URL": self.store.url,
-            "PEFTFLEET_STORAGE_URL": self.store.artifacts.url,
-            "PEFTFLEET_HOME": str(self.home),
-        }
+        """Where a process this client launches finds the store, the artifacts and the home folder. A store
+        URL with a password is not in it: only how to find it (:meth:`secret_env`)."""
+        env = {"PEFTFLEET_STORAGE_URL": self.store.artifacts.url, "PEFTFLEET_HOME": str(self.home)}
+        if has_password(self.store.url):
+            return {**env, **self.secret_env({"PEFTFLEET_STORE_URL": self.store.url})}
+        return {**env, "PEFTFLEET_STORE_URL": self.store.url}
+
+    def secret_env(self, values: dict[str, str]) -> dict[str, str]:
+        """What a launched process needs to find the secrets ``values`` itself (see ``cluster.secret_env``)."""
+        return secret_env(values, home=self.home, secrets=self.secrets, cluster=self.cluster)
 
     # -- sweeps ----------------------------------------------------------------------------
     def tune(
@@ -368,8 +389,19 @@ class Client:
         if job.state.is_terminal:
             return job
         submission = job.runtime.get("ray_submission_id")
-        if job.state is JobState.PENDING and not submission:
-            return self.store.transition(job.id, JobState.CANCELLED, reason="cancelled before scheduling")
+        if job.state is JobState.PENDING:  # no runner has claimed it: one that starts later finds it settled
+            try:
+                job = self.store.transition(job.id, JobState.CANCELLED, expected=[JobState.PENDING],
+                                            reason="cancelled before its runner claimed it")
+            except IllegalTransition:
+                job = self.store.get(job.id)  # claimed meanwhile: stop its runner below
+            if job.state.is_terminal:
+                if submission and self.ray_connected():
+                    try:  # its runner, launched or about to be, would exit at once anyway
+                        self.cluster.jobs_client().stop_job(submission)
+                    except Exception:  # noqa: BLE001 - not launched yet, or already gone
+                        pass
+                return job
         if job.state is not JobState.CANCELLING and JobState.CANCELLING in ALLOWED[job.state]:
             job = self.store.transition(job.id, JobState.CANCELLING, reason="cancel requested")
         if submission and not stop_and_wait(self.cluster, submission, timeout=timeout):
@@ -466,6 +498,11 @@ class Client:
                                grace_s=grace_s, **limits)
         self.cluster  # noqa: B018 - connect (or start the local cluster) first
         env = {**JOB_ENV, "PEFTFLEET_HOME": str(self.home), "OMP_NUM_THREADS": str(max(1, int(cpus_per_replica)))}
+        secret = {"PEFTFLEET_API_KEY": api_key} if api_key else {}
+        if has_password(self.store.url):
+            secret["PEFTFLEET_STORE_URL"] = self.store.url
+        if secret:  # the replicas read them from there; the deployment's options leave them out
+            env.update(self.secret_env(secret))
         serving = start(
             options,
             name=name,

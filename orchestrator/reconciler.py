@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from jobs.states import IllegalTransition, JobState
-from jobs.store import JobRecord, JobStore
+from jobs.store import JobRecord, JobStore, OwnershipLost
 from orchestrator.cluster import RAY_LIVE, Cluster
 
 HEARTBEAT_INTERVAL_S = float(os.environ.get("PEFTFLEET_HEARTBEAT_INTERVAL_S", "5"))  # how often owners beat
@@ -28,6 +28,20 @@ RESUBMITTABLE = {
     JobState.QUEUED: JobState.PENDING,
     JobState.RETRYING: JobState.RETRYING,
 }
+
+
+UNREACHABLE = "UNREACHABLE"  # the dashboard did not answer: nothing is known about the Ray job
+
+
+def ray_job_status(cluster: Cluster, submission_id: str) -> str | None:
+    """What Ray says of a submission: its status, None when Ray answers that it does not know it (the
+    job is gone), or :data:`UNREACHABLE` when the dashboard did not answer (then nothing may be concluded)."""
+    try:
+        return str(cluster.jobs_client().get_job_status(submission_id))
+    except Exception as e:  # noqa: BLE001 - sort the failure: "no such job" vs "no answer"
+        if isinstance(e, RuntimeError) and "status code 404" in str(e):
+            return None
+        return UNREACHABLE
 
 
 def settle_orphans(
@@ -47,22 +61,20 @@ def settle_orphans(
         last_sign = job.heartbeat_at or job.updated_at
         if now - last_sign < timeout_s:
             continue
-        if cluster is not None and submission and cluster.ray_job_status(submission) in RAY_LIVE:
-            continue
+        if cluster is not None and submission and ray_job_status(cluster, submission) in RAY_LIVE | {UNREACHABLE}:
+            continue  # Ray says it still runs, or cannot say: a silent store is not a dead owner
         reason = f"owner {job.owner or '(none)'} silent for {now - last_sign:.0f} s (timeout {timeout_s:.0f} s)"
         if resubmit is not None and job.attempt < max_attempts and job.state in RESUBMITTABLE:
             try:
                 back = RESUBMITTABLE[job.state]
-                if back is not job.state:
-                    store.transition(
-                        job.id,
-                        back,
-                        reason=f"{reason}; resubmitted (attempt {job.attempt + 1} of {max_attempts})",
-                        expected=[job.state],
-                    )
+                why = f"{reason}; resubmitted (attempt {job.attempt + 1} of {max_attempts})"
+                if back is not job.state:  # handed back: no owner, so only the new runner can claim it
+                    store.transition(job.id, back, reason=why, expected=[job.state], as_owner=job.owner, release=True)
+                else:
+                    store.release(job.id, owner=job.owner, reason=why)
                 resubmit(job.id)
                 settled.append(store.get(job.id))
-            except IllegalTransition:
+            except (IllegalTransition, OwnershipLost):
                 pass
             continue
         to = JobState.CANCELLED if job.state is JobState.CANCELLING else JobState.FAILED
@@ -74,9 +86,9 @@ def settle_orphans(
                     reason=reason,
                     error=f"orphaned: {reason}" if to is JobState.FAILED else None,
                     expected=[job.state],
+                    as_owner=job.owner,
                 )
             )
-        except IllegalTransition:
+        except (IllegalTransition, OwnershipLost):
             continue  # its owner or another reconciler got there first
     return settled
-

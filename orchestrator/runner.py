@@ -19,7 +19,7 @@ import threading
 import traceback
 
 from jobs.states import JobState
-from jobs.store import JobStore
+from jobs.store import JobStore, OwnershipLost, redact_url
 from orchestrator.reconciler import HEARTBEAT_INTERVAL_S
 
 
@@ -27,37 +27,56 @@ class _Stopped(BaseException):
     """SIGTERM from `ray job stop`: unwind and settle the job as cancelled."""
 
 
-def _heartbeat(store: JobStore, job_id: str, owner: str, stop: threading.Event) -> None:
+def _heartbeat(store: JobStore, job_id: str, owner: str, stop: threading.Event, lost: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_INTERVAL_S):
         try:
-            if not store.heartbeat(job_id, owner):
-                return
+            alive = store.heartbeat(job_id, owner)
         except Exception as e:  # noqa: BLE001 - a store hiccup must not kill the job
-            print(f"heartbeat failed: {e}", file=sys.stderr, flush=True)
+            print(f"heartbeat failed: {redact_url(str(e))}", file=sys.stderr, flush=True)
+            continue
+        if not alive:  # settled, or another runner owns it now: stop the work, write nothing more
+            lost.set()
+            if threading.current_thread() is not threading.main_thread() and _MAIN_RUNS.is_set():
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+            return
 
 
 def _on_sigterm(signum, frame) -> None:
     raise _Stopped()
 
 
+def _on_lost(signum, frame) -> None:
+    raise OwnershipLost("the runner lost its job (settled or claimed by another runner)")
+
+
+_MAIN_RUNS = threading.Event()  # the job runs in the main thread, where SIGUSR1 interrupts it
+
+
 def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoint: str | None = None) -> JobState:
     """Run one job to a terminal state and return it; re-raises what made it fail. Any thread may call
     this (a sweep's trial does); only ``main`` turns SIGTERM into a cancel. ``init_checkpoint``: a Ray Train
-    checkpoint folder of another job to start from (PBT)."""
+    checkpoint folder of another job to start from (PBT).
+
+    The runner first claims the job (compare-and-swap on state, owner and attempt): a job another runner
+    owns is left alone (:class:`OwnershipLost`), a settled one is returned as it is. Every write after
+    that names the owner; once the store says the job is no longer this runner's (settled by someone
+    else, or handed to a new runner), the work stops and nothing more is written."""
     store = store or JobStore()
     job = store.get(job_id)
     spec = job.job_spec
-    stop = threading.Event()
-    threading.Thread(target=_heartbeat, args=(store, job_id, owner, stop), daemon=True).start()
+    solo = _why_solo(spec, job, init_checkpoint)
+    waits = f"waiting for {spec.resources.num_workers} worker(s)" if solo else "waiting for its base group"
+    job = store.claim(job_id, owner, reason=waits + (f"; runs solo: {solo}" if solo and spec.kind == "train" else ""))
+    if job.state.is_terminal:
+        print(f"job {job_id} is already {job.state}; nothing to run", flush=True)
+        return job.state
+    stop, lost = threading.Event(), threading.Event()
+    threading.Thread(target=_heartbeat, args=(store, job_id, owner, stop, lost), daemon=True).start()
     try:
-        solo = _why_solo(spec, store.get(job_id), init_checkpoint)
-        if store.get(job_id).state in (JobState.PENDING, JobState.RETRYING):
-            waits = f"waiting for {spec.resources.num_workers} worker(s)" if solo else "waiting for its base group"
-            store.transition(job_id, JobState.QUEUED, owner=owner,
-                             reason=waits + (f"; runs solo: {solo}" if solo and spec.kind == "train" else ""))
         base = store.register_base_model(spec.base_model)
         shared = {
             "job_id": job_id,
+            "owner": owner,
             "store_url": store.url,
             "storage_url": store.artifacts.url,
             "home": str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME"),
@@ -73,27 +92,31 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
             outcome = train_in_group(job_id, job.spec, spec, shared, store)
         else:
             outcome = _train(job_id, job.spec, spec, shared, store)
-        _settle(store, job_id, JobState.SUCCEEDED, outcome)  # a base group settles its members itself
+        _settle(store, job_id, owner, JobState.SUCCEEDED, outcome)  # registration already did, as a rule
         return store.get(job_id).state
     except (_Stopped, KeyboardInterrupt):
-        _settle(store, job_id, JobState.CANCELLED, "stopped on request")
+        _settle(store, job_id, owner, JobState.CANCELLED, "stopped on request")
         return JobState.CANCELLED
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, then re-raised
+        if lost.is_set() or isinstance(e, OwnershipLost) or store.get(job_id).owner != owner:
+            print(f"job {job_id}: this runner no longer owns it; its work stopped ({type(e).__name__})", flush=True)
+            return store.get(job_id).state
         current = store.get(job_id)
         if current.runtime.get("sweep_id") and _owner_stopped(e):
             # A sweep trial's scheduler paused or stopped it: Tune ended the trial's actor, and the Ray
             # Train controller it owned died with it. A scheduling decision, not a failure.
-            _settle(store, job_id, JobState.STOPPED if current.state is JobState.RUNNING else JobState.CANCELLED,
+            _settle(store, job_id, owner, JobState.STOPPED if current.state is JobState.RUNNING else JobState.CANCELLED,
                     "ended by the sweep's scheduler (trial paused or stopped)")
             raise
         cancelling = current.state is JobState.CANCELLING
         _settle(
             store,
             job_id,
+            owner,
             JobState.CANCELLED if cancelling else JobState.FAILED,
             "stopped on request" if cancelling else "training failed",
-            error=f"{type(e).__name__}: {e}"[:20000],
-            traceback=traceback.format_exc(),
+            error=redact_url(f"{type(e).__name__}: {e}")[:20000],
+            traceback=redact_url(traceback.format_exc()),
         )
         raise
     finally:
@@ -156,14 +179,19 @@ def _owner_stopped(e: BaseException) -> bool:
     return isinstance(e, ActorDiedError) and "TrainController" in str(e) and "INTENDED" in str(e)
 
 
-def _settle(store: JobStore, job_id: str, to: JobState, reason: str, **fields) -> None:
+def _settle(store: JobStore, job_id: str, owner: str, to: JobState, reason: str, **fields) -> None:
     if not store.get(job_id).state.is_terminal:  # the client may have settled a cancel already
-        store.transition(job_id, to, reason=reason, **fields)
+        try:
+            store.transition(job_id, to, reason=reason, as_owner=owner, **fields)
+        except OwnershipLost as e:
+            print(f"not settling job {job_id} as {to}: {e}", flush=True)
 
 
 def main() -> None:
     job_id, owner = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else f"runner-pid-{os.getpid()}"
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGUSR1, _on_lost)
+    _MAIN_RUNS.set()
     try:
         state = run(job_id, owner)
     except BaseException:

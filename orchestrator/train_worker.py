@@ -57,7 +57,7 @@ class RayTrainReporter:
 
     def __init__(self, config: dict[str, Any], spec: Any, rank: int, world: int):
         self.config, self.spec, self.rank, self.world = config, spec, rank, world
-        self.job_id = config["job_id"]
+        self.job_id, self.owner = config["job_id"], config.get("owner")
         self.store = _store(config) if rank == 0 else None
         self._hold = Hold(self.store, self.job_id) if self.store is not None else None
 
@@ -81,19 +81,20 @@ class RayTrainReporter:
             how = f"; continuing another job's checkpoint at step {step}" if step else ""
         current = store.get(job_id).state
         if current is JobState.RUNNING and resumed:  # Ray Train restarted the worker group
-            store.transition(job_id, JobState.RETRYING, reason=f"worker group restarted after a failure{how}")
+            store.transition(job_id, JobState.RETRYING, reason=f"worker group restarted after a failure{how}",
+                             as_owner=self.owner)
             current = JobState.RETRYING
         if current is not JobState.RUNNING:
             store.transition(job_id, JobState.RUNNING, reason=f"{self.world} worker(s) training{how}",
-                             expected=[JobState.QUEUED, JobState.RETRYING])
+                             expected=[JobState.QUEUED, JobState.RETRYING], as_owner=self.owner)
         store.set_runtime(job_id, worker_nodes=nodes, placement_group=_placement_group())
         if step:
-            store.record_metrics(job_id, step, {"resumed_from_step": step})
-        store.record_metrics(job_id, step, summary)
+            store.record_metrics(job_id, step, {"resumed_from_step": step}, owner=self.owner)
+        store.record_metrics(job_id, step, summary, owner=self.owner)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        if self.store is not None:
-            self.store.record_metrics(self.job_id, step, values)
+        if self.store is not None:  # refused once this job is no longer its runner's: the workers stop
+            self.store.record_metrics(self.job_id, step, values, owner=self.owner)
 
     def progress(self, step: int, metrics: dict[str, float], checkpoint: str | None = None) -> None:
         report = {"step": step, **metrics}
@@ -111,18 +112,26 @@ class RayTrainReporter:
 
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
         fingerprint = self.config["base_fingerprint"]
-        return register_job_adapter(self.store, self.spec, self.job_id, fingerprint, folder, metrics)
+        return register_job_adapter(self.store, self.spec, self.job_id, fingerprint, folder, metrics, owner=self.owner)
 
     def finished(self, step: int, metrics: dict[str, float], adapter: str | None) -> None:
         ray.train.report({"step": step, **metrics, "adapter": adapter or ""})
 
 
 def register_job_adapter(store: JobStore, spec: Any, job_id: str, base_fingerprint: str, folder: str,
-                         metrics: dict[str, float]) -> str:
-    """Register the adapter a job trained (named after the job); its name."""
+                         metrics: dict[str, float], *, owner: str | None) -> str:
+    """Register the adapter a job trained (named after the job) and, in the same transaction, move the job
+    to SUCCEEDED as ``owner`` — both land or neither, so only a SUCCEEDED job has an adapter and a job
+    resubmitted after this point finds itself done. Returns the adapter's name."""
     name = f"{spec.name}-{job_id[:8]}"
+
+    def succeed(session) -> None:
+        store.transition_in(session, job_id, JobState.SUCCEEDED, reason=f"adapter {name} registered",
+                            as_owner=owner)
+
     store.adapters.register(folder, name=name, base_fingerprint=base_fingerprint, task=spec.task,
-                            task_name=spec.effective_task_name, job_id=job_id, metrics=metrics, tags=spec.tags)
+                            task_name=spec.effective_task_name, job_id=job_id, metrics=metrics, tags=spec.tags,
+                            in_transaction=succeed)
     return name
 
 

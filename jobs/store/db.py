@@ -9,6 +9,7 @@ cluster (``postgresql+psycopg2://user@host/db``). The job store and every regist
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,6 +24,15 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 class StoreVersionError(RuntimeError):
     """The database was written by a newer peftfleet whose schema this one does not know."""
+
+
+def redact_url(text: str) -> str:
+    """``text`` (a store URL, or a message that may hold one) with every URL password replaced by
+    ``***``: the only form of a store URL that may appear in a message, a log line or a record."""
+    return _PASSWORD.sub(r"\1***@", str(text))
+
+
+_PASSWORD = re.compile(r"(://[^\s/:@]*:)[^\s/@]*@")
 
 
 def default_store_url(home: str | os.PathLike | None = None) -> str:

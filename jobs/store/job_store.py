@@ -22,15 +22,17 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from jobs.secrets import store_url as store_url_from_env
 from jobs.spec import parse_job_spec
 from jobs.states import IllegalTransition, JobState, check_transition
 from jobs.store.adapter_registry import AdapterRegistry
 from jobs.store.artifacts import ArtifactStorage
 from jobs.store.base_model_registry import BaseModelRecord, BaseModelRegistry
 from jobs.store.checkpoint_registry import CheckpointRegistry
-from jobs.store.db import Database, default_store_url
-from jobs.store.records import IdempotencyConflict, JobEvent, JobNotFound, JobRecord, Metric
+from jobs.store.db import Database, default_store_url, redact_url
+from jobs.store.records import IdempotencyConflict, JobEvent, JobNotFound, JobRecord, Metric, OwnershipLost
 from jobs.store.schema import JobEventRow, JobRow, MetricRow
 from jobs.store.subspace_registry import SubspaceRegistry
 from jobs.store.sweep_registry import SweepRegistry
@@ -48,7 +50,7 @@ class JobStore:
         home: str | os.PathLike | None = None,
     ):
         self.home = home
-        self.url = url or os.environ.get("PEFTFLEET_STORE_URL") or default_store_url(home)
+        self.url = url or store_url_from_env() or default_store_url(home)
         self.db = Database(self.url)
         self.artifacts = ArtifactStorage(storage_url or os.environ.get("PEFTFLEET_STORAGE_URL"), home=home)
         self.base_models = BaseModelRegistry(self.db, home=home)
@@ -117,7 +119,7 @@ class JobStore:
                     raise JobNotFound(f"job id prefix {job_id!r} is ambiguous")
                 row = matches[0] if matches else None
             if row is None:
-                raise JobNotFound(f"no job {job_id!r} in {self.url}")
+                raise JobNotFound(f"no job {job_id!r} in {redact_url(self.url)}")
             return JobRecord.from_row(row)
 
     def list_jobs(
@@ -144,48 +146,114 @@ class JobStore:
 
     def transition(
         self, job_id: str, to: JobState | str, *, reason: str = "", expected: Iterable[JobState] | None = None,
-        error: str | None = None, traceback: str | None = None, owner: str | None = None,
+        error: str | None = None, traceback: str | None = None, as_owner: str | None = None, release: bool = False,
     ) -> JobRecord:
         """Move a job to ``to`` if the table allows it and nobody moved it first; record the event.
 
-        ``expected`` narrows the states the caller believes the job is in. Raises
-        :class:`IllegalTransition` (forbidden, terminal, or lost a race) or :class:`JobNotFound`.
+        ``expected`` narrows the states the caller believes the job is in; ``as_owner`` makes the change
+        only if that owner still holds the job (else :class:`OwnershipLost`); ``release`` clears the
+        owner (the job is handed back: a new runner may claim it). Raises :class:`IllegalTransition`
+        (forbidden, terminal, or lost a race) or :class:`JobNotFound`.
         """
+        with self.db.write() as s:
+            self.transition_in(s, job_id, to, reason=reason, expected=expected, error=error, traceback=traceback,
+                               as_owner=as_owner, release=release)
+        return self.get(job_id)
+
+    def transition_in(
+        self, s: Session, job_id: str, to: JobState | str, *, reason: str = "",
+        expected: Iterable[JobState] | None = None, error: str | None = None, traceback: str | None = None,
+        as_owner: str | None = None, release: bool = False, owner: str | None = None,
+    ) -> None:
+        """:meth:`transition` inside the caller's write transaction ``s`` (e.g. with an adapter's
+        registration, so both land or neither); ``owner`` sets a new owner (a claim)."""
         to = JobState(to)
         now = time.time()
+        row = s.get(JobRow, job_id)
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r} in {redact_url(self.url)}")
+        current = JobState(row.state)
+        if as_owner is not None and row.owner != as_owner:
+            raise OwnershipLost(f"job {job_id} is {current} and owned by {row.owner or 'nobody'}, not {as_owner}")
+        if expected is not None and current not in set(expected):
+            raise IllegalTransition(job_id, current, to, f" (expected it in {sorted(str(e) for e in expected)})")
+        check_transition(job_id, current, to)
+        values: dict[str, Any] = {"state": to.value, "updated_at": now}
+        if to is JobState.RUNNING and row.started_at is None:
+            values["started_at"] = now
+        if to.is_terminal:
+            values["finished_at"] = now
+        if to is JobState.RETRYING:
+            values["attempt"] = row.attempt + 1
+        for column, value in (("error", error), ("traceback", traceback), ("owner", owner)):
+            if value is not None:
+                values[column] = value
+        if release:
+            values["owner"] = None
+        result = s.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.state == current.value, JobRow.attempt == row.attempt,
+                   JobRow.owner == row.owner if row.owner is not None else JobRow.owner.is_(None))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            raise IllegalTransition(job_id, current, to, " (the job changed state concurrently)")
+        s.add(JobEventRow(job_id=job_id, at=now, from_state=current.value, to_state=to.value, reason=reason or ""))
+
+    def claim(self, job_id: str, owner: str, *, reason: str) -> JobRecord:
+        """Become the one owner of a job's current attempt: PENDING or RETRYING (owner cleared, or already
+        ``owner``) → QUEUED with ``owner`` set, by compare-and-swap on (state, owner, attempt). A job its
+        owner already holds is returned as it is; a CANCELLING job nobody holds is settled CANCELLED; a
+        settled job is returned unchanged (a resubmit after success finds it done).
+
+        Raises :class:`OwnershipLost` when another owner holds it.
+        """
         with self.db.write() as s:
             row = s.get(JobRow, job_id)
             if row is None:
-                raise JobNotFound(f"no job {job_id!r} in {self.url}")
-            current = JobState(row.state)
-            if expected is not None and current not in set(expected):
-                raise IllegalTransition(job_id, current, to, f" (expected it in {sorted(str(e) for e in expected)})")
-            check_transition(job_id, current, to)
-            values: dict[str, Any] = {"state": to.value, "updated_at": now}
-            if to is JobState.RUNNING and row.started_at is None:
-                values["started_at"] = now
-            if to.is_terminal:
-                values["finished_at"] = now
-            if to is JobState.RETRYING:
-                values["attempt"] = row.attempt + 1
-            for column, value in (("error", error), ("traceback", traceback), ("owner", owner)):
-                if value is not None:
-                    values[column] = value
+                raise JobNotFound(f"no job {job_id!r} in {redact_url(self.url)}")
+            state = JobState(row.state)
+            if state.is_terminal:
+                pass
+            elif row.owner not in (None, owner):
+                raise OwnershipLost(f"job {job_id} ({state}, attempt {row.attempt}) is owned by {row.owner}, "
+                                    f"not {owner}")
+            elif state is JobState.CANCELLING and row.owner is None:
+                self.transition_in(s, job_id, JobState.CANCELLED, reason="cancelled before its runner started")
+            elif state in (JobState.PENDING, JobState.RETRYING):
+                self.transition_in(s, job_id, JobState.QUEUED, reason=reason, owner=owner)
+                s.execute(update(JobRow).where(JobRow.id == job_id).values(heartbeat_at=time.time())
+                          .execution_options(synchronize_session=False))
+            elif row.owner is None:  # QUEUED or RUNNING with no owner: nobody may run it without a claim
+                raise OwnershipLost(f"job {job_id} is {state} with no owner; hand it back before running it again")
+        return self.get(job_id)
+
+    def release(self, job_id: str, *, owner: str | None, reason: str) -> JobRecord:
+        """Hand a RETRYING job back with no owner and a new attempt, if ``owner`` still holds it (what a
+        reconciler does before starting a new runner for a job whose runner died while retrying)."""
+        now = time.time()
+        with self.db.write() as s:
+            owned = JobRow.owner == owner if owner is not None else JobRow.owner.is_(None)
             result = s.execute(
-                update(JobRow).where(JobRow.id == job_id, JobRow.state == current.value).values(**values)
+                update(JobRow).where(JobRow.id == job_id, JobRow.state == JobState.RETRYING.value, owned)
+                .values(owner=None, attempt=JobRow.attempt + 1, updated_at=now)
             )
             if result.rowcount != 1:
-                raise IllegalTransition(job_id, current, to, " (the job changed state concurrently)")
-            s.add(JobEventRow(job_id=job_id, at=now, from_state=current.value, to_state=to.value, reason=reason or ""))
+                raise OwnershipLost(f"job {job_id} is no longer RETRYING under {owner or 'nobody'}")
+            s.add(JobEventRow(job_id=job_id, at=now, from_state=JobState.RETRYING.value,
+                              to_state=JobState.RETRYING.value, reason=reason))
         return self.get(job_id)
 
     def heartbeat(self, job_id: str, owner: str) -> bool:
-        """Record that ``owner`` is alive and still running ``job_id``; False once the job is settled."""
+        """Record that ``owner`` is alive and still running ``job_id``; False once the job is settled or
+        someone else owns it (the caller must then stop its work)."""
         with self.db.write() as s:
             result = s.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.state.notin_([st.value for st in JobState if st.is_terminal]))
-                .values(heartbeat_at=time.time(), owner=owner)
+                .where(JobRow.id == job_id, JobRow.owner == owner,
+                       JobRow.state.notin_([st.value for st in JobState if st.is_terminal]))
+                .values(heartbeat_at=time.time())
             )
             return result.rowcount == 1
 
@@ -202,14 +270,30 @@ class JobStore:
             )
 
     def set_runtime(self, job_id: str, **info: Any) -> JobRecord:
-        """Record where a job runs (merged into ``runtime``), e.g. its Ray submission id."""
+        """Record where a job runs (merged into ``runtime``), e.g. its Ray submission id. The row is
+        locked while merging, so concurrent updates of different keys all land."""
         with self.db.write() as s:
-            row = s.get(JobRow, job_id)
+            row = s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
             if row is None:
-                raise JobNotFound(f"no job {job_id!r} in {self.url}")
+                raise JobNotFound(f"no job {job_id!r} in {redact_url(self.url)}")
             row.runtime = {**(row.runtime or {}), **info}
             row.updated_at = time.time()
         return self.get(job_id)
+
+    def claim_launch(self, job_id: str, submission_id: str, **info: Any) -> bool:
+        """Record ``submission_id`` as the job's Ray submission if the job is PENDING and has none yet;
+        True for the one caller that may launch it (two submits with one idempotency key, or a submit
+        racing a cancel, launch at most once)."""
+        with self.db.write() as s:
+            row = s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
+            if row is None:
+                raise JobNotFound(f"no job {job_id!r} in {redact_url(self.url)}")
+            runtime = dict(row.runtime or {})
+            if row.state != JobState.PENDING.value or runtime.get("ray_submission_id"):
+                return False
+            row.runtime = {**runtime, "ray_submission_id": submission_id, **info}
+            row.updated_at = time.time()
+            return True
 
     def events(self, job_id: str) -> list[JobEvent]:
         with self.db.read() as s:
@@ -220,15 +304,22 @@ class JobStore:
             ]
 
     # -- metrics ---------------------------------------------------------------------------
-    def record_metrics(self, job_id: str, step: int, values: dict[str, float]) -> None:
+    def record_metrics(self, job_id: str, step: int, values: dict[str, float], *, owner: str | None = None) -> None:
+        """Record metric values at ``step``; with ``owner``, only while that owner holds the live job
+        (else :class:`OwnershipLost`: a runner that lost its job writes nothing more)."""
         now = time.time()
         try:
             with self.db.write() as s:
+                if owner is not None:
+                    row = s.get(JobRow, job_id)
+                    if row is not None and (row.owner != owner or JobState(row.state).is_terminal):
+                        raise OwnershipLost(f"job {job_id} is {row.state} and owned by {row.owner or 'nobody'}, "
+                                            f"not {owner}: metrics refused")
                 s.add_all(
                     MetricRow(job_id=job_id, step=step, name=k, value=float(v), at=now) for k, v in values.items()
                 )
         except IntegrityError:
-            raise JobNotFound(f"no job {job_id!r} in {self.url}") from None
+            raise JobNotFound(f"no job {job_id!r} in {redact_url(self.url)}") from None
 
     def metrics(self, job_id: str, name: str | None = None) -> list[Metric]:
         query = select(MetricRow).where(MetricRow.job_id == job_id).order_by(MetricRow.step, MetricRow.id)

@@ -21,6 +21,11 @@ class JobNotFound(NotFound):
     pass
 
 
+class OwnershipLost(RuntimeError):
+    """The caller no longer owns the job (another runner claimed it, or it was settled or handed back):
+    it must stop working on it and write nothing more."""
+
+
 class IdempotencyConflict(ValueError):
     """An idempotency key was reused for a different spec."""
 

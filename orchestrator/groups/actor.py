@@ -205,7 +205,7 @@ class BaseGroupActor:
         self._configs[job_id] = config
         spec = parse_job_spec(config["spec"])
         fingerprint = config["base_fingerprint"]
-        reporter = GroupReporter(self.store, job_id, spec, fingerprint, self.name)
+        reporter = GroupReporter(self.store, job_id, spec, fingerprint, self.name, owner=config.get("owner"))
         reporter.members = len(self._members) + 1
         method_config, lineage = resolve_method_config(spec.method, self.store, fingerprint)
         metadata = {"base_fingerprint": fingerprint, "job_id": job_id, "base_group": self.name, **lineage}

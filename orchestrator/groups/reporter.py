@@ -35,8 +35,9 @@ def packed_checkpoints(store: JobStore, job_id: str) -> list[tuple[int, Path]]:
 class GroupReporter:
     """The :class:`jobs.training.reporter.Reporter` of a job training in base group ``group``."""
 
-    def __init__(self, store: JobStore, job_id: str, spec: Any, base_fingerprint: str, group: str):
-        self.store, self.job_id, self.spec = store, job_id, spec
+    def __init__(self, store: JobStore, job_id: str, spec: Any, base_fingerprint: str, group: str,
+                 owner: str | None = None):
+        self.store, self.job_id, self.spec, self.owner = store, job_id, spec, owner  # owner: the job's runner
         self.base_fingerprint, self.group = base_fingerprint, group
         self.members = 1  # members when this one started, for its events
         # A PBT trial's checkpoints are what other trials continue from: keep them all, as Ray Train does.
@@ -53,14 +54,14 @@ class GroupReporter:
         others = f" with {self.members - 1} other job(s)" if self.members > 1 else ""
         how = f"; resumed from its checkpoint at step {step}" if resumed else ""
         store.transition(job_id, JobState.RUNNING, reason=f"training in base group {self.group}{others}{how}",
-                         expected=[JobState.QUEUED, JobState.RETRYING])
+                         expected=[JobState.QUEUED, JobState.RETRYING], as_owner=self.owner)
         store.set_runtime(job_id, base_group=self.group)
         if step:
-            store.record_metrics(job_id, step, {"resumed_from_step": step})
-        store.record_metrics(job_id, step, summary)
+            store.record_metrics(job_id, step, {"resumed_from_step": step}, owner=self.owner)
+        store.record_metrics(job_id, step, summary, owner=self.owner)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        self.store.record_metrics(self.job_id, step, values)
+        self.store.record_metrics(self.job_id, step, values, owner=self.owner)
 
     def progress(self, step: int, metrics: dict[str, float], checkpoint: str | None = None) -> None:
         if checkpoint is None:
@@ -84,7 +85,8 @@ class GroupReporter:
         return self._hold.waiting()
 
     def register_adapter(self, folder: str, metrics: dict[str, float]) -> str:
-        return register_job_adapter(self.store, self.spec, self.job_id, self.base_fingerprint, folder, metrics)
+        return register_job_adapter(self.store, self.spec, self.job_id, self.base_fingerprint, folder, metrics,
+                                    owner=self.owner)
 
     def finished(self, step: int, metrics: dict[str, float], adapter: str | None) -> None:
         pass  # its group settles it SUCCEEDED once it left (the runner may be gone)

@@ -30,7 +30,7 @@ from typing import Any
 from ray.tune import Callback
 
 from jobs.states import TERMINAL, IllegalTransition, JobState
-from jobs.store import JobStore
+from jobs.store import JobStore, OwnershipLost
 from jobs.store.sweep_registry import SweepRecord
 from jobs.sweep_spec import SweepSpec, draw, mutable, trial_spec
 from orchestrator.groups import holds, leave
@@ -174,13 +174,15 @@ def _job_for(
             return job
         if job.state in (JobState.RUNNING, JobState.QUEUED, JobState.RETRYING):  # its old driver died
             target = JobState.RETRYING if job.state is JobState.RUNNING else JobState.PENDING
-            try:
+            why = "sweep restored: the trial runs again from its last checkpoint"
+            try:  # handed back (no owner): the restored trial's runner claims it
                 if job.state is not JobState.RETRYING:
-                    store.transition(
-                        job.id, target, reason="sweep restored: the trial runs again from its last checkpoint"
-                    )
+                    store.transition(job.id, target, reason=why, expected=[job.state], as_owner=job.owner,
+                                     release=True)
+                else:
+                    store.release(job.id, owner=job.owner, reason=why)
                 return store.get(job.id)
-            except IllegalTransition:
+            except (IllegalTransition, OwnershipLost):
                 continue
         # FAILED / CANCELLED / STOPPED: a fresh job for the retried trial
     raise RuntimeError(f"trial {index}: could not find or create its job")

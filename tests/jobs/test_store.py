@@ -66,7 +66,8 @@ def test_metrics_are_kept_per_step_and_name(store):
 
 def test_heartbeat_only_counts_while_the_job_is_live(store):
     job = store.submit(minilm_spec())
-    store.transition(job.id, JobState.RUNNING, owner="driver-1")
+    store.claim(job.id, "driver-1", reason="test")
+    store.transition(job.id, JobState.RUNNING)
     assert store.heartbeat(job.id, "driver-1") and store.get(job.id).heartbeat_at is not None
     store.transition(job.id, JobState.SUCCEEDED)
     assert not store.heartbeat(job.id, "driver-1")

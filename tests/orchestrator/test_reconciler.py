@@ -15,13 +15,14 @@ SPEC = minilm_spec(name="j", method={"method": "lora"})
 def test_a_silent_owner_gets_its_job_failed_and_a_cancel_completed(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 's.db'}", home=tmp_path)
     running = store.submit(SPEC)
-    store.transition(running.id, JobState.RUNNING, owner="runner-1")
+    store.claim(running.id, "runner-1", reason="test")
+    store.transition(running.id, JobState.RUNNING)
     store.heartbeat(running.id, "runner-1")
     cancelling = store.submit(SPEC)
     store.transition(cancelling.id, JobState.RUNNING)
     store.transition(cancelling.id, JobState.CANCELLING)
     fresh = store.submit(SPEC)
-    store.transition(fresh.id, JobState.QUEUED)
+    store.claim(fresh.id, "runner-3", reason="test")
     never_handed_over = store.submit(SPEC)  # PENDING with no runtime: nobody owns it yet
 
     time.sleep(0.3)
@@ -40,8 +41,9 @@ def test_a_silent_owner_gets_its_job_failed_and_a_cancel_completed(tmp_path):
 def test_with_resubmission_an_orphan_gets_new_owners_until_its_attempts_run_out(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 's.db'}", home=tmp_path)
     running, queued = store.submit(SPEC), store.submit(SPEC)
-    store.transition(running.id, JobState.RUNNING, owner="runner-1")
-    store.transition(queued.id, JobState.QUEUED, owner="runner-2")
+    store.claim(running.id, "runner-1", reason="test")
+    store.transition(running.id, JobState.RUNNING)
+    store.claim(queued.id, "runner-2", reason="test")
     resubmitted: list[str] = []
     time.sleep(0.3)
     settle_orphans(store, timeout_s=0.2, resubmit=resubmitted.append, max_attempts=1)
