@@ -6,11 +6,11 @@ Floors, bottom up: ``schema`` (tables) → ``db`` (engine, sessions, schema chec
 """
 
 from jobs.store.base_model_registry import BaseModelRecord
-from jobs.store.db import StoreVersionError, default_store_url, redact_url
+from jobs.store.db import StoreError, StoreVersionError, default_store_url, redact_url
 from jobs.store.job_store import JobStore
 from jobs.store.records import IdempotencyConflict, JobEvent, JobNotFound, JobRecord, Metric, OwnershipLost
 
 __all__ = [
     "BaseModelRecord", "IdempotencyConflict", "JobEvent", "JobNotFound", "JobRecord", "JobStore", "Metric",
-    "OwnershipLost", "StoreVersionError", "default_store_url", "redact_url",
+    "OwnershipLost", "StoreError", "StoreVersionError", "default_store_url", "redact_url",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event, inspect, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from jobs.home import peftfleet_home
@@ -22,8 +23,14 @@ from jobs.store.schema import SCHEMA_VERSION, Base, SchemaInfo
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-class StoreVersionError(RuntimeError):
-    """The database was written by a newer peftfleet whose schema this one does not know."""
+class StoreError(RuntimeError):
+    """The store cannot be used as it is (unreadable, not a peftfleet store, wrong schema version); the
+    message is one line saying what to do."""
+
+
+class StoreVersionError(StoreError):
+    """The database's schema is not this peftfleet's: newer (upgrade peftfleet), older (run
+    ``peftfleet db upgrade``), or missing."""
 
 
 def redact_url(text: str) -> str:
@@ -40,12 +47,24 @@ def default_store_url(home: str | os.PathLike | None = None) -> str:
 
 
 class Database:
-    """An engine plus the two kinds of transaction every store module uses: ``read()`` and ``write()``."""
+    """An engine plus the two kinds of transaction every store module uses: ``read()`` and ``write()``.
 
-    def __init__(self, url: str):
+    Opening never changes an existing schema: a store of an older schema version is refused until
+    :meth:`upgrade` (``peftfleet db upgrade``) migrates it, unless ``auto_upgrade`` is set."""
+
+    def __init__(self, url: str, *, auto_upgrade: bool = False, check: bool = True):
         self.url = url
         self.engine = _make_engine(url)
-        self._ensure_schema()
+        try:
+            if check:  # only `peftfleet db upgrade` opens without the check, to run upgrade()
+                self._check_schema(auto_upgrade)
+        except DBAPIError as e:  # unreadable: corrupt file, wrong server, no permission
+            self.engine.dispose()
+            first = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
+            raise StoreError(f"cannot open the store at {redact_url(url)}: {redact_url(first)}") from None
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -67,26 +86,63 @@ class Database:
     def close(self) -> None:
         self.engine.dispose()
 
-    def _ensure_schema(self) -> None:
+    def upgrade(self) -> tuple[int, int]:
+        """Migrate the schema to this peftfleet's version; returns (from, to). Back the database up first."""
         with self.write() as s:
             conn = s.connection()
-            if conn.dialect.name == "postgresql":  # serialise concurrent first opens
-                conn.execute(text("SELECT pg_advisory_xact_lock(7412093)"))
-            if not inspect(conn).has_table(SchemaInfo.__tablename__):
-                Base.metadata.create_all(conn)
-                s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-                return
-            version = s.scalar(select(SchemaInfo.version).where(SchemaInfo.id == 1))
-            if version is not None and version < SCHEMA_VERSION:
+            _lock(conn)
+            version = _read_version(conn, s, self.url)
+            if version > SCHEMA_VERSION:
+                raise _newer(self.url, version)
+            if version < SCHEMA_VERSION:
                 # Every migration so far only adds tables, which create_all does (it skips existing ones).
                 Base.metadata.create_all(conn)
                 s.execute(update(SchemaInfo).where(SchemaInfo.id == 1).values(version=SCHEMA_VERSION))
+            return version, SCHEMA_VERSION
+
+    def _check_schema(self, auto_upgrade: bool) -> None:
+        with self.write() as s:
+            conn = s.connection()
+            _lock(conn)
+            tables = inspect(conn).get_table_names()
+            if not tables:  # a new store
+                Base.metadata.create_all(conn)
+                s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
                 return
-        if version is None or version > SCHEMA_VERSION:
-            raise StoreVersionError(
-                f"the store at {self.url} has schema version {version}, written by a newer peftfleet; "
-                f"this peftfleet understands up to version {SCHEMA_VERSION} — upgrade peftfleet"
-            )
+            version = _read_version(conn, s, self.url)
+        if version > SCHEMA_VERSION:
+            raise _newer(self.url, version)
+        if version < SCHEMA_VERSION:
+            if not auto_upgrade:
+                raise StoreVersionError(
+                    f"the store at {redact_url(self.url)} has schema version {version}; this peftfleet uses "
+                    f"{SCHEMA_VERSION}: back it up, then run `peftfleet db upgrade` (or open it with auto_upgrade=True)"
+                )
+            self.upgrade()
+
+
+def _lock(conn) -> None:
+    if conn.dialect.name == "postgresql":  # serialise concurrent first opens and upgrades
+        conn.execute(text("SELECT pg_advisory_xact_lock(7412093)"))
+
+
+def _read_version(conn, s: Session, url: str) -> int:
+    if not inspect(conn).has_table(SchemaInfo.__tablename__):
+        raise StoreError(f"the database at {redact_url(url)} has tables but is not a peftfleet store")
+    version = s.scalar(select(SchemaInfo.version).where(SchemaInfo.id == 1))
+    if not isinstance(version, int) or version < 1:
+        raise StoreVersionError(
+            f"the store at {redact_url(url)} records no schema version ({version!r}): it is damaged; "
+            "restore it from a backup"
+        )
+    return version
+
+
+def _newer(url: str, version: int) -> StoreVersionError:
+    return StoreVersionError(
+        f"the store at {redact_url(url)} has schema version {version}, written by a newer peftfleet; "
+        f"this peftfleet understands up to version {SCHEMA_VERSION} — upgrade peftfleet"
+    )
 
 
 def _make_engine(url: str):

@@ -48,10 +48,13 @@ class JobStore:
         *,
         storage_url: str | os.PathLike | None = None,
         home: str | os.PathLike | None = None,
+        auto_upgrade: bool | None = None,
     ):
         self.home = home
         self.url = url or store_url_from_env() or default_store_url(home)
-        self.db = Database(self.url)
+        if auto_upgrade is None:  # a deployment may opt in for the processes it starts
+            auto_upgrade = os.environ.get("PEFTFLEET_STORE_AUTO_UPGRADE", "0") == "1"
+        self.db = Database(self.url, auto_upgrade=auto_upgrade)
         self.artifacts = ArtifactStorage(storage_url or os.environ.get("PEFTFLEET_STORAGE_URL"), home=home)
         self.base_models = BaseModelRegistry(self.db, home=home)
         self.adapters = AdapterRegistry(self.db, self.artifacts, self.base_models)

@@ -23,6 +23,10 @@ class SweepNotFound(NotFound):
     pass
 
 
+class SweepChanged(RuntimeError):
+    """A sweep was not in the state (or under the driver) the caller expected: someone else moved it."""
+
+
 @dataclass(frozen=True)
 class SweepRecord:
     id: str
@@ -100,13 +104,26 @@ class SweepRegistry:
         with self.db.read() as s:
             return [_record(r) for r in s.scalars(query)]
 
-    def update(self, sweep_id: str, **fields: Any) -> SweepRecord:
+    def update(self, sweep_id: str, *, expected: tuple[str, ...] | None = None, driver: str | None = None,
+               **fields: Any) -> SweepRecord:
+        """Change a sweep's fields. ``expected``: only while it is in one of these states; ``driver``: only
+        while that Ray submission is its driver (compare-and-swap under a row lock): otherwise
+        :class:`SweepChanged` and nothing is written (two resumes start one driver; a settled sweep
+        stays settled)."""
         if "state" in fields and fields["state"] not in SWEEP_STATES:
             raise ValueError(f"unknown sweep state {fields['state']!r}")
         now = time.time()
         if fields.get("state") in ("SUCCEEDED", "FAILED", "INTERRUPTED"):
             fields.setdefault("finished_at", now)
         with self.db.write() as s:
+            row = s.scalar(select(SweepRow).where(SweepRow.id == sweep_id).with_for_update())
+            if row is None:
+                raise SweepNotFound(f"no sweep {sweep_id!r}")
+            if expected is not None and row.state not in expected:
+                raise SweepChanged(f"sweep {sweep_id[:8]} is {row.state}, not {' or '.join(expected)}")
+            current_driver = (row.runtime or {}).get("ray_submission_id")
+            if driver is not None and current_driver != driver:
+                raise SweepChanged(f"sweep {sweep_id[:8]} is driven by {current_driver}, not {driver}")
             s.execute(update(SweepRow).where(SweepRow.id == sweep_id).values(**fields, updated_at=now))
         return self.get(sweep_id)
 

@@ -31,7 +31,7 @@ from ray.tune import Callback
 
 from jobs.states import TERMINAL, IllegalTransition, JobState
 from jobs.store import JobStore, OwnershipLost
-from jobs.store.sweep_registry import SweepRecord
+from jobs.store.sweep_registry import SweepChanged, SweepRecord
 from jobs.sweep_spec import SweepSpec, draw, mutable, trial_spec
 from orchestrator.groups import holds, leave
 from orchestrator.tune.pbt_hold import mark_decided
@@ -295,8 +295,10 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
         tune.with_parameters(trial, sweep_id=sweep_id, submission_id=submission_id), {"CPU": plan.trial_cpu}
     )
     callbacks = [RecordTrialEnds(spec.scheduler)]
+    # Only the driver the sweep names takes it over (two resumes: the one recorded last; a settled sweep: none).
     store.sweeps.update(sweep_id, state="RUNNING", experiment_path=os.path.join(storage, name), error=None,
-                        runtime={**record.runtime, "packing": plan.describe()})
+                        runtime={**record.runtime, "packing": plan.describe()}, expected=("PENDING",),
+                        driver=submission_id)
     try:
         if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
             tuner = tune.Tuner.restore(
@@ -323,11 +325,15 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
                                           stop=_finished),
             )
         tuner.fit()
-        return _finish(store, sweep_id, spec)
+        return _finish(store, sweep_id, spec, submission_id)
     except BaseException as e:
         # Tune turns SIGTERM during fit into SystemExit: the driver was stopped, the sweep can resume.
         state = "INTERRUPTED" if isinstance(e, (KeyboardInterrupt, Interrupted, SystemExit)) else "FAILED"
-        store.sweeps.update(sweep_id, state=state, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"[:20000])
+        try:
+            error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"[:20000]
+            store.sweeps.update(sweep_id, state=state, error=error, expected=("RUNNING",), driver=submission_id)
+        except SweepChanged:
+            pass  # another driver or a cancel settled it first
         raise
 
 
@@ -341,7 +347,7 @@ def _param_space(spec: SweepSpec) -> dict[str, Any]:
     return {"trial": tune.grid_search([{"index": i, "params": p} for i, p in enumerate(draw(spec))])}
 
 
-def _finish(store: JobStore, sweep_id: str, spec: SweepSpec) -> SweepRecord:
+def _finish(store: JobStore, sweep_id: str, spec: SweepSpec, driver: str | None) -> SweepRecord:
     """The best finished trial by its last reported metric; its adapter is the sweep's result."""
     best = None
     for t in store.sweeps.trials(sweep_id):
@@ -355,11 +361,13 @@ def _finish(store: JobStore, sweep_id: str, spec: SweepSpec) -> SweepRecord:
         if best is None or (value > best[0] if spec.mode == "max" else value < best[0]):
             best = (value, t.job.id, adapters[0].name)
     if best is None:
-        return store.sweeps.update(sweep_id, state="FAILED", error="no trial finished with an adapter")
+        return store.sweeps.update(sweep_id, state="FAILED", error="no trial finished with an adapter",
+                                   expected=("RUNNING",), driver=driver)
     if spec.promote:
         store.adapters.promote(best[2])
     return store.sweeps.update(
-        sweep_id, state="SUCCEEDED", best_value=best[0], best_job_id=best[1], best_adapter=best[2]
+        sweep_id, state="SUCCEEDED", best_value=best[0], best_job_id=best[1], best_adapter=best[2],
+        expected=("RUNNING",), driver=driver,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from jobs.spec import JobSpecError
 from jobs.store import JobRecord, JobStore
-from jobs.store.sweep_registry import LIVE_SWEEP, SweepRecord
+from jobs.store.sweep_registry import LIVE_SWEEP, SweepChanged, SweepRecord
 from jobs.sweep_spec import load_sweep_spec, parse_sweep_spec, trial_spec, validation_configs
 from jobs.training.subspaces import check_references
 from orchestrator.cluster import RAY_TERMINAL, Cluster, launch, stop_and_wait
@@ -136,9 +136,13 @@ class SweepHandle:
         """The sweep's state; a live sweep whose Ray job ended without settling it is INTERRUPTED."""
         record = self.record()
         if record.state in LIVE_SWEEP and self._driver_ended(record):
-            record = self._client.store.sweeps.update(
-                self.id, state="INTERRUPTED", error="the sweep's driver ended before the sweep did"
-            )
+            try:  # only if it is still live under the driver that ended (it may have settled meanwhile)
+                record = self._client.store.sweeps.update(
+                    self.id, state="INTERRUPTED", error="the sweep's driver ended before the sweep did",
+                    expected=LIVE_SWEEP, driver=record.runtime.get("ray_submission_id"),
+                )
+            except SweepChanged:
+                record = self.record()
         return record.state
 
     def _driver_ended(self, record: SweepRecord) -> bool:
@@ -195,8 +199,12 @@ class SweepHandle:
         spec = record.sweep_spec
         submission_id = f"peftfleet-sweep-{self.id}-{uuid.uuid4().hex[:6]}"
         resources = trial_spec(spec, validation_configs(spec)[0][1], 0).resources
-        self._client.store.sweeps.update(self.id, state="PENDING", error=None, finished_at=None,
-                                         runtime={**record.runtime, "ray_submission_id": submission_id})
+        try:  # one resume wins; a second finds the sweep PENDING again and starts nothing
+            self._client.store.sweeps.update(self.id, state="PENDING", error=None, finished_at=None,
+                                             runtime={**record.runtime, "ray_submission_id": submission_id},
+                                             expected=("INTERRUPTED", "FAILED"))
+        except SweepChanged as e:
+            raise ValueError(f"{e}: it was resumed or settled meanwhile") from None
         _launch_driver(self._client, self.id, submission_id, resources, resume=True)
         return self
 
@@ -208,7 +216,11 @@ class SweepHandle:
         for t in self._client.store.sweeps.trials(self.id):
             if not t.job.state.is_terminal:
                 self._client.cancel(t.job.id)
-        return self._client.store.sweeps.update(self.id, state="INTERRUPTED", error="cancelled")
+        try:
+            return self._client.store.sweeps.update(self.id, state="INTERRUPTED", error="cancelled",
+                                                    expected=LIVE_SWEEP)
+        except SweepChanged:
+            return self.record()  # it finished first
 
     def plot(self, path: str | os.PathLike | None = None) -> Path:
         """Write the sweep's picture (metric over time per trial, metric against each parameter and

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from sqlalchemy import text
 
 from jobs.spec import JobSpecError
 from jobs.states import JobState
-from jobs.store import IdempotencyConflict, JobNotFound, JobStore, StoreVersionError
+from jobs.store import IdempotencyConflict, JobNotFound, JobStore, StoreError, StoreVersionError
+from jobs.store.db import Database
 from jobs.store.schema import SCHEMA_VERSION
 from tests.jobs.conftest import minilm_spec
 
@@ -83,17 +86,53 @@ def test_a_store_written_by_a_newer_version_is_refused(store_url, tmp_path):
         JobStore(store_url, home=tmp_path)
 
 
-def test_a_version_1_store_is_migrated_in_place_keeping_its_jobs(store_url, tmp_path):
+def test_an_older_store_is_refused_until_upgraded_explicitly_then_keeps_its_jobs(store_url, tmp_path):
     store = JobStore(store_url, home=tmp_path)
     job = store.submit(minilm_spec())
     with store.db.engine.begin() as conn:  # what peftfleet 1 left: no subspaces table
         conn.execute(text("DROP TABLE subspaces"))
         conn.execute(text("UPDATE peftfleet_schema SET version = 1"))
     store.close()
+    with pytest.raises(StoreVersionError, match="schema version 1; .* run `peftfleet db upgrade`"):
+        JobStore(store_url, home=tmp_path)
+    with JobStore(store_url, home=tmp_path, auto_upgrade=True).db.engine.connect():
+        pass  # opting in migrates on open
     migrated = JobStore(store_url, home=tmp_path)
     assert migrated.schema_version() == SCHEMA_VERSION
     assert migrated.get(job.id).name == job.name
     assert migrated.subspaces.list() == []
+
+
+def test_db_upgrade_migrates_and_says_from_what(store_url, tmp_path):
+    store = JobStore(store_url, home=tmp_path)
+    with store.db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE checkpoints"))
+        conn.execute(text("UPDATE peftfleet_schema SET version = 3"))
+    store.close()
+    assert Database(store_url, check=False).upgrade() == (3, SCHEMA_VERSION)
+    assert Database(store_url).upgrade() == (SCHEMA_VERSION, SCHEMA_VERSION)  # nothing left to do
+    assert JobStore(store_url, home=tmp_path).checkpoints.list("x") == []
+
+
+def test_a_store_without_a_version_is_damaged_not_newer(store_url, tmp_path):
+    store = JobStore(store_url, home=tmp_path)
+    with store.db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM peftfleet_schema"))
+    store.close()
+    with pytest.raises(StoreVersionError, match="records no schema version .* damaged"):
+        JobStore(store_url, home=tmp_path)
+
+
+def test_a_corrupt_or_foreign_database_is_a_one_line_error(tmp_path):
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not an SQLite file at all" * 200)
+    with pytest.raises(StoreError) as caught:
+        JobStore(f"sqlite:///{corrupt}", home=tmp_path)
+    assert "cannot open the store" in str(caught.value) and "\n" not in str(caught.value)
+    foreign = tmp_path / "foreign.db"
+    sqlite3.connect(foreign).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(StoreError, match="has tables but is not a peftfleet store"):
+        JobStore(f"sqlite:///{foreign}", home=tmp_path)
 
 
 def test_default_store_is_sqlite_in_wal_mode_under_peftfleet_home(tmp_path, monkeypatch):

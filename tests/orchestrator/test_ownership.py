@@ -13,8 +13,8 @@ from jobs.store import OwnershipLost
 from jobs.store.schema import JobRow
 from orchestrator.reconciler import settle_orphans
 from orchestrator.train_worker import register_job_adapter
-from tests.jobs.conftest import minilm_spec, store, store_url  # noqa: F401 - fixtures
-from tests.jobs.test_adapter_registry import bases, make_adapter  # noqa: F401 - fixture
+from tests.jobs.conftest import minilm_spec
+from tests.jobs.test_adapter_registry import make_adapter
 
 SPEC = minilm_spec(name="own", method={"method": "lora"})
 
@@ -46,7 +46,7 @@ def test_a_runner_of_a_settled_job_writes_nothing_more(store):
     assert store.metrics(job.id) == []
 
 
-def test_the_adapter_and_success_land_together_and_a_resubmit_finds_the_job_done(store, bases, tmp_path):  # noqa: F811
+def test_the_adapter_and_success_land_together_and_a_resubmit_finds_the_job_done(store, bases, tmp_path):
     spec = parse_job_spec(SPEC)
     folder, _ = make_adapter(tmp_path, bases["a"])
     job = store.submit(SPEC)
@@ -59,7 +59,7 @@ def test_the_adapter_and_success_land_together_and_a_resubmit_finds_the_job_done
 
 
 @pytest.mark.parametrize("settled", [JobState.FAILED, JobState.CANCELLED])
-def test_a_settled_job_never_gets_an_adapter(store, bases, tmp_path, settled):  # noqa: F811
+def test_a_settled_job_never_gets_an_adapter(store, bases, tmp_path, settled):
     spec = parse_job_spec(SPEC)
     folder, _ = make_adapter(tmp_path, bases["a"])
     job = store.submit(SPEC)
@@ -72,7 +72,7 @@ def test_a_settled_job_never_gets_an_adapter(store, bases, tmp_path, settled):  
     assert store.get(job.id).state is settled
 
 
-def test_a_lost_runner_cannot_register_for_the_job_it_lost(store, bases, tmp_path):  # noqa: F811
+def test_a_lost_runner_cannot_register_for_the_job_it_lost(store, bases, tmp_path):
     spec = parse_job_spec(SPEC)
     folder, _ = make_adapter(tmp_path, bases["a"])
     job = store.submit(SPEC)
@@ -135,3 +135,22 @@ def test_a_resubmitted_orphan_belongs_to_its_new_runner_only(store):
     assert not store.heartbeat(job.id, "runner-a")  # the old runner, if alive after all, must stop
     with pytest.raises(OwnershipLost):
         store.transition(job.id, JobState.RUNNING, as_owner="runner-a")
+
+
+def test_sweep_records_change_by_compare_and_swap(store):
+    from jobs.store.sweep_registry import LIVE_SWEEP, SweepChanged
+    from jobs.sweep_spec import parse_sweep_spec
+
+    space = {"method.r": {"choice": [4, 8]}}
+    sweep = store.sweeps.create(parse_sweep_spec({"name": "s", "spec": SPEC, "search_space": space}))
+    store.sweeps.update(sweep.id, state="INTERRUPTED")
+    store.sweeps.update(sweep.id, state="PENDING", runtime={"ray_submission_id": "d1"}, expected=("INTERRUPTED",))
+    with pytest.raises(SweepChanged, match="is PENDING"):  # a second resume starts no second driver
+        store.sweeps.update(sweep.id, state="PENDING", runtime={"ray_submission_id": "d2"}, expected=("INTERRUPTED",))
+    with pytest.raises(SweepChanged, match="driven by d1"):  # only the driver it names takes it over
+        store.sweeps.update(sweep.id, state="RUNNING", expected=("PENDING",), driver="d2")
+    store.sweeps.update(sweep.id, state="RUNNING", expected=("PENDING",), driver="d1")
+    store.sweeps.update(sweep.id, state="SUCCEEDED", expected=("RUNNING",), driver="d1")
+    with pytest.raises(SweepChanged):  # a late status() cannot overwrite the result
+        store.sweeps.update(sweep.id, state="INTERRUPTED", expected=LIVE_SWEEP, driver="d1")
+    assert store.sweeps.get(sweep.id).state == "SUCCEEDED"
