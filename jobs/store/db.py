@@ -95,8 +95,10 @@ class Database:
             if version > SCHEMA_VERSION:
                 raise _newer(self.url, version)
             if version < SCHEMA_VERSION:
-                # Every migration so far only adds tables, which create_all does (it skips existing ones).
+                # Migrations add tables (create_all skips existing ones) and columns (below).
                 Base.metadata.create_all(conn)
+                if "owner" not in {c["name"] for c in inspect(conn).get_columns("job_events")}:  # 4
+                    conn.execute(text("ALTER TABLE job_events ADD COLUMN owner VARCHAR(200)"))
                 s.execute(update(SchemaInfo).where(SchemaInfo.id == 1).values(version=SCHEMA_VERSION))
             return version, SCHEMA_VERSION
 

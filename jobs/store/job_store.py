@@ -202,7 +202,8 @@ class JobStore:
         )
         if result.rowcount != 1:
             raise IllegalTransition(job_id, current, to, " (the job changed state concurrently)")
-        s.add(JobEventRow(job_id=job_id, at=now, from_state=current.value, to_state=to.value, reason=reason or ""))
+        s.add(JobEventRow(job_id=job_id, at=now, from_state=current.value, to_state=to.value, reason=reason or "",
+                          owner=values.get("owner", row.owner)))
 
     def claim(self, job_id: str, owner: str, *, reason: str) -> JobRecord:
         """Become the one owner of a job's current attempt: PENDING or RETRYING (owner cleared, or already
@@ -245,7 +246,7 @@ class JobStore:
             if result.rowcount != 1:
                 raise OwnershipLost(f"job {job_id} is no longer RETRYING under {owner or 'nobody'}")
             s.add(JobEventRow(job_id=job_id, at=now, from_state=JobState.RETRYING.value,
-                              to_state=JobState.RETRYING.value, reason=reason))
+                              to_state=JobState.RETRYING.value, reason=reason, owner=None))
         return self.get(job_id)
 
     def heartbeat(self, job_id: str, owner: str) -> bool:
@@ -302,7 +303,8 @@ class JobStore:
         with self.db.read() as s:
             rows = s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id))
             return [
-                JobEvent(r.at, JobState(r.from_state) if r.from_state else None, JobState(r.to_state), r.reason)
+                JobEvent(r.at, JobState(r.from_state) if r.from_state else None, JobState(r.to_state), r.reason,
+                         r.owner)
                 for r in rows
             ]
 

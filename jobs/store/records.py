@@ -69,6 +69,7 @@ class JobEvent:
     from_state: JobState | None
     to_state: JobState
     reason: str
+    owner: str | None = None  # who held the job after this change (None: nobody, e.g. handed back)
 
 
 @dataclass(frozen=True)

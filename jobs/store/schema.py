@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 4  # 2: subspaces (IPT); 3: sweeps and their trials; 4: checkpoint manifests
+SCHEMA_VERSION = 4  # 2: subspaces (IPT); 3: sweeps and their trials; 4: checkpoint manifests, event owners
 
 
 class Base(DeclarativeBase):
@@ -62,6 +62,7 @@ class JobEventRow(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text, default="")
+    owner: Mapped[str | None] = mapped_column(String(200))  # who held the job after the change (4)
 
 
 class MetricRow(Base):

@@ -14,6 +14,7 @@ import time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PEFTFLEET_HEARTBEAT_INTERVAL_S", "1")
+os.environ.setdefault("PEFTFLEET_RECONCILER", "0")  # these tests drive settling from their clients
 
 import pytest
 import ray

@@ -8,6 +8,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PEFTFLEET_HEARTBEAT_INTERVAL_S", "1")
 os.environ.setdefault("PEFTFLEET_GROUP_IDLE_S", "3")  # a test's base group gives its CPU back soon after
+os.environ.setdefault("PEFTFLEET_RECONCILER", "0")  # one per store: each test's own store would start one
 
 import pytest
 import ray

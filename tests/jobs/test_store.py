@@ -107,11 +107,16 @@ def test_db_upgrade_migrates_and_says_from_what(store_url, tmp_path):
     store = JobStore(store_url, home=tmp_path)
     with store.db.engine.begin() as conn:
         conn.execute(text("DROP TABLE checkpoints"))
+        conn.execute(text("ALTER TABLE job_events DROP COLUMN owner"))
         conn.execute(text("UPDATE peftfleet_schema SET version = 3"))
     store.close()
     assert Database(store_url, check=False).upgrade() == (3, SCHEMA_VERSION)
     assert Database(store_url).upgrade() == (SCHEMA_VERSION, SCHEMA_VERSION)  # nothing left to do
-    assert JobStore(store_url, home=tmp_path).checkpoints.list("x") == []
+    upgraded = JobStore(store_url, home=tmp_path)
+    assert upgraded.checkpoints.list("x") == []
+    job = upgraded.submit(minilm_spec())
+    upgraded.claim(job.id, "runner-1", reason="test")
+    assert [e.owner for e in upgraded.events(job.id)] == [None, "runner-1"]
 
 
 def test_a_store_without_a_version_is_damaged_not_newer(store_url, tmp_path):
