@@ -13,30 +13,30 @@ A spec's ``kind`` picks its schema: ``train`` (the default; :data:`JobSpec`) or 
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 import peft_methods
 from jobs.base_models import BUILTIN_MODELS
-from jobs.training.data import DATASET_TASKS
+from jobs.spec_files import DocumentError, check_tree, key, load_document
+from jobs.spec_files import shown as _shown
+from jobs.training.data import DATASET_TASKS, read_records
 from peft_methods.api import HEAD_LR
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_MAX = 64
+SEED_LIMIT = 2**32  # seeds go to torch, random and numpy; numpy takes 0 <= seed < 2**32
 
 
 def validate_name(value: str, what: str = "name") -> str:
     """Names become folder names and URLs: no separators, no `..`, bounded length."""
     if not isinstance(value, str) or not 1 <= len(value) <= NAME_MAX:
         raise ValueError(f"{what} must be 1–{NAME_MAX} characters")
-    if ".." in value or not _NAME.match(value):
+    if ".." in value or not _NAME.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} may hold only letters, digits, '.', '_' and '-', starting with a letter or digit (no "
             "path separators, no '..')"
@@ -53,7 +53,16 @@ class _At(ValueError):
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _is_file(value: str, *parts: str) -> bool:
+    """Whether a user-given path names a file; one the OS cannot even look up (too long, an unknown ~user, a
+    NUL) does not."""
+    try:
+        return Path(value).expanduser().joinpath(*parts).is_file()
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 class DatasetSpec(_Spec):
@@ -72,11 +81,11 @@ class DatasetSpec(_Spec):
         if self.name is not None and self.name not in DATASET_TASKS:
             raise ValueError(f"unknown built-in dataset {self.name!r}; one of {sorted(DATASET_TASKS)}")
         if self.path is not None:
-            path = Path(self.path).expanduser()
-            if path.suffix not in (".jsonl", ".csv"):
-                raise ValueError(f"dataset path must end in .jsonl or .csv, not {path.suffix or 'nothing'!r}")
-            if not path.is_file():
-                raise ValueError(f"dataset file {self.path!r} does not exist")
+            suffix = Path(self.path).suffix
+            if suffix not in (".jsonl", ".csv"):
+                raise ValueError(f"dataset path must end in .jsonl or .csv, not {_shown(suffix or 'nothing')}")
+            if not _is_file(self.path):
+                raise ValueError(f"dataset file {_shown(self.path)} does not exist")
         return self
 
     def columns_for(self, task: str) -> tuple[str, str]:
@@ -104,7 +113,9 @@ class TrainingSpec(_Spec):
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(default="linear", description="Decay after warm-up.")
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1, description="Share of steps spent warming up linearly.")
     weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
-    seed: int = Field(default=0, ge=0, description="Seeds data order, initialisation and the split.")
+    seed: int = Field(
+        default=0, ge=0, lt=SEED_LIMIT, description="Seeds data order, initialisation and the split."
+    )
     eval_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of the data held out for evaluation.")
     eval_size: int | None = Field(
         default=None, gt=0, description="Held-out examples by count (overrides eval_fraction)."
@@ -212,8 +223,10 @@ class _Submission(_Spec):
     def _base(cls, v: str) -> str:
         if v in BUILTIN_MODELS:
             return v
-        if not (Path(v).expanduser() / "config.json").is_file():
-            raise ValueError(f"{v!r} is neither a named model {list(BUILTIN_MODELS)} nor a folder with config.json")
+        if not _is_file(v, "config.json"):
+            raise ValueError(
+                f"{_shown(v)} is neither a named model {list(BUILTIN_MODELS)} nor a folder with config.json"
+            )
         return v
 
 
@@ -244,7 +257,7 @@ class SubspaceSpec(_Submission):
     inner_dim: int = Field(default=256, gt=0, le=16384, description="Width of the autoencoder's hidden layer.")
     steps: int = Field(default=2000, gt=0, le=1_000_000, description="Optimizer steps of the fit (full batch, Adam).")
     lr: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate of the fit.")
-    seed: int = Field(default=0, ge=0, description="Seeds the autoencoder's initialisation.")
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT, description="Seeds the autoencoder's initialisation.")
 
     @field_validator("resources")
     @classmethod
@@ -310,6 +323,8 @@ def _build_job_spec() -> type[BaseModel]:
             if self.dataset.path is not None:
                 try:
                     _check_columns(Path(self.dataset.path).expanduser(), self.dataset.columns_for(self.task))
+                except OSError as e:
+                    raise _At("dataset.path", f"cannot read the dataset file ({e.strerror})") from None
                 except ValueError as e:
                     raise _At("dataset.path", str(e)) from None
             if getattr(self.method, "decoded", False):
@@ -357,29 +372,27 @@ KINDS: dict[str, type[BaseModel]] = {"train": JobSpec, "ipt-subspace": SubspaceS
 
 def _check_columns(path: Path, columns: tuple[str, ...]) -> None:
     """Read the first record only: enough to name a missing column before the job is stored."""
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix == ".csv":
-            header = next(csv.reader(f), [])
-        else:
-            first = next((line for line in f if line.strip()), None)
-            if first is None:
-                raise ValueError(f"dataset file {str(path)!r} is empty")
-            try:
-                record = json.loads(first)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"dataset file {str(path)!r}: line 1 is not JSON ({e})") from None
-            header = list(record) if isinstance(record, dict) else []
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise ValueError(f"dataset file {str(path)!r} has no column(s) {missing}; it has {header[:20]}")
+    if not read_records(path, columns, limit=1):
+        raise ValueError(f"dataset file {_shown(str(path))} has no records")
 
 
 class JobSpecError(ValueError):
-    """An invalid job spec; ``problems`` lists (field path, message), one per bad field."""
+    """An invalid job spec; ``problems`` lists (field path, message), one per bad field, each one line of
+    bounded length (whatever the input held)."""
 
     def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        super().__init__("invalid job spec:\n" + "\n".join(f"  {path or '(spec)'}: {msg}" for path, msg in problems))
+        self.problems = [(_one_line(str(path), 200), _one_line(str(msg), 500)) for path, msg in problems]
+        lines = (f"  {path or '(spec)'}: {msg}" for path, msg in self.problems)
+        super().__init__("invalid job spec:\n" + "\n".join(lines))
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` with line breaks and other control characters escaped, cut to ``limit`` characters."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -391,7 +404,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
         and parts[1] in peft_methods.list_methods()
     ):
         del parts[1]  # pydantic puts the union's tag in the path; users think of `method.r`
-    return ".".join(str(p) for p in parts)
+    return ".".join(key(p) for p in parts)
 
 
 def parse_job_spec(data: Any) -> JobSpec | SubspaceSpec:  # type: ignore[valid-type]
@@ -401,9 +414,14 @@ def parse_job_spec(data: Any) -> JobSpec | SubspaceSpec:  # type: ignore[valid-t
         return data
     if not isinstance(data, dict):
         raise JobSpecError([("", f"a job spec is a mapping of fields, not {type(data).__name__}")])
+    try:
+        check_tree(data)
+    except DocumentError as e:
+        raise JobSpecError([(e.field, str(e))]) from None
     kind = data.get("kind", "train")
-    if kind not in KINDS:
-        raise JobSpecError([("kind", f"unknown kind {kind!r}; one of {sorted(KINDS)}")])
+    if not isinstance(kind, str) or kind not in KINDS:
+        shown = _shown(kind) if isinstance(kind, str) else f"a {type(kind).__name__}"
+        raise JobSpecError([("kind", f"unknown kind {shown}; one of {sorted(KINDS)}")])
     try:
         return KINDS[kind].model_validate(data)
     except ValidationError as e:
@@ -418,11 +436,9 @@ def parse_job_spec(data: Any) -> JobSpec | SubspaceSpec:  # type: ignore[valid-t
 
 
 def load_job_spec(path: str | os.PathLike) -> JobSpec:  # type: ignore[valid-type]
-    """Read a job spec from a .yaml/.yml or .json file."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    """Read a job spec from a .yaml/.yml or .json file (within :mod:`jobs.spec_files`' limits)."""
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise JobSpecError([("", f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}")]) from None
+        data = load_document(path)
+    except DocumentError as e:
+        raise JobSpecError([(e.field, str(e))]) from None
     return parse_job_spec(data)

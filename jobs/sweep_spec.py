@@ -34,17 +34,17 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.spec import JobSpecError, parse_job_spec, validate_name
+from jobs.spec import SEED_LIMIT, JobSpecError, parse_job_spec, validate_name
+from jobs.spec_files import DocumentError, check_tree, key, load_document
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 MAX_TRIALS = 10_000
 
 
 class SweepSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="Sweep name; trials are jobs named <name>-t<index>.")
     spec: dict[str, Any] = Field(description="The job spec every trial starts from (validated like any job spec).")
@@ -72,7 +72,7 @@ class SweepSpec(BaseModel):
     max_concurrent: int | None = Field(
         default=None, ge=1, description="Trials at once (default: as many as resources allow)."
     )
-    seed: int = Field(default=0, ge=0, description="Seeds the draw of configurations.")
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT, description="Seeds the draw of configurations.")
     promote: bool = Field(default=False, description="Promote the best trial's adapter for its task.")
 
     @model_validator(mode="before")
@@ -99,11 +99,18 @@ class SweepSpec(BaseModel):
 
 
 def load_sweep_spec(path: str | Path) -> SweepSpec:
-    """A sweep from YAML/JSON; ``spec:`` may name a job-spec file relative to the sweep file."""
+    """A sweep from YAML/JSON; ``spec:`` may name a job-spec file relative to the sweep file. Both files are
+    read within :mod:`jobs.spec_files`' limits (no YAML aliases, bounded size and nesting)."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        data = load_document(path)
+    except DocumentError as e:
+        raise JobSpecError([(e.field, str(e))]) from None
     if isinstance(data, dict) and isinstance(data.get("spec"), str):
-        data = {**data, "spec": yaml.safe_load((path.parent / data["spec"]).read_text(encoding="utf-8"))}
+        try:
+            data = {**data, "spec": load_document(path.parent / data["spec"])}
+        except DocumentError as e:
+            raise JobSpecError([(".".join(p for p in ("spec", e.field) if p), str(e))]) from None
     return parse_sweep_spec(data)
 
 
@@ -113,11 +120,17 @@ def parse_sweep_spec(data: Any) -> SweepSpec:
         return data
     from pydantic import ValidationError
 
+    if not isinstance(data, dict):
+        raise JobSpecError([("", f"a sweep spec is a mapping of fields, not {type(data).__name__}")])
+    try:
+        check_tree(data)
+    except DocumentError as e:
+        raise JobSpecError([(e.field, str(e))]) from None
     try:
         sweep = SweepSpec.model_validate(data)
     except ValidationError as e:
         raise JobSpecError(
-            [(".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]
+            [(".".join(key(p) for p in err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]
         ) from None
     for path, value in sweep.search_space.items():
         _check_distribution(value, f"search_space.{path}", top=True)
@@ -165,9 +178,9 @@ def _check_distribution(value: Any, where: str, *, top: bool = False) -> None:
     if not (
         isinstance(arg, list)
         and len(arg) == 2
-        and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arg)
+        and all(isinstance(a, (int, float)) and not isinstance(a, bool) and _finite(a) for a in arg)
     ):
-        raise JobSpecError([(where, f"{kind} takes [low, high]")])
+        raise JobSpecError([(where, f"{kind} takes [low, high], two finite numbers")])
     low, high = arg
     if not low < high:
         raise JobSpecError([(where, f"{kind} needs low < high, got [{low}, {high}]")])
@@ -175,6 +188,13 @@ def _check_distribution(value: Any, where: str, *, top: bool = False) -> None:
         raise JobSpecError([(where, "loguniform needs low > 0")])
     if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
         raise JobSpecError([(where, "randint takes integers")])
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_constant(value: Any, where: str) -> None:
@@ -306,11 +326,9 @@ def trial_spec(
 
 
 def _set_path(data: dict[str, Any], parts: list[str], value: Any, path: str) -> None:
-    head, rest = parts[0], parts[1:]
-    if not rest:
-        data[head] = value
-        return
-    child = data.setdefault(head, {})
-    if not isinstance(child, dict):
-        raise JobSpecError([(f"search_space.{path}", f"{head!r} is not a mapping in the job spec")])
-    _set_path(child, rest, value, path)
+    *heads, last = parts
+    for head in heads:
+        data = data.setdefault(head, {})
+        if not isinstance(data, dict):
+            raise JobSpecError([(f"search_space.{path}", f"{head!r} is not a mapping in the job spec")])
+    data[last] = value

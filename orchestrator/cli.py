@@ -6,9 +6,11 @@
     peftfleet subspaces [--base minilm]     peftfleet serve --base smollm2 [--adapters A B] [--port 8000]
     peftfleet tune sweep.yaml [--wait]      peftfleet sweeps / sweep show|resume|cancel|plot SWEEP
 
-Every command takes --store-url, --storage-url, --address and --home (defaults from
-PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, RAY_ADDRESS and PEFTFLEET_HOME). Errors go to stderr:
-exit code 2 for a bad spec or request, 1 for a missing job or a job that did not succeed.
+Every command takes --store-url, --storage-url, --address, --home and --secrets (defaults from
+PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, RAY_ADDRESS, PEFTFLEET_HOME and PEFTFLEET_SECRETS). A
+store URL with a password goes in PEFTFLEET_STORE_URL, never on the command line. Errors go to
+stderr, passwords masked: exit code 2 for a bad spec or request, 1 for a missing job, an unreachable
+store or a job that did not succeed.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
+from jobs.secrets import SecretsError, api_key_from_file, has_password, redact
 from jobs.spec import JobSpecError
 from jobs.states import JobState
-from jobs.store import JobNotFound
+from jobs.store import JobNotFound, StoreError
 from jobs.store.adapter_registry import AdapterNotFound
 from jobs.sweep_spec import draw
 from jobs.training.subspaces import check_references
@@ -250,7 +255,8 @@ def cmd_serve(client: Client, args) -> int:
 
     from orchestrator.serving.deployment import check_binding
 
-    api_key = args.api_key or os.environ.get("PEFTFLEET_API_KEY")
+    api_key = args.api_key or (api_key_from_file(args.api_key_file) if args.api_key_file else None) or \
+        os.environ.get("PEFTFLEET_API_KEY")
     check_binding(args.host, api_key, args.insecure)
     device = check_device(args.device)
     gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1 if device.startswith("cuda") else 0)
@@ -398,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--storage-url", help="artifact storage folder or fsspec URL")
     common.add_argument("--address", help="Ray cluster address, e.g. auto or ray://head:10001")
     common.add_argument("--home", help="peftfleet's local folder (default ~/.peftfleet)")
+    common.add_argument("--secrets", choices=["auto", "cluster"],
+                        help="how jobs get the store password and API key: auto (a 0600 file, local Ray only) or "
+                        "cluster (its pods hold them; default $PEFTFLEET_SECRETS, else auto)")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser = argparse.ArgumentParser(
         prog="peftfleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -459,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default="peftfleet", help="Ray Serve application name")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $PEFTFLEET_API_KEY, else none)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $PEFTFLEET_API_KEY, else none); "
+                   "other users can read a command line: prefer PEFTFLEET_API_KEY or --api-key-file")
+    p.add_argument("--api-key-file", help="read the API key from this file (one line)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a --host beyond loopback without an API key (anyone who reaches it can use it)")
     p.add_argument("--grace-s", type=float, default=30.0,
@@ -489,18 +500,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def fail(message: Any, code: int) -> int:
+        print(redact(f"peftfleet {args.command}: {message}"), file=sys.stderr)
+        return code
+
+    if has_password(args.store_url):
+        return fail("--store-url holds a password, which other users of this machine can read in its process "
+                    "list; set PEFTFLEET_STORE_URL in the environment instead", 2)
     try:
-        client = Client(address=args.address, store_url=args.store_url, storage_url=args.storage_url, home=args.home)
+        client = Client(address=args.address, store_url=args.store_url, storage_url=args.storage_url, home=args.home,
+                        secrets=args.secrets)
         return args.run(client, args)
     except (JobSpecError, InfeasibleJob, ValueError) as e:
-        print(f"peftfleet {args.command}: {e}", file=sys.stderr)
-        return 2
+        return fail(e, 2)
     except (JobNotFound, AdapterNotFound, KeyError) as e:
-        print(f"peftfleet {args.command}: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 1
+        return fail(e.args[0] if e.args else e, 1)
     except FileNotFoundError as e:
-        print(f"peftfleet {args.command}: {e}", file=sys.stderr)
-        return 2
+        return fail(e, 2)
+    except (StoreError, SecretsError) as e:
+        return fail(e, 1)
+    except DBAPIError as e:  # its text names the store; only the driver's first line is useful
+        url = args.store_url or os.environ.get("PEFTFLEET_STORE_URL") or "the default SQLite store"
+        return fail(f"cannot use the job store {url}: {str(e.orig or e).strip().splitlines()[0]}", 1)
 
 
 if __name__ == "__main__":

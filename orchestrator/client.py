@@ -25,16 +25,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.home import peftfleet_home
-from jobs.secrets import has_password
+from jobs.secrets import has_password, redact
 from jobs.spec import JobSpec, JobSpecError, load_job_spec, parse_job_spec
 from jobs.states import ALLOWED, IllegalTransition, JobState
 from jobs.store import JobRecord, JobStore, Metric
 from jobs.store.adapter_registry import AdapterRecord, AdapterRegistry
 from jobs.store.subspace_registry import SubspaceRecord, SubspaceRegistry
 from jobs.training.subspaces import check_references
-from orchestrator.cluster import JOB_ENV, SECRETS_MODES, Cluster, connect, launch, secret_env, stop_and_wait
+from orchestrator.cluster import JOB_ENV, SECRETS_MODES, Cluster, connect, secret_env, stop_and_wait
 from orchestrator.feasibility import InfeasibleJob, check_feasible
-from orchestrator.reconciler import settle_orphans
+from orchestrator.reconciler import hand_to_ray, resubmit, settle_orphans
 from orchestrator.tune.sweeps import SweepHandle, Sweeps, start_sweep
 
 if TYPE_CHECKING:
@@ -241,7 +241,20 @@ class Client:
     def cluster(self) -> Cluster:
         if self._cluster is None:
             self._cluster = connect(self._address, num_cpus=self._num_cpus)
+            try:
+                self.reconciler()
+            except Exception as e:  # noqa: BLE001 - the client works without it; waiting clients settle too
+                print(f"peftfleet: the standing reconciler did not start: {redact(str(e))}", file=sys.stderr)
         return self._cluster
+
+    def reconciler(self):
+        """The cluster's standing reconciler (``orchestrator.reconciler_actor``), started if it is not
+        running; None when ``PEFTFLEET_RECONCILER=0``."""
+        from orchestrator.reconciler_actor import ensure_reconciler
+        from orchestrator.train_worker import checkpoint_root
+
+        return ensure_reconciler(self.cluster, self.store.url, self.process_env(),
+                                 checkpoint_root=checkpoint_root(self.store))
 
     def submit(self, spec: JobSpec | dict | str | os.PathLike, *, idempotency_key: str | None = None) -> JobHandle:  # type: ignore[valid-type]
         """Validate, store and schedule a job; returns at once.
@@ -268,31 +281,9 @@ class Client:
         # One launch per job: of two submits with one key (or a submit racing a cancel) only the caller
         # that records the submission id while the job is PENDING launches it.
         if self.store.claim_launch(job.id, submission_id, dashboard_url=self.cluster.dashboard_url):
-            self._launch(job.id, submission_id, spec, "could not hand the job to Ray")
+            hand_to_ray(self.store, self.cluster, job.id, submission_id, self.process_env(),
+                        "could not hand the job to Ray")
         return JobHandle(self, job.id)
-
-    def _hand_to_ray(self, job_id: str, submission_id: str, spec: Any, failure: str) -> None:
-        """Record the job's new Ray submission, then launch its runner (see :meth:`_launch`)."""
-        self.store.set_runtime(job_id, ray_submission_id=submission_id, dashboard_url=self.cluster.dashboard_url)
-        self._launch(job_id, submission_id, spec, failure)
-
-    def _launch(self, job_id: str, submission_id: str, spec: Any, failure: str) -> None:
-        """Launch the job's runner as a Ray job; a job that cannot be handed over is FAILED."""
-        try:
-            launch(
-                self.cluster,
-                f"orchestrator.runner {job_id} ray-job:{submission_id}",
-                submission_id=submission_id,
-                resources=spec.resources,
-                env=self.process_env(),
-                metadata={"peftfleet_job": job_id, "name": spec.name},
-            )
-        except Exception as e:
-            try:
-                self.store.transition(job_id, JobState.FAILED, reason=failure, error=f"{type(e).__name__}: {e}")
-            except IllegalTransition:
-                pass  # settled meanwhile (a cancel): nothing was launched for it
-            raise
 
     def process_env(self) -> dict[str, str]:
         """Where a process this client launches finds the store, the artifacts and the home folder. A store
@@ -534,10 +525,8 @@ class Client:
         return self._cluster is not None or bool(os.environ.get("RAY_ADDRESS"))
 
     def _resubmit(self, job_id: str) -> None:
-        """A new owner (runner) for a job whose owner died; Ray Train resumes it from its last checkpoint."""
-        job = self.store.get(job_id)
-        submission_id = f"peftfleet-{job.id}-a{job.attempt}-{int(time.time())}"
-        self._hand_to_ray(job.id, submission_id, job.job_spec, "could not hand the job back to Ray")
+        """A new owner (runner) for a job whose owner died; it resumes from its last checkpoint."""
+        resubmit(self.store, self.cluster, job_id, self.process_env())
 
 
 def default_task(base_folder: str | os.PathLike) -> str:

@@ -5,8 +5,12 @@ peftfleet process as a Ray job, and stopping one (whether a job can ever get its
 >>> cluster = connect()                                   # local Ray, or RAY_ADDRESS   # doctest: +SKIP
 >>> check_feasible(cluster, spec)                        # InfeasibleJob if never      # doctest: +SKIP
 >>> launch(cluster, "orchestrator.runner JOB_ID", submission_id="peftfleet-JOB_ID",
-...        resources=spec.resources, env=store_env(store, home))                    # doctest: +SKIP
+...        resources=spec.resources, env=client.process_env())                       # doctest: +SKIP
 >>> stop_and_wait(cluster, "peftfleet-JOB_ID", timeout=120)                            # doctest: +SKIP
+
+No secret travels in a runtime env: :func:`secret_env` hands a launched process the path of a 0600
+file (a cluster on this machine) or relies on the cluster's own environment (``secrets="cluster"``),
+and :func:`launch` refuses an env that holds a password or a secret's name (docs/security.md).
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 
+from jobs.secrets import FILE_ENV, MODE_ENV, SECRET_NAMES, has_password, write_secrets_file
 from orchestrator.feasibility import NodeShape, read_node_shapes
 
 # Environment every job process gets: offline models, DeepSpeed's CPU accelerator unless GPUs are
@@ -38,7 +44,10 @@ PASSTHROUGH_ENV = (
     "PEFTFLEET_GROUP_IDLE_S",
     "PEFTFLEET_GROUP_MAX_MEMBERS",
     "RAY_AUTH_MODE",
+    FILE_ENV,  # where this process's secrets are (a file on this machine), or
+    MODE_ENV,  # that the cluster's pods hold them
 )
+SECRETS_MODES = ("auto", "cluster")
 RAY_TERMINAL = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})  # a Ray job in one of these runs nothing any more
 RAY_LIVE = frozenset({"PENDING", "RUNNING"})
 
@@ -87,13 +96,54 @@ def connect(
     return Cluster(ctx.dashboard_url, started_here=True)
 
 
+def is_local(cluster: Cluster) -> bool:
+    """Whether the cluster runs on this machine (started here, or found by ``auto`` / this process's Ray)."""
+    return cluster.started_here or cluster.address in (None, "auto")
+
+
+_written: dict[tuple, Path] = {}  # secrets files this process wrote, by (home, values): one per set of secrets
+
+
+def secret_env(values: dict[str, str], *, home: str | os.PathLike, secrets: str, cluster: Cluster) -> dict[str, str]:
+    """What a process launched on ``cluster`` needs to find the secrets ``values`` itself, never the values:
+    ``PEFTFLEET_SECRETS=cluster`` when the cluster's pods hold them (``secrets="cluster"``), else, for a
+    cluster on this machine, the path of a 0600 file under ``home/secrets`` (written once per set).
+
+    Raises:
+        ValueError: the cluster is remote and ``secrets`` is not ``"cluster"``.
+    """
+    if secrets not in SECRETS_MODES:
+        raise ValueError(f"secrets must be one of {list(SECRETS_MODES)}, not {secrets!r}")
+    if secrets == "cluster":
+        return {MODE_ENV: "cluster"}
+    if not is_local(cluster):
+        raise ValueError(
+            f"refusing to send {', '.join(sorted(values))} to the remote Ray cluster {cluster.address}: a secret never "
+            "travels in a runtime env. Give the cluster's pods these from a Kubernetes Secret and pass "
+            "secrets='cluster' (PEFTFLEET_SECRETS=cluster); see docs/security.md"
+        )
+    key = (str(home), tuple(sorted(values.items())))
+    if key not in _written or not _written[key].exists():
+        _written[key] = write_secrets_file(home, values)
+    return {FILE_ENV: str(_written[key])}
+
+
+def check_no_secrets(env: dict[str, str]) -> None:
+    """Refuse a runtime env that holds a secret: a secret's name, or any value with a password in it."""
+    leaked = sorted(k for k, v in env.items() if k in SECRET_NAMES or has_password(v))
+    if leaked:
+        raise ValueError(f"refusing to put {', '.join(leaked)} in a Ray runtime env: it holds a secret "
+                         "(see orchestrator.cluster.secret_env)")
+
+
 def launch(cluster: Cluster, module_args: str, *, submission_id: str, resources: Any, env: dict[str, str],
            metadata: dict[str, str] | None = None) -> None:
-    """Start ``python -m <module_args>`` as a Ray job with peftfleet's environment plus ``env``."""
+    """Start ``python -m <module_args>`` as a Ray job with peftfleet's environment plus ``env``; refused
+    when that holds a secret (:func:`check_no_secrets`)."""
     full_env = {**JOB_ENV, **env, "PEFTFLEET_SUBMISSION_ID": submission_id,
                 **worker_env(resources.cpus_per_worker, resources.gpus_per_worker)}
-    local = cluster.started_here or cluster.address in (None, "auto")
-    python = os.environ.get("PEFTFLEET_RUNNER_PYTHON") or (sys.executable if local else "python")
+    check_no_secrets(full_env)
+    python = os.environ.get("PEFTFLEET_RUNNER_PYTHON") or (sys.executable if is_local(cluster) else "python")
     cluster.jobs_client().submit_job(
         entrypoint=f"{python} -m {module_args}", submission_id=submission_id, runtime_env={"env_vars": full_env},
         entrypoint_num_cpus=0, metadata=metadata or {},

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from jobs.spec import load_job_spec
+from jobs.store import redact_url
 from jobs.training.data import load_for_job
 from orchestrator.cli import render_table
 from orchestrator.client import Client
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     client = Client(num_cpus=args.num_cpus)
-    print(f"store {client.store.url}; Ray dashboard http://{client.cluster.dashboard_url}")
+    print(f"store {redact_url(client.store.url)}; Ray dashboard http://{client.cluster.dashboard_url}")
     handles = [client.submit(spec) for spec in specs]
     for spec, handle in zip(specs, handles):
         print(

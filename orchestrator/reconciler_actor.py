@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from jobs.store import JobStore, redact_url
-from orchestrator.cluster import JOB_ENV, Cluster
+from orchestrator.cluster import JOB_ENV, Cluster, check_no_secrets
 from orchestrator.reconciler import clean_storage, resubmit, settle_orphan_sweeps, settle_orphans
 
 NAMESPACE = "peftfleet"
@@ -34,7 +34,7 @@ NAMESPACE = "peftfleet"
 
 def reconciler_name(store_url: str) -> str:
     """One standing reconciler per cluster and store (a cluster normally serves one store)."""
-    return "peftfleet-reconciler-" + hashlib.sha256(store_url.encode()).hexdigest()[:12]
+    return "peftfleet-reconciler-" + hashlib.sha256(redact_url(store_url).encode()).hexdigest()[:12]
 
 
 class Reconciler:
@@ -75,11 +75,13 @@ class Reconciler:
                 print(redact_url(traceback.format_exc()), file=sys.stderr, flush=True)
 
 
-def ensure_reconciler(cluster: Cluster, store_url: str, env: dict[str, str], *, checkpoint_root: str | None = None):
+def ensure_reconciler(cluster: Cluster, store_url: str, env: dict[str, str], *,
+                      checkpoint_root: str | None = None):
     """The cluster's standing reconciler, started (detached) if it is not running yet; its handle, or None
     when ``PEFTFLEET_RECONCILER=0``. Settings come from the environment of whoever starts it."""
-    if os.environ.get("PEFTFLEET_RECONCILER", "1") == "0":
+    if os.environ.get("PEFTFLEET_RECONCILER", "1") == "0" or not ray.is_initialized():
         return None
+    check_no_secrets({**JOB_ENV, **env})
     options = {
         "interval_s": float(os.environ.get("PEFTFLEET_RECONCILER_INTERVAL_S", "10")),
         "timeout_s": float(os.environ.get("PEFTFLEET_RECONCILER_TIMEOUT_S", "120")),
@@ -89,8 +91,8 @@ def ensure_reconciler(cluster: Cluster, store_url: str, env: dict[str, str], *, 
     }
     where = {"dashboard_url": cluster.dashboard_url, "started_here": cluster.started_here, "address": cluster.address}
     return ray.remote(Reconciler).options(
-        name=reconciler_name(store_url), namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1,
-        max_concurrency=4, runtime_env={"env_vars": {**JOB_ENV, **env}},
+        name=reconciler_name(store_url), namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0,
+        max_restarts=-1, max_concurrency=4, runtime_env={"env_vars": {**JOB_ENV, **env}},
     ).remote(where, env, **options)
 
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import traceback
 
+from jobs.secrets import has_password
 from jobs.states import JobState
 from jobs.store import JobStore, OwnershipLost, redact_url
 from orchestrator.reconciler import HEARTBEAT_INTERVAL_S
@@ -77,7 +78,7 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
         shared = {
             "job_id": job_id,
             "owner": owner,
-            "store_url": store.url,
+            "store_url": None if has_password(store.url) else store.url,  # a secret: workers read their env
             "storage_url": store.artifacts.url,
             "home": str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME"),
             "base_fingerprint": base.fingerprint,

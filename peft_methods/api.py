@@ -60,9 +60,10 @@ def no_gather(params: list[nn.Parameter]) -> AbstractContextManager:
 
 
 class MethodConfig(BaseModel):
-    """Fields every method shares. Subclasses add ``method: Literal[...]`` and their own fields."""
+    """Fields every method shares. Subclasses add ``method: Literal[...]`` and their own fields; no float field
+    of any method takes inf or nan."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     modules_to_save: list[str] | None = Field(
         default=None,

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from peft_methods.api import MethodConfig, PeftMethod
@@ -73,7 +73,9 @@ class IPTConfig(MethodConfig):
         description=f"Length of the decoded prompt. With a subspace: its length (unset or equal). "
         f"Without: default {RANDOM_TOKENS}.",
     )
-    seed: int = Field(default=0, ge=0, description="Seeds the random subspace (used only without `subspace`).")
+    seed: int = Field(
+        default=0, ge=0, lt=2**32, description="Seeds the random subspace (used only without `subspace`)."
+    )
     decoded: bool = Field(
         default=False,
         description=(
@@ -336,13 +338,18 @@ def load_subspace(folder: str | os.PathLike, hidden_size: int) -> tuple[PromptDe
             f"ipt: subspace {str(folder)!r} is not a folder (job specs resolve registered names; Python needs the "
             "folder)"
         )
-    info = read_subspace_info(folder)
+    from safetensors.torch import load as load_safetensors
+
+    from peft_methods.adapter_files import read_hashed_files
+
+    # The tensors parsed are the bytes whose hash was checked (the file is read once).
+    info, blobs = read_hashed_files(folder, SUBSPACE_JSON, "IPT subspace", SUBSPACE_FORMAT, (SUBSPACE_TENSORS,))
     if info["hidden_size"] != hidden_size:
         raise ValueError(
             f"ipt: the subspace decodes prompts of width {info['hidden_size']}, the model's embeddings are "
             f"{hidden_size} wide"
         )
-    tensors = load_file(Path(folder) / SUBSPACE_TENSORS)
+    tensors = load_safetensors(blobs[SUBSPACE_TENSORS])
     n, d, width = info["num_virtual_tokens"], info["intrinsic_dim"], info["num_virtual_tokens"] * hidden_size
     inner = tensors["in_weight"].shape[0] if "in_weight" in tensors else -1
     expected = {

@@ -7,15 +7,18 @@ transaction with its tags, so no record ever points at a half-written artifact. 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from torch import nn
 
 import peft_methods
@@ -27,10 +30,12 @@ from jobs.store.fingerprint import base_fingerprint
 from jobs.store.records import NotFound
 from jobs.store.schema import AdapterRow, AdapterTagRow, PromotionRow
 from peft_methods.adapter_files import (
+    ADAPTER_FILES,
+    FORMAT_VERSION,
     MANIFEST_FILE,
     AdapterIntegrityError,
     BaseModelMismatch,
-    read_manifest,
+    read_hashed_files,
     sha256_file,
 )
 
@@ -74,13 +79,20 @@ class AdapterRegistry:
     def register(
         self, folder: str | os.PathLike, *, name: str, base_fingerprint: str, task: str, task_name: str,
         job_id: str | None = None, metrics: dict[str, float] | None = None, tags: tuple[str, ...] | list[str] = (),
+        in_transaction: Callable[[Session], None] | None = None,
     ) -> AdapterRecord:
-        """Verify ``folder``, publish it to artifact storage, then record it."""
+        """Verify ``folder``, publish it to artifact storage, then record it.
+
+        ``in_transaction(session)`` runs in the transaction that records the adapter, after its row
+        and tags (e.g. to move its job to SUCCEEDED with it); if it raises, nothing is recorded, the
+        published files are removed and its exception propagates unchanged."""
         validate_name(name, "adapter name")
         validate_name(task_name, "task name")
         for tag in tags:
             validate_name(tag, "tag")
-        manifest = read_manifest(folder)
+        manifest, blobs = read_hashed_files(folder, MANIFEST_FILE, "adapter", FORMAT_VERSION, ADAPTER_FILES)
+        manifest_sha256 = hashlib.sha256(blobs[MANIFEST_FILE]).hexdigest()
+        del blobs
         trained_on = manifest.get("metadata", {}).get("base_fingerprint")
         if trained_on != base_fingerprint:
             raise BaseModelMismatch(
@@ -91,21 +103,27 @@ class AdapterRegistry:
             if s.scalar(select(AdapterRow.id).where(AdapterRow.name == name)) is not None:
                 raise AdapterExists(f"an adapter named {name!r} already exists")
         adapter_id = uuid.uuid4().hex
-        uri = self.artifacts.publish(folder, f"adapters/{adapter_id}")
+        # the copy published is checked to carry this very manifest, so the record describes what landed
+        uri = self.artifacts.publish(folder, f"adapters/{adapter_id}", manifest_sha256=manifest_sha256)
         row = AdapterRow(
             id=adapter_id, name=name, job_id=job_id, base_fingerprint=base_fingerprint, method=manifest["method"],
-            task=task, task_name=task_name, uri=uri, sha256=sha256_file(Path(folder) / MANIFEST_FILE),
+            task=task, task_name=task_name, uri=uri, sha256=manifest_sha256,
             files=manifest["files"], size_bytes=self.artifacts.size_bytes(uri),
             num_parameters=manifest["num_parameters"], metrics=dict(metrics or {}), created_at=time.time(),
         )
+        ours = True  # an IntegrityError from our own rows means the name was taken meanwhile
         try:
             with self.db.write() as s:
                 s.add(row)
                 s.flush()
                 s.add_all(AdapterTagRow(adapter_id=adapter_id, tag=t) for t in sorted(set(tags)))
+                s.flush()
+                if in_transaction is not None:
+                    ours = False
+                    in_transaction(s)
         except BaseException as e:
             self.artifacts.delete(uri)  # the record never existed; neither should the files
-            if isinstance(e, IntegrityError):
+            if ours and isinstance(e, IntegrityError):
                 raise AdapterExists(f"an adapter named {name!r} already exists") from None
             raise
         return self.get(adapter_id)
@@ -208,7 +226,9 @@ class AdapterRegistry:
                 f"adapter {name!r} was trained on base {record.base_fingerprint}, "
                 f"but the model is base {actual} (loaded from {path})"
             )
-        return peft_methods.load_adapter(model, self.local_folder(name), base_fingerprint=actual)
+        return peft_methods.load_adapter(
+            model, self.local_folder(name), base_fingerprint=actual, manifest_sha256=record.sha256
+        )
 
 
 def _records(s: Any, rows: list[AdapterRow]) -> list[AdapterRecord]:

@@ -7,6 +7,7 @@ fitted on, so an IPT adapter's lineage runs: IPT job -> subspace -> source adapt
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -23,8 +24,8 @@ from jobs.store.base_model_registry import BaseModelRegistry
 from jobs.store.db import Database
 from jobs.store.records import NotFound
 from jobs.store.schema import SubspaceRow
-from peft_methods.adapter_files import AdapterIntegrityError, BaseModelMismatch, sha256_file
-from peft_methods.ipt import SUBSPACE_JSON, read_subspace_info
+from peft_methods.adapter_files import AdapterIntegrityError, BaseModelMismatch, read_hashed_files, sha256_file
+from peft_methods.ipt import SUBSPACE_FORMAT, SUBSPACE_JSON, SUBSPACE_TENSORS, read_subspace_info
 
 _FORMAT = {"manifest": SUBSPACE_JSON, "verify": read_subspace_info}  # how artifact storage checks a subspace folder
 
@@ -62,7 +63,9 @@ class SubspaceRegistry:
     ) -> SubspaceRecord:
         """Verify ``folder``, publish it, then record it; ``sources`` describe the adapters it came from."""
         validate_name(name, "subspace name")
-        info = read_subspace_info(folder)
+        info, blobs = read_hashed_files(folder, SUBSPACE_JSON, "IPT subspace", SUBSPACE_FORMAT, (SUBSPACE_TENSORS,))
+        info_sha256 = hashlib.sha256(blobs[SUBSPACE_JSON]).hexdigest()
+        del blobs
         if info.get("metadata", {}).get("base_fingerprint") != base_fingerprint:
             raise BaseModelMismatch(f"subspace folder {folder} was not fitted for base {base_fingerprint}")
         self.base_models.get(base_fingerprint)
@@ -70,10 +73,11 @@ class SubspaceRegistry:
             if s.scalar(select(SubspaceRow.id).where(SubspaceRow.name == name)) is not None:
                 raise SubspaceExists(f"a subspace named {name!r} already exists")
         subspace_id = uuid.uuid4().hex
-        uri = self.artifacts.publish(folder, f"subspaces/{subspace_id}", **_FORMAT)
+        # the copy published is checked to carry this very subspace.json, so the record describes what landed
+        uri = self.artifacts.publish(folder, f"subspaces/{subspace_id}", **_FORMAT, manifest_sha256=info_sha256)
         row = SubspaceRow(
             id=subspace_id, name=name, job_id=job_id, base_fingerprint=base_fingerprint, uri=uri,
-            sha256=sha256_file(Path(folder) / SUBSPACE_JSON), intrinsic_dim=info["intrinsic_dim"],
+            sha256=info_sha256, intrinsic_dim=info["intrinsic_dim"],
             num_virtual_tokens=info["num_virtual_tokens"], sources=list(sources), metrics=dict(metrics or {}),
             created_at=time.time(),
         )

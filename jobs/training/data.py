@@ -126,16 +126,48 @@ DATASET_TASKS = {
 _ROWS = {"trec": trec_rows, "movie_sentiment": movie_sentiment_rows, "chatterbot_qa": chatterbot_replies}
 
 
-def read_records(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
-    """(first, second) column pairs from a local .jsonl or .csv file; rows missing either are errors."""
-    out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        records = csv.DictReader(f) if path.suffix == ".csv" else (json.loads(line) for line in f if line.strip())
-        for i, record in enumerate(records, start=1):
-            if not isinstance(record, dict) or any(record.get(c) in (None, "") for c in columns):
-                raise ValueError(f"{path}: record {i} lacks column(s) {list(columns)}")
-            out.append((str(record[columns[0]]).strip(), str(record[columns[1]]).strip()))
+def read_records(path: Path, columns: tuple[str, str], *, limit: int | None = None) -> list[tuple[str, str]]:
+    """(first, second) column pairs from a local .jsonl or .csv file (at most ``limit`` of them); a record
+    missing either is an error. Errors name the file, the line and the problem, never what the line holds."""
+    out: list[tuple[str, str]] = []
+    line, reader = 0, None
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.suffix == ".csv":
+                reader = csv.DictReader(f)
+                missing = [c for c in columns if c not in (reader.fieldnames or columns)]
+                if missing:
+                    raise ValueError(f"{path}: line 1, the header, has no column(s) {missing}")
+                numbered = ((reader.line_num, record) for record in reader)
+            else:
+                numbered = ((i, _json_record(text, path, i)) for i, text in enumerate(f, start=1) if text.strip())
+            for line, record in numbered:
+                missing = [c for c in columns if c not in record]
+                empty = [c for c in columns if c in record and record[c] in (None, "")]
+                if missing or empty:
+                    problem = f"no column(s) {missing}" if missing else f"an empty value in column(s) {empty}"
+                    raise ValueError(f"{path}: line {line} has {problem}")
+                out.append((str(record[columns[0]]).strip(), str(record[columns[1]]).strip()))
+                if limit is not None and len(out) >= limit:
+                    break
+    except UnicodeDecodeError:
+        after = f", after line {line}" if line else ""
+        raise ValueError(f"{path}: has bytes that are not UTF-8 text{after}") from None
+    except csv.Error as e:  # csv's messages describe the problem, not the text
+        raise ValueError(f"{path}: line {reader.line_num + 1} is not valid CSV ({e})") from None
     return out
+
+
+def _json_record(text: str, path: Path, line: int) -> dict:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:  # its message says what is wrong and where, not what the line holds
+        raise ValueError(f"{path}: line {line} is not valid JSON ({e.msg} at column {e.colno})") from None
+    except (RecursionError, ValueError):
+        raise ValueError(f"{path}: line {line} is not valid JSON (nested too deeply or a number too long)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: line {line} is a JSON {type(record).__name__}, not an object of columns")
+    return record
 
 
 def load_for_job(spec, task: str, training) -> ClassificationData | TextPairData:

@@ -6,18 +6,25 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
-from jobs.spec import JobSpecError, SubspaceSourcesSpec, parse_job_spec
+from jobs.spec import NAME_MAX, JobSpecError, SubspaceSourcesSpec, parse_job_spec, validate_name
+from jobs.spec_files import shown
 from jobs.states import JobState
 from jobs.store import JobStore
 from jobs.store.adapter_registry import AdapterRecord
-from jobs.store.subspace_registry import SubspaceNotFound
-from peft_methods.adapter_files import WEIGHTS_FILE, BaseModelMismatch
+from jobs.store.subspace_registry import SubspaceNotFound, SubspaceRecord
+from peft_methods.adapter_files import (
+    ADAPTER_FILES,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    BaseModelMismatch,
+    read_hashed_files,
+)
 from peft_methods.ipt import fit_subspace, save_subspace
 from peft_methods.virtual_tokens import PROMPT_KEY
 
@@ -70,9 +77,9 @@ def check_references(store: JobStore, spec: Any) -> None:
             check_intrinsic_dim(spec.intrinsic_dim, len(sources))
         except ValueError as e:
             raise JobSpecError([("intrinsic_dim", str(e))]) from None
-    elif spec.method.method == "ipt" and spec.method.subspace and not Path(spec.method.subspace).is_dir():
+    elif spec.method.method == "ipt" and spec.method.subspace:
         try:
-            subspace = store.subspaces.get(spec.method.subspace)
+            subspace = registered_subspace(store, spec.method.subspace)
         except SubspaceNotFound as e:
             raise JobSpecError([("method.subspace", f"{e}; fit one with an ipt-subspace job")]) from None
         base = store.register_base_model(spec.base_model)
@@ -87,12 +94,27 @@ def check_references(store: JobStore, spec: Any) -> None:
             )
 
 
+def registered_subspace(store: JobStore, name: str) -> SubspaceRecord:
+    """The registry's subspace ``name``. A job names subspaces only from the registry, never by folder: a
+    folder would skip the registry's file verification and its base check, so a path is refused even when
+    such a folder exists (in Python, ``peft_methods.apply`` still takes a folder)."""
+    try:
+        validate_name(name, "subspace")
+    except ValueError:
+        raise SubspaceNotFound(
+            f"{shown(name)} is not a subspace name: a job names a registered subspace, never a folder, so that its "
+            "files are verified and its base is checked"
+        ) from None
+    return store.subspaces.get(name)
+
+
 def resolve_method_config(method_config: Any, store: JobStore, base_fingerprint: str) -> tuple[Any, dict[str, Any]]:
     """The method config to apply on a worker, and lineage for the adapter's metadata: an ``ipt``
-    config naming a registered subspace gets that subspace's verified local folder."""
-    if method_config.method != "ipt" or not method_config.subspace or Path(method_config.subspace).is_dir():
+    config naming a registered subspace gets that subspace's verified local folder (see
+    :func:`registered_subspace`: a job never trains in an unregistered folder)."""
+    if method_config.method != "ipt" or not method_config.subspace:
         return method_config, {}
-    record = store.subspaces.get(method_config.subspace)
+    record = registered_subspace(store, method_config.subspace)
     if record.base_fingerprint != base_fingerprint:
         raise BaseModelMismatch(
             f"subspace {record.name!r} was fitted for base {record.base_fingerprint}, this job's base is "
@@ -117,7 +139,7 @@ def fit_subspace_job(config: dict[str, Any]) -> str:
         reason=f"fitting on {len(sources)} prompt adapters",
         expected=[JobState.QUEUED, JobState.RETRYING],
     )
-    prompts = [load_file(store.adapters.local_folder(a.name) / WEIGHTS_FILE)[PROMPT_KEY].float() for a in sources]
+    prompts = [_verified_weights(store, a)[PROMPT_KEY].float() for a in sources]
     shapes = {tuple(p.shape) for p in prompts}
     if len(shapes) != 1:
         raise ValueError(
@@ -138,7 +160,7 @@ def fit_subspace_job(config: dict[str, Any]) -> str:
     lineage = [
         {"id": a.id, "name": a.name, "task_name": a.task_name, "sha256": a.sha256, "job_id": a.job_id} for a in sources
     ]
-    name = f"{spec.name}-{job_id[:8]}"
+    name = f"{spec.name[: NAME_MAX - 9]}-{job_id[:8]}"  # a registry name, like the job's: at most NAME_MAX
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_subspace(
             os.path.join(tmp, "subspace"),
@@ -154,3 +176,10 @@ def fit_subspace_job(config: dict[str, Any]) -> str:
     print(f"subspace {name} registered: {len(sources)} sources, d={spec.intrinsic_dim}, "
           f"reconstruction error {stats['reconstruction_relative_error']:.4f}", flush=True)
     return name
+
+
+def _verified_weights(store: Any, adapter: Any) -> dict[str, Any]:
+    """An adapter's tensors parsed from the very bytes checked against the hash its record holds."""
+    _, blobs = read_hashed_files(store.adapters.local_folder(adapter.name), MANIFEST_FILE, "adapter", FORMAT_VERSION,
+                                 ADAPTER_FILES, manifest_sha256=adapter.sha256)
+    return load_safetensors(blobs[WEIGHTS_FILE])

@@ -20,8 +20,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from jobs.secrets import has_password
 from jobs.states import JobState
-from jobs.store import JobStore
+from jobs.store import JobStore, redact_url
 from jobs.training.base_group import GroupKey
 from orchestrator.cluster import JOB_ENV, worker_env
 from orchestrator.groups.actor import NAMESPACE, PREFIX, BaseGroupActor, GroupClosing
@@ -30,7 +31,7 @@ GROUP_RETRIES = int(os.environ.get("PEFTFLEET_GROUP_RETRIES", "3"))  # a job sur
 
 
 def group_name(key: GroupKey, store: JobStore) -> str:
-    digest = hashlib.sha256(json.dumps([asdict(key), store.url], sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([asdict(key), redact_url(store.url)], sort_keys=True).encode()).hexdigest()
     return PREFIX + digest[:12]
 
 
@@ -48,7 +49,8 @@ def group_for(spec: Any, base_fingerprint: str, store: JobStore):
         runtime_env={"env_vars": {**JOB_ENV, **worker_env(key.cpus, key.gpus)}},
     )
     home = str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME")
-    return actor.remote(asdict(key), name, spec.base_model, store.url, store.artifacts.url, home)
+    store_url = None if has_password(store.url) else store.url  # a secret: the actor reads its own env
+    return actor.remote(asdict(key), name, spec.base_model, store_url, store.artifacts.url, home)
 
 
 def train_in_group(job_id: str, raw_spec: dict, spec: Any, shared: dict[str, Any], store: JobStore) -> str:

@@ -53,7 +53,7 @@ class BaseGroupActor:
     """See the module docstring. Created by :func:`orchestrator.groups.group_for` as a named detached
     actor, so every job with the same :class:`GroupKey` finds the same one."""
 
-    def __init__(self, key: dict[str, Any], name: str, base_model: str, store_url: str, storage_url: str,
+    def __init__(self, key: dict[str, Any], name: str, base_model: str, store_url: str | None, storage_url: str,
                  home: str | None):
         self.key, self.name = GroupKey(**key), name
         self.store = JobStore(store_url, storage_url=storage_url, home=home)

@@ -11,6 +11,8 @@ deployment :class:`AdapterServer` only wraps them, so tests drive the same app i
 Before a route runs, :class:`RequestGuard` checks the API key and reads the body up to
 ``max_body_bytes``: a refused request's body is never read. Every error, the framework's
 included, leaves in OpenAI's shape, and a 5xx shows an error id, never the exception's text.
+Neither the API key nor a store URL with a password is in the deployment's options or runtime env:
+each replica reads them from its own environment (:mod:`jobs.secrets`).
 """
 
 import asyncio
@@ -19,7 +21,7 @@ import ipaddress
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +31,8 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs import secrets
+from orchestrator.cluster import check_no_secrets
 from orchestrator.serving.api import (
     ChatRequest,
     ClassifyRequest,
@@ -71,7 +75,8 @@ class ServeOptions:
     scheduler: str = "continuous"  # or "static": a new batch only once the running one is empty
     max_prefill_tokens: int = 4096  # prompt tokens that may join the running batch in one step
     api_key: str | None = None
-    store_url: str | None = None
+    api_key_from_env: bool = False  # the replica reads its key with jobs.secrets.api_key() (it is not in here)
+    store_url: str | None = None  # None: the replica's own PEFTFLEET_STORE_URL (or secrets file)
     storage_url: str | None = None
     home: str | None = None
     device: str = "auto"
@@ -282,6 +287,12 @@ class AdapterService:
         from peft_methods.adapter_bank import AdapterBank
 
         opts = ServeOptions(**options)
+        if opts.api_key_from_env:
+            opts.api_key = secrets.api_key()
+            if not opts.api_key:
+                raise RuntimeError("this application requires an API key, but this replica has none: give it "
+                                   "PEFTFLEET_API_KEY (from a Kubernetes Secret or the secrets file) or "
+                                   "PEFTFLEET_API_KEY_FILE")
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.options = opts
         # First, so a replica asked for a GPU it does not have fails at once, naming what it sees.
@@ -471,6 +482,10 @@ def build_app(options: ServeOptions, *, num_replicas: int | str = 1, autoscaling
     """The Serve application for ``options`` (``num_replicas`` or ``autoscaling`` settings). A CUDA
     ``options.device`` needs ``gpus_per_replica`` > 0: refused here, before anything is deployed."""
     check_placement(options.device, gpus_per_replica)
+    check_no_secrets(env or {})
+    # What Serve keeps and ships to replicas holds no secret: each replica finds them itself.
+    options = replace(options, api_key=None, api_key_from_env=bool(options.api_key) or options.api_key_from_env,
+                      store_url=None if secrets.has_password(options.store_url) else options.store_url)
     scaling: dict[str, Any] = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}
     return AdapterServer.options(
         **scaling, max_ongoing_requests=max(64, options.max_batch_size * 4),
@@ -485,15 +500,16 @@ def build(args: dict[str, Any]):
     orchestrator.serving.deployment:build``): ``args`` are ServeOptions fields (device, dtype and
     the limits among them) plus num_replicas, autoscaling, cpus_per_replica, gpus_per_replica; the
     store and storage come from the environment (PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL,
-    PEFTFLEET_API_KEY)."""
+    PEFTFLEET_API_KEY or PEFTFLEET_API_KEY_FILE). The replicas' runtime env gets the other PEFTFLEET_*
+    settings; the secrets they read from their own pods' environment."""
     args = dict(args)
     scaling = {k: args.pop(k) for k in ("num_replicas", "autoscaling", "cpus_per_replica", "gpus_per_replica")
                if k in args}
-    options = ServeOptions(**{"store_url": os.environ.get("PEFTFLEET_STORE_URL"),
-                              "storage_url": os.environ.get("PEFTFLEET_STORAGE_URL"),
-                              "api_key": os.environ.get("PEFTFLEET_API_KEY") or None, **args})
+    options = ServeOptions(**{"store_url": secrets.store_url(), "storage_url": os.environ.get("PEFTFLEET_STORAGE_URL"),
+                              "api_key": secrets.api_key(), **args})
     env = {k: v for k, v in os.environ.items()
-           if k.startswith("PEFTFLEET_") or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+           if (k.startswith("PEFTFLEET_") and k not in secrets.SECRET_NAMES and not secrets.has_password(v))
+           or k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     return build_app(options, env=env, **scaling)
 
 

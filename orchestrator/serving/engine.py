@@ -99,7 +99,9 @@ class AdapterResolver:
         """An adapter's config, tensors and class labels (when recorded) from its verified artifact,
         refusing another base."""
         try:
-            config, state, manifest = read_adapter(self.store.adapters.local_folder(name))
+            record = self.store.adapters.get(name)  # the bytes read are the bytes the store's hash vouches for
+            config, state, manifest = read_adapter(self.store.adapters.local_folder(name),
+                                                   manifest_sha256=record.sha256)
         except AdapterIntegrityError as e:  # the details (paths) go to the log, not to the client
             ref = _log_error(e)
             raise ApiError(500, f"adapter '{self.names.get(name, name)}' failed its integrity check (error id {ref})",

@@ -2,8 +2,9 @@
 (`kuberay-schemas/`, extracted from `../shared/kuberay-crds/`; made strict so a misspelt field
 fails), plain Kubernetes objects against Kubernetes' own schemas (kubernetes-validate, strict) —
 and a broken manifest fails. GPU pods are ready for NCCL (a memory-backed /dev/shm, NCCL settings,
-a shape the autoscaler can read), and the GPU install (Makefile, Dockerfile, constraints) pins the
-same torch as the CPU one."""
+a shape the autoscaler can read), the GPU install (Makefile, Dockerfile, constraints) pins the
+same torch as the CPU one, and the manifests keep secrets secret: no Secret or password ships, Ray's
+token auth is on and the dashboard listens on the pod's IP only (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -119,7 +120,6 @@ def test_the_deploy_folder_has_what_a_cluster_needs():
         "Deployment",
         "Service",
         "PersistentVolumeClaim",
-        "Secret",
         "ConfigMap",
     }
     dockerfile = (DEPLOY / "Dockerfile").read_text()
@@ -167,6 +167,132 @@ def test_a_broken_job_spec_or_serve_config_fails():
     service["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace("capacity: 64", "capacty: 64")
     with pytest.raises(TypeError, match="capacty"):
         validate(service)
+
+
+# Secrets and access. None of this can be checked without a cluster beyond what the manifests say.
+
+PASSWORD_IN_URL = re.compile(r"[\w.+-]+://[^/\s@:]*:[^/\s@]+@")
+SECRET_ENV = re.compile(r"PASSWORD|TOKEN|API_KEY|SECRET_KEY|STORE_URL")
+
+
+def strings(node):
+    """Every string in a parsed document (keys and values), however deep."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield str(k)
+            yield from strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def containers(doc):
+    """Every container spec in a document (Deployments, Ray groups), init containers included."""
+    if isinstance(doc, dict):
+        for key in ("containers", "initContainers"):
+            if isinstance(doc.get(key), list):
+                yield from doc[key]
+        for v in doc.values():
+            yield from containers(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from containers(v)
+
+
+def created_secrets() -> set[str]:
+    """The Secrets shared.yaml tells the user to create (`kubectl create secret generic NAME`)."""
+    return set(re.findall(r"kubectl create secret generic ([\w-]+)", (DEPLOY / "kuberay" / "shared.yaml").read_text()))
+
+
+def check_no_shipped_secrets(docs_by_file=None):
+    docs_by_file = docs_by_file or {p.name: documents(p) for p in MANIFESTS}
+    for name, docs in docs_by_file.items():
+        for doc in docs:
+            assert doc.get("kind") != "Secret", f"{name}: ships the Secret {doc['metadata']['name']}; document it"
+            for s in strings(doc):
+                assert not PASSWORD_IN_URL.search(s), f"{name}: a URL with a password: {s[:40]}..."
+                assert "change-me" not in s, f"{name}: a default password"
+            for c in containers(doc):
+                for e in c.get("env", []):
+                    if SECRET_ENV.search(e["name"]) and e["name"] != "RAY_AUTH_MODE":
+                        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                        assert ref and "value" not in e, f"{name}: {e['name']} is not read from a Secret"
+                        assert not ref.get("optional"), f"{name}: {e['name']} is optional: the pod would run without it"
+                        assert ref["name"] in created_secrets(), f"{name}: shared.yaml does not say how to create " \
+                                                                  f"the Secret {ref['name']}"
+
+
+def check_ray_token_auth(docs_by_file=None):
+    for name, cluster, _ in ray_clusters(docs_by_file):
+        assert (cluster.get("authOptions") or {}).get("mode") == "token", f"{name}: Ray token auth is off"
+        for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+            for c in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert env.get("RAY_AUTH_MODE") == "token", f"{name}: {c['name']} may start without token auth"
+
+
+def check_dashboard_on_pod_network(docs_by_file=None):
+    for name, cluster, _ in ray_clusters(docs_by_file):
+        head = cluster["headGroupSpec"]
+        host = head.get("rayStartParams", {}).get("dashboard-host", "")
+        assert host == "$(POD_IP)", f"{name}: the dashboard listens on {host or 'its default'!r}, not the pod's IP"
+        env = {e["name"]: e for e in head["template"]["spec"]["containers"][0].get("env", [])}
+        field = ((env.get("POD_IP") or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
+        assert field == "status.podIP", f"{name}: POD_IP is not the pod's IP (downward API)"
+
+
+SECURITY_CHECKS = {"no_shipped_secrets": check_no_shipped_secrets, "ray_token_auth": check_ray_token_auth,
+                   "dashboard_on_pod_network": check_dashboard_on_pod_network}
+
+
+@pytest.mark.parametrize("check", SECURITY_CHECKS.values(), ids=SECURITY_CHECKS.keys())
+def test_secrets_and_access(check):
+    check()
+
+
+def _cluster(docs, kind):
+    doc = next(d for d in docs if d["kind"] == kind)
+    return {"RayCluster": doc["spec"], "RayJob": doc["spec"].get("rayClusterSpec"),
+            "RayService": doc["spec"].get("rayClusterConfig")}[kind]
+
+
+def _env(cluster):
+    return cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def _drop_env(cluster, name):
+    _env(cluster)[:] = [e for e in _env(cluster) if e["name"] != name]
+
+
+SECURITY_BREAKS = [  # (check, file, how to break it): mostly what the manifests shipped before
+    ("no_shipped_secrets", "shared.yaml", lambda docs: docs.append({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "peftfleet-store"},
+        "stringData": {"url": "postgresql+psycopg2://peftfleet:change-me@peftfleet-postgres:5432/peftfleet"}})),
+    ("no_shipped_secrets", "raycluster.yaml", lambda docs: _env(_cluster(docs, "RayCluster")).append(
+        {"name": "PEFTFLEET_STORE_URL", "value": "postgresql://peftfleet@db/peftfleet"})),
+    ("no_shipped_secrets", "rayservice.yaml", lambda docs: next(
+        e for e in _env(_cluster(docs, "RayService")) if e["name"] == "PEFTFLEET_API_KEY"
+    )["valueFrom"]["secretKeyRef"].update(optional=True)),
+    ("ray_token_auth", "rayjob.yaml", lambda docs: _cluster(docs, "RayJob").pop("authOptions")),
+    ("ray_token_auth", "raycluster.yaml", lambda docs: _drop_env(_cluster(docs, "RayCluster"), "RAY_AUTH_MODE")),
+    ("ray_token_auth", "rayservice.yaml", lambda docs: _cluster(docs, "RayService").update(
+        authOptions={"mode": "disabled"})),
+    ("dashboard_on_pod_network", "raycluster.yaml", lambda docs: _cluster(docs, "RayCluster")[
+        "headGroupSpec"]["rayStartParams"].update({"dashboard-host": "0.0.0.0"})),
+    ("dashboard_on_pod_network", "rayjob.yaml", lambda docs: _drop_env(_cluster(docs, "RayJob"), "POD_IP")),
+]
+
+
+@pytest.mark.parametrize("check,name,breaks", SECURITY_BREAKS,
+                         ids=[f"{c}-{i}" for i, (c, *_) in enumerate(SECURITY_BREAKS)])
+def test_a_manifest_that_leaks_or_opens_access_fails(check, name, breaks):
+    docs_by_file = {p.name: documents(p) for p in MANIFESTS}
+    SECURITY_CHECKS[check](docs_by_file)  # passes as shipped
+    breaks(docs_by_file[name])
+    with pytest.raises(AssertionError):
+        SECURITY_CHECKS[check](docs_by_file)
 
 
 # GPU pods and the GPU install. Nothing here has run on a GPU: these are the properties a first GPU

@@ -13,11 +13,14 @@ import uuid
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from transformers import AutoModelForSequenceClassification
 
 import peft_methods
 from jobs.store import JobStore
 from jobs.store.adapter_registry import AdapterExists, AdapterNotFound, AdapterPromoted
+from jobs.store.schema import AdapterTagRow, JobRow
 from peft_methods import AdapterIntegrityError, BaseModelMismatch
 from tests.conftest import TINY_BERT, randomize_adapter, tiny_bert
 from tests.jobs.conftest import minilm_spec
@@ -243,3 +246,44 @@ def test_a_writer_killed_mid_write_leaves_no_record_pointing_at_a_missing_file(t
     assert len(finished - recorded) <= 4, "more than one unrecorded artifact per kill"
     for leftover in (storage / "adapters").glob(".*"):
         assert ".tmp-" in leftover.name  # partial copies only ever live under a temporary name
+
+
+def _register_with(store, tmp_path, bases, in_transaction, name="atomic"):
+    folder, _ = make_adapter(tmp_path, bases["a"])
+    return store.adapters.register(
+        folder, name=name, base_fingerprint=bases["a"][1], task="sequence-classification", task_name="t",
+        in_transaction=in_transaction,
+    )
+
+
+def test_in_transaction_lands_with_the_adapter(store, bases, tmp_path):
+    job = store.submit(minilm_spec())
+
+    def finish(s):
+        s.execute(update(JobRow).where(JobRow.id == job.id).values(state="SUCCEEDED"))
+
+    record = _register_with(store, tmp_path, bases, finish)
+    assert store.get(job.id).state.value == "SUCCEEDED"
+    assert store.adapters.get("atomic") == record and os.path.isdir(record.uri)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("job was cancelled"), None])
+def test_a_failing_in_transaction_registers_nothing_and_removes_the_files(store, bases, tmp_path, error):
+    job = store.submit(minilm_spec())
+
+    def fail(s):
+        s.execute(update(JobRow).where(JobRow.id == job.id).values(state="SUCCEEDED"))
+        if error is not None:
+            raise error
+        s.add(AdapterTagRow(adapter_id="no-such-adapter", tag="x"))  # an IntegrityError of the caller's own
+        s.flush()
+
+    with pytest.raises(type(error) if error else IntegrityError) as raised:
+        _register_with(store, tmp_path, bases, fail)
+    if error is not None:
+        assert raised.value is error  # unchanged, not wrapped
+    with pytest.raises(AdapterNotFound):
+        store.adapters.get("atomic")
+    assert store.get(job.id).state.value == "PENDING"
+    assert list((tmp_path / "artifacts").glob("adapters/*")) == []
+    assert list((tmp_path / "artifacts").glob("adapters/.*")) == []

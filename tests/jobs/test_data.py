@@ -45,3 +45,51 @@ def test_chatterbot_pairs_are_text_to_text():
 def test_an_eval_set_as_large_as_the_data_is_refused():
     with pytest.raises(ValueError, match="leaves no training data"):
         data.split([("a", 0), ("b", 1)], eval_size=2)
+
+
+# -- local files: errors name the file, the line and the problem, never the record's contents (issue 18) ----
+SECRET = "patient 4711 has a rare disease"
+
+
+@pytest.mark.parametrize(
+    "name,text,fragment",
+    [
+        ("d.jsonl", f'{{"text": "a", "label": "x"}}\n\n{{"text": "{SECRET}", "label": \n', "line 3 is not valid JSON"),
+        ("d.jsonl", f'{{"text": "a", "label": "x"}}\n["{SECRET}"]\n', "line 2 is a JSON list, not an object"),
+        ("d.jsonl", f'{{"text": "{SECRET}", "labels": "x"}}\n', "line 1 has no column(s) ['label']"),
+        ("d.jsonl", f'{{"text": "{SECRET}", "label": ""}}\n', "line 1 has an empty value in column(s) ['label']"),
+        ("d.jsonl", "[" * 100_000 + f'"{SECRET}"' + "]" * 100_000 + "\n", "line 1 is not valid JSON"),
+        ("d.csv", f"text,label\na,x\n{SECRET},\n", "line 3 has an empty value in column(s) ['label']"),
+        ("d.csv", f"{SECRET},x\nb,y\n", "line 1, the header, has no column(s) ['text', 'label']"),
+        ("d.csv", f"text,label\na,x\n{SECRET}\n", "line 3 has an empty value in column(s) ['label']"),
+        ("d.csv", f'text,label\n"{SECRET}{"." * 200_000}",x\n', "line 2 is not valid CSV (field larger than"),
+    ],
+)
+def test_a_malformed_record_is_named_by_file_and_line_without_its_contents(tmp_path, name, text, fragment):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        data.read_records(path, ("text", "label"))
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and fragment in message, message
+    assert SECRET not in message and "4711" not in message
+
+
+def test_bytes_that_are_not_utf8_are_named_without_echoing_them(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "a", "label": "x"}\n{"text": "caf\xe9 4711", "label": "y"}\n')
+    with pytest.raises(ValueError, match="has bytes that are not UTF-8 text") as err:
+        data.read_records(path, ("text", "label"))
+    assert "4711" not in str(err.value)
+
+
+def test_a_job_spec_names_a_missing_column_without_echoing_the_first_record(tmp_path):
+    from jobs.spec import JobSpecError, parse_job_spec
+    from tests.jobs.conftest import minilm_spec
+
+    path = tmp_path / "no-header.csv"
+    path.write_text(f"{SECRET},DESC\n")  # no header: the first record would be read as one
+    with pytest.raises(JobSpecError) as err:
+        parse_job_spec(minilm_spec(dataset={"path": str(path)}))
+    (where, message), = err.value.problems
+    assert where == "dataset.path" and "no column(s) ['text', 'label']" in message and SECRET not in message

@@ -221,3 +221,99 @@ def test_fuzzed_specs_never_crash_and_failures_store_nothing(tmp_path_factory, t
         assert store.count_jobs() == 1 and store.get(job.id).spec == job.spec
     finally:
         store.close()
+
+
+# -- what used to get past validation or crash it (issue 18) ----
+def test_a_trailing_newline_is_not_part_of_a_valid_name():
+    found = problems(minilm_spec(name="my-job\n", tags=["demo\n"], task_name="trec\n"))
+    assert {"name", "tags", "task_name"} <= set(found), found
+    assert "'my-job\\n' may hold only" in found["name"]
+
+
+@pytest.mark.parametrize(
+    "overrides,path",
+    [
+        ({"kind": ["train"]}, "kind"),
+        ({"kind": {"a": 1}}, "kind"),
+        ({"dataset": {"path": "d" * 5000 + ".csv"}}, "dataset"),
+        ({"base_model": "m" * 5000}, "base_model"),
+        ({"base_model": "~no-such-user-here/model"}, "base_model"),
+        ({"base_model": "a\x00b"}, "base_model"),
+        ({"method": {"method": "lo\nra" * 500}}, "method"),
+        ({"x" * 500 + "\n": 1}, "x" * 100),
+    ],
+)
+def test_odd_values_give_one_short_line_naming_the_field(overrides, path):
+    found = problems(minilm_spec(**overrides))
+    (where, message), = ((p, m) for p, m in found.items() if p.startswith(path))
+    assert "\n" not in where + message and len(message) <= 500 and len(where) <= 200, found
+
+
+def test_seeds_are_bounded_by_what_torch_and_numpy_take():
+    limit = 2**32
+    assert parse_job_spec(minilm_spec(training={"seed": limit - 1})).training.seed == limit - 1
+    assert "less than 4294967296" in problems(minilm_spec(training={"seed": limit}))["training.seed"]
+    assert "method.seed" in problems(minilm_spec(method={"method": "ipt", "seed": 2**70}))
+    subspace = {"kind": "ipt-subspace", "name": "sub", "base_model": "minilm", "seed": limit}
+    assert "seed" in problems(subspace)
+
+
+def _float_fields():
+    import typing
+
+    import peft_methods
+
+    for name in peft_methods.list_methods():
+        config = peft_methods.get_method(name).Config
+        for field, info in config.model_fields.items():
+            if float in (info.annotation, *typing.get_args(info.annotation)):
+                yield name, field
+
+
+@pytest.mark.parametrize("method,field", list(_float_fields()))
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_no_float_of_any_method_takes_inf_or_nan(method, field, value):
+    found = problems(minilm_spec(method={"method": method, field: value}))
+    assert "finite number" in found[f"method.{field}"], found
+
+
+@pytest.mark.parametrize("field", ["lr", "head_lr", "warmup_ratio", "weight_decay", "eval_fraction", "base_dropout"])
+def test_no_training_float_takes_nan(field):
+    assert "finite number" in problems(minilm_spec(training={field: float("nan")}))[f"training.{field}"]
+
+
+# -- spec files: no aliases, bounded size and nesting, plain values ----
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("a: &x [1, 2]\nname: *x\n", "anchors and aliases"),
+        ("base: &b {name: x}\nother:\n  <<: *b\n", "anchors and aliases"),
+        ("name: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep"),
+        ("name: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested more than 32 levels deep"),
+        ("name: 2001-02-03\n", "a date is not allowed"),
+        ("name: !!binary aGVsbG8=\n", "a bytes is not allowed"),
+        ("seed: " + "9" * 5000 + "\n", "a value it cannot convert"),
+        ("name: x\n---\nname: y\n", "is not valid YAML"),
+        ("name: !!python/name:os.system x\n", "is not valid YAML"),
+    ],
+)
+def test_a_spec_file_refuses_aliases_deep_nesting_and_odd_values_in_one_line(tmp_path, text, fragment):
+    with pytest.raises(JobSpecError) as err:
+        load_job_spec(_write(tmp_path / "job.yaml", text))
+    (where, message), = err.value.problems
+    assert fragment in message and "\n" not in message, err.value.problems
+
+
+def test_a_json_spec_file_is_bounded_likewise(tmp_path):
+    for text, fragment in [("[" * 100_000 + "]" * 100_000, "nested more than 32"), ("{" * 3, "not valid JSON")]:
+        with pytest.raises(JobSpecError, match=fragment):
+            load_job_spec(_write(tmp_path / "job.json", text))
+
+
+def test_a_spec_file_over_one_mib_is_refused_unread(tmp_path):
+    path = _write(tmp_path / "job.yaml", YAML_SPEC + "# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(JobSpecError, match="larger than 1024 KiB"):
+        load_job_spec(path)
+    (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(JobSpecError, match="not UTF-8"):
+        load_job_spec(tmp_path / "latin1.yaml")

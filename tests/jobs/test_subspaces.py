@@ -184,3 +184,23 @@ def test_ipt_jobs_resolve_a_registered_subspace_and_refuse_bad_references(store,
         resolve_method_config(spec.method, store, bases["a"][1])
     store.subspaces.delete(record.name)
     assert store.subspaces.list() == []
+
+
+def test_a_job_names_a_registered_subspace_never_a_folder(store, bases, prompts, tmp_path):  # noqa: F811
+    """A folder would skip the registry's verification and base check, so it is refused even when it holds a
+    real subspace of this very base; and a fit job's longest name still makes a valid registry name."""
+    import shutil
+
+    _, record = fit(store, bases, subspace_spec(bases["a"][0], name="n" * 64))
+    assert record.name.startswith("n" * 55 + "-") and len(record.name) == 64
+    folder = shutil.copytree(store.subspaces.local_folder(record.name), tmp_path / "copy")
+    spec = parse_job_spec(ipt_spec(bases["a"][0], str(folder)))
+    jobs_before = store.count_jobs()
+    with pytest.raises(JobSpecError, match="is not a subspace name: a job names a registered subspace") as err:
+        check_references(store, spec)
+    assert err.value.problems[0][0] == "method.subspace" and store.count_jobs() == jobs_before
+    with pytest.raises(SubspaceNotFound, match="never a folder"):
+        resolve_method_config(spec.method, store, bases["a"][1])
+    config, lineage = resolve_method_config(parse_job_spec(ipt_spec(bases["a"][0], record.name)).method, store,
+                                            bases["a"][1])
+    assert config.subspace == str(store.subspaces.local_folder(record.name)) and lineage["subspace"]["id"] == record.id

@@ -203,3 +203,60 @@ def test_a_grid_over_ten_thousand_trials_is_refused():
     assert err.value.problems[0][0] == "num_samples" and "10100 trials" in err.value.problems[0][1]
     with pytest.raises(JobSpecError, match="at most 10,000"):
         parse_sweep_spec(grid_sweep(num_samples=1667))  # 6 x 1667 = 10002
+
+
+# -- sweep files: no alias expansion ("billion laughs"), bounded nesting, finite numbers (issue 18) ----
+def test_a_sweep_file_refuses_aliases_before_expanding_anything(tmp_path):
+    from jobs.sweep_spec import load_sweep_spec
+
+    laughs = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    laughs += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    (tmp_path / "sweep.yaml").write_text(
+        "name: s\nspec: {name: x}\nsearch_space:\n  " + "\n  ".join(laughs) + "\n  tags: {choice: [*i]}\n"
+    )
+    with pytest.raises(JobSpecError) as err:
+        load_sweep_spec(tmp_path / "sweep.yaml")
+    (where, message), = err.value.problems
+    assert "line 4: YAML anchors and aliases" in message
+
+
+def test_the_job_spec_file_a_sweep_names_is_read_within_the_same_limits(tmp_path):
+    import yaml
+
+    from jobs.sweep_spec import load_sweep_spec
+
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**sweep(), "spec": "job.yaml"}))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(minilm_spec()) + "x: &x 1\ny: *x\n")
+    with pytest.raises(JobSpecError) as err:
+        load_sweep_spec(tmp_path / "sweep.yaml")
+    assert err.value.problems[0][0] == "spec" and "anchors and aliases" in err.value.problems[0][1]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({**sweep(), "spec": "n" * 5000 + ".yaml"}))
+    with pytest.raises(JobSpecError, match="cannot read") as err:
+        load_sweep_spec(tmp_path / "sweep.yaml")
+    assert err.value.problems[0][0] == "spec"
+
+
+def _deep(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"search_space": {"training.lr": {"uniform": [1e-4, math.inf]}}}, "search_space.training.lr"),
+        ({"search_space": {"training.lr": {"loguniform": [1e-4, 10**400]}}}, "search_space.training.lr"),
+        ({"scheduler_options": {"grace_period": math.inf}}, "scheduler_options.grace_period"),
+        ({"seed": 2**32}, "seed"),
+        ({"search_space": {"a" + ".a" * 100_000: 1}}, "search_space (sample 0): a.a.a"),
+        ({"spec": {"name": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["trap"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}, "spec.name"),
+        ({"search_space": {"tags": _deep(10_000)}}, "search_space.tags.a.a.a"),
+    ],
+)
+def test_infinite_numbers_huge_seeds_and_deep_paths_are_refused_naming_the_field(overrides, field):
+    with pytest.raises(JobSpecError) as err:
+        parse_sweep_spec(sweep(**overrides))
+    where, message = err.value.problems[0]
+    assert where.startswith(field) and "\n" not in message, err.value.problems

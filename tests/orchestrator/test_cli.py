@@ -10,6 +10,7 @@ import peft_methods
 from jobs.states import JobState
 from jobs.store import JobStore
 from orchestrator.cli import main
+from orchestrator.client import Client
 from tests.conftest import TINY_BERT
 from tests.jobs.conftest import minilm_spec
 
@@ -144,3 +145,98 @@ def test_tune_refuses_a_bad_sweep_file_naming_the_path_before_touching_ray(store
     code, _, err = run(store, capsys, "tune", str(sweep))
     assert code == 2 and "search_space.training.lr: uniform needs low < high" in err
     assert store.sweeps.list() == []
+
+
+# Secrets: never on a command line, in a message or in a Ray runtime env (docs/security.md). Nothing
+# here reaches Ray: the clusters below are descriptions, and `launch` must refuse before connecting.
+
+PG = "postgresql+psycopg2://peftfleet:s3cret-pw@127.0.0.1:1/peftfleet"  # nothing listens on port 1
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    """No secret, secrets file or secrets mode from the caller's environment; all put back afterwards."""
+    for name in ("PEFTFLEET_STORE_URL", "PEFTFLEET_API_KEY", "PEFTFLEET_SECRETS_FILE", "PEFTFLEET_SECRETS",
+                 "PEFTFLEET_API_KEY_FILE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_a_password_on_the_command_line_is_refused_without_echoing_it(tmp_path, capsys, secret_env, no_cluster):
+    code = main(["jobs", "--store-url", PG, "--home", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--store-url holds a password" in err and "PEFTFLEET_STORE_URL" in err
+    assert "s3cret-pw" not in err
+
+
+def test_an_unreachable_store_is_one_line_with_its_password_masked(tmp_path, capsys, secret_env, no_cluster):
+    secret_env.setenv("PEFTFLEET_STORE_URL", PG)
+    code = main(["jobs", "--home", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Connection refused" in err
+    assert "postgresql+psycopg2://peftfleet:***@127.0.0.1:1/peftfleet" in err and "s3cret-pw" not in err
+
+
+def test_jobs_get_the_store_password_from_a_0600_file_not_the_runtime_env(store, tmp_path, secret_env):
+    from jobs.secrets import read_secrets_file
+    from orchestrator.cluster import Cluster
+
+    client = Client(store_url=store.url, home=tmp_path / "home")
+    client._cluster = Cluster("127.0.0.1:8265", started_here=True)  # a local cluster (not connected to)
+    assert client.process_env()["PEFTFLEET_STORE_URL"] == store.url  # no password: it travels as it is
+    client.store.url = PG  # what a client of a PostgreSQL store holds (no PostgreSQL here to open)
+    env = client.process_env()
+    assert "PEFTFLEET_STORE_URL" not in env and not any("s3cret-pw" in v for v in env.values())
+    assert read_secrets_file(env["PEFTFLEET_SECRETS_FILE"]) == {"PEFTFLEET_STORE_URL": PG}
+    assert client.process_env() == env  # one file per set of secrets, not one per launch
+
+
+def test_a_remote_cluster_gets_a_password_only_from_its_own_pods(store, tmp_path, secret_env):
+    from orchestrator.cluster import Cluster
+
+    client = Client(store_url=store.url, home=tmp_path / "home")
+    client._cluster = Cluster("10.0.0.5:8265", started_here=False, address="ray://head:10001")
+    client.store.url = PG
+    with pytest.raises(ValueError, match="remote Ray cluster ray://head:10001.*secrets='cluster'"):
+        client.process_env()
+    assert not (tmp_path / "home" / "secrets").exists()
+    secret_env.setenv("PEFTFLEET_SECRETS", "cluster")
+    client = Client(store_url=store.url, home=tmp_path / "home")
+    client._cluster = Cluster("10.0.0.5:8265", started_here=False, address="ray://head:10001")
+    client.store.url = PG
+    env = client.process_env()
+    assert env["PEFTFLEET_SECRETS"] == "cluster" and "PEFTFLEET_STORE_URL" not in env
+    with pytest.raises(ValueError, match="secrets must be one of \\['auto', 'cluster'\\], not 'env'"):
+        Client(store_url=store.url, home=tmp_path / "home", secrets="env")
+
+
+def test_launch_refuses_a_runtime_env_holding_a_secret_before_reaching_ray(secret_env):
+    from jobs.spec import parse_job_spec
+    from orchestrator.cluster import Cluster, launch
+
+    cluster = Cluster("127.0.0.1:9", started_here=True)  # nothing listens there
+    resources = parse_job_spec(SPEC).resources
+    for env in ({"PEFTFLEET_STORE_URL": PG}, {"PEFTFLEET_API_KEY": "k3y"}, {"PEFTFLEET_STORAGE_URL": "s3://id:key@b/x"}):
+        with pytest.raises(ValueError, match=f"refusing to put {next(iter(env))} in a Ray runtime env"):
+            launch(cluster, "orchestrator.runner x", submission_id="s", resources=resources, env=env)
+
+
+def test_serve_keeps_the_api_key_and_store_password_out_of_its_options_and_runtime_env(secret_env):
+    from orchestrator.serving.deployment import ServeOptions, build, build_app
+
+    app = build_app(ServeOptions(base="b", api_key="k3y", store_url=PG), env={"PEFTFLEET_HOME": "/h"})
+    [options] = app._bound_deployment.init_args
+    assert (options["api_key"], options["api_key_from_env"], options["store_url"]) == (None, True, None)
+    with pytest.raises(ValueError, match="PEFTFLEET_API_KEY"):
+        build_app(ServeOptions(base="b"), env={"PEFTFLEET_API_KEY": "k3y"})
+    # KubeRay's RayService: the pods hold both; the replicas' runtime env gets neither.
+    secret_env.setenv("PEFTFLEET_STORE_URL", PG)
+    secret_env.setenv("PEFTFLEET_API_KEY", "k3y")
+    secret_env.setenv("PEFTFLEET_STORAGE_URL", "/mnt/peftfleet/artifacts")
+    deployment = build({"base": "b"})._bound_deployment
+    env = deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert env["PEFTFLEET_STORAGE_URL"] == "/mnt/peftfleet/artifacts" and not set(env) & {"PEFTFLEET_STORE_URL",
+                                                                                          "PEFTFLEET_API_KEY"}
+    assert "s3cret-pw" not in repr(deployment.init_args) and "k3y" not in repr(deployment.init_args)
+    assert deployment.init_args[0]["api_key_from_env"]
