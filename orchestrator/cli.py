@@ -5,6 +5,7 @@
     peftfleet logs JOB                      peftfleet cancel JOB
     peftfleet subspaces [--base minilm]     peftfleet serve --base smollm2 [--adapters A B] [--port 8000]
     peftfleet tune sweep.yaml [--wait]      peftfleet sweeps / sweep show|resume|cancel|plot SWEEP
+    peftfleet db version|upgrade            peftfleet reconciler start|status|tick
 
 Every command takes --store-url, --storage-url, --address, --home and --secrets (defaults from
 PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, RAY_ADDRESS, PEFTFLEET_HOME and PEFTFLEET_SECRETS). A
@@ -28,6 +29,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from jobs.secrets import SecretsError, api_key_from_file, has_password, redact
+from jobs.secrets import store_url as store_url_from_env
 from jobs.spec import JobSpecError
 from jobs.states import JobState
 from jobs.store import JobNotFound, StoreError
@@ -495,7 +497,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subspaces", parents=[common], help="list IPT subspaces (fitted by ipt-subspace jobs)")
     p.add_argument("--base", help="base model name or fingerprint")
     p.set_defaults(run=cmd_subspaces)
+    p = sub.add_parser("db", parents=[common], help="the store's schema: its version, or upgrade it (back up first)")
+    p.add_argument("action", choices=["version", "upgrade"])
+    p.set_defaults(run=None)
+    p = sub.add_parser("reconciler", parents=[common],
+                       help="start the cluster's standing reconciler if it is not running, and show what it did last")
+    p.add_argument("action", choices=["start", "status", "tick"])
+    p.set_defaults(run=cmd_reconciler)
     return parser
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """``peftfleet db version|upgrade``: opens the database without the version check (which refuses an
+    older schema) and reports or migrates it."""
+    from jobs.store.db import Database, default_store_url
+    from jobs.store.schema import SCHEMA_VERSION
+
+    db = Database(args.store_url or store_url_from_env() or default_store_url(args.home), check=False)
+    try:
+        if args.action == "version":
+            print(f"schema version {db.schema_version()}; this peftfleet uses {SCHEMA_VERSION}")
+        else:
+            before, after = db.upgrade()
+            print(f"schema version {before} → {after}" if before != after else f"schema version {after}: up to date")
+        return 0
+    finally:
+        db.close()
+
+
+def cmd_reconciler(client: Client, args: argparse.Namespace) -> int:
+    import ray
+
+    handle = client.reconciler()
+    if handle is None:
+        print("PEFTFLEET_RECONCILER=0: no standing reconciler")
+        return 1
+    result = ray.get(handle.tick.remote() if args.action == "tick" else handle.status.remote())
+    print(json.dumps(result, indent=2, default=str) if args.json or args.action != "start" else
+          f"standing reconciler running: {result['ticks']} ticks, every {result['interval_s']:g} s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--store-url holds a password, which other users of this machine can read in its process "
                     "list; set PEFTFLEET_STORE_URL in the environment instead", 2)
     try:
+        if args.command == "db":
+            return cmd_db(args)
         client = Client(address=args.address, store_url=args.store_url, storage_url=args.storage_url, home=args.home,
                         secrets=args.secrets)
         return args.run(client, args)

@@ -129,8 +129,9 @@ def secret_env(values: dict[str, str], *, home: str | os.PathLike, secrets: str,
 
 
 def check_no_secrets(env: dict[str, str]) -> None:
-    """Refuse a runtime env that holds a secret: a secret's name, or any value with a password in it."""
-    leaked = sorted(k for k, v in env.items() if k in SECRET_NAMES or has_password(v))
+    """Refuse a runtime env that holds a secret: an API key, or any value with a password in it (a store
+    URL without one, e.g. SQLite's, may travel)."""
+    leaked = sorted(k for k, v in env.items() if (k in SECRET_NAMES and k != "PEFTFLEET_STORE_URL") or has_password(v))
     if leaked:
         raise ValueError(f"refusing to put {', '.join(leaked)} in a Ray runtime env: it holds a secret "
                          "(see orchestrator.cluster.secret_env)")

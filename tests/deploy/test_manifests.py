@@ -243,6 +243,17 @@ def check_dashboard_on_pod_network(docs_by_file=None):
         assert field == "status.podIP", f"{name}: POD_IP is not the pod's IP (downward API)"
 
 
+def test_the_long_lived_cluster_starts_the_standing_reconciler():
+    [cluster] = [c for name, c, _ in ray_clusters(None) if name == "raycluster.yaml"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    command = " ".join(head["lifecycle"]["postStart"]["exec"]["command"])
+    assert "peftfleet reconciler start --address auto" in command
+    # the command parses: `reconciler start` is a real CLI action
+    from orchestrator.cli import build_parser
+
+    assert build_parser().parse_args(["reconciler", "start", "--address", "auto"]).action == "start"
+
+
 SECURITY_CHECKS = {"no_shipped_secrets": check_no_shipped_secrets, "ray_token_auth": check_ray_token_auth,
                    "dashboard_on_pod_network": check_dashboard_on_pod_network}
 

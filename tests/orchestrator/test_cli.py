@@ -240,3 +240,21 @@ def test_serve_keeps_the_api_key_and_store_password_out_of_its_options_and_runti
                                                                                           "PEFTFLEET_API_KEY"}
     assert "s3cret-pw" not in repr(deployment.init_args) and "k3y" not in repr(deployment.init_args)
     assert deployment.init_args[0]["api_key_from_env"]
+
+
+def test_an_older_store_is_refused_until_db_upgrade(store, capsys):
+    from sqlalchemy import text
+
+    job = store.submit(SPEC)
+    with store.db.engine.begin() as conn:  # what peftfleet with schema 3 left
+        conn.execute(text("DROP TABLE checkpoints"))
+        conn.execute(text("ALTER TABLE job_events DROP COLUMN owner"))
+        conn.execute(text("UPDATE peftfleet_schema SET version = 3"))
+    store.close()
+    code, _, err = run(store, capsys, "jobs")
+    assert code == 1 and "schema version 3" in err and "peftfleet db upgrade" in err and len(err.splitlines()) == 1
+    assert run(store, capsys, "db", "version")[:2] == (0, "schema version 3; this peftfleet uses 4\n")
+    assert run(store, capsys, "db", "upgrade")[:2] == (0, "schema version 3 → 4\n")
+    assert run(store, capsys, "db", "upgrade")[:2] == (0, "schema version 4: up to date\n")
+    code, out, _ = run(store, capsys, "jobs", "--json")
+    assert code == 0 and [j["id"] for j in json.loads(out)] == [job.id]
