@@ -92,7 +92,7 @@ def run(job_id: str, owner: str, *, store: JobStore | None = None, init_checkpoi
 
             outcome = train_in_group(job_id, job.spec, spec, shared, store)
         else:
-            outcome = _train(job_id, job.spec, spec, shared, store)
+            outcome = _train(job_id, job.attempt, job.spec, spec, shared, store)
         _settle(store, job_id, owner, JobState.SUCCEEDED, outcome)  # registration already did, as a rule
         return store.get(job_id).state
     except (_Stopped, KeyboardInterrupt):
@@ -133,7 +133,7 @@ def _why_solo(spec, job, init_checkpoint: str | None) -> str | None:
     return packing_problem(spec, init_checkpoint=init_checkpoint)
 
 
-def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> str:
+def _train(job_id: str, attempt: int, raw_spec: dict, spec, shared: dict, store: JobStore) -> str:
     """Ray Train's TorchTrainer over the recipe; returns what the job produced, in words."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -150,7 +150,7 @@ def _train(job_id: str, raw_spec: dict, spec, shared: dict, store: JobStore) -> 
         ),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         run_config=RunConfig(
-            name=run_name(job_id),
+            name=run_name(job_id, attempt),  # each attempt its own run: two runners never share a folder
             storage_path=checkpoint_root(store),
             failure_config=FailureConfig(max_failures=int(os.environ.get("PEFTFLEET_MAX_FAILURES", "0"))),
         ),

@@ -4,17 +4,18 @@
 from), resolves registry references in the method config, and runs
 :class:`jobs.training.recipe.Recipe` with a :class:`RayTrainReporter`: rank 0 is the job's voice in
 the store (state, metrics, placement, the adapter's registration); every rank reports to Ray Train.
-Checkpoints live where Ray Train keeps them: ``<checkpoint root>/peftfleet-<job id>/checkpoint_*``,
-each folder holding DeepSpeed's files under the tag ``peftfleet`` and the step it holds.
+Checkpoints live where Ray Train keeps them, one folder per attempt and step:
+``<checkpoint root>/<run name>/a<attempt>-step-<N>``, each holding DeepSpeed's files under the tag
+``peftfleet`` and the job and step it holds. Each is recorded in the store (the sha256 of its files)
+once persisted; a worker resumes from the job's latest record, of any attempt, not from whatever Ray
+Train hands it, and only after the folder verified (``jobs.training.checkpoints``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from jobs.spec import parse_job_spec
 from jobs.states import JobState
 from jobs.store import JobStore
-from jobs.training.recipe import STEP_FILE, Recipe
+from jobs.training.recipe import Recipe
 from jobs.training.subspaces import resolve_method_config
 from orchestrator.tune.pbt_hold import Hold
 
@@ -34,22 +35,17 @@ def checkpoint_root(store: JobStore) -> str:
     return os.environ.get("PEFTFLEET_CHECKPOINT_URL") or os.path.join(store.artifacts.url, "checkpoints")
 
 
-def run_name(job_id: str) -> str:
-    """Ray Train's run (and folder) name for a job."""
-    return f"peftfleet-{job_id}"
+def run_name(job_id: str, attempt: int | None = None) -> str:
+    """Ray Train's run (and folder) name for a job; with ``attempt``, that attempt's own run
+    (``peftfleet-<job>-a<attempt>``), so runners of two attempts never share a run folder."""
+    return f"peftfleet-{job_id}" if attempt is None else f"peftfleet-{job_id}-a{attempt}"
 
 
 def checkpoint_at(store: JobStore, job_id: str, step: int) -> str | None:
-    """The folder of the job's checkpoint holding ``step``, if Ray Train (or its base group) kept it."""
-    run_dir = Path(checkpoint_root(store)) / run_name(job_id)
-    packed = run_dir / "packed" / f"step-{step}"
-    if packed.is_dir():
-        return str(packed)
-    for folder in sorted(run_dir.glob("checkpoint_*")):
-        step_file = folder / STEP_FILE
-        if step_file.is_file() and json.loads(step_file.read_text())["step"] == step:
-            return str(folder)
-    return None
+    """The folder of the job's checkpoint holding ``step`` (solo or from its base group), as the store
+    recorded it (latest attempt first); None if none was recorded."""
+    found = store.checkpoints.find(job_id, step=step)
+    return None if found is None else found.folder
 
 
 class RayTrainReporter:
@@ -60,15 +56,35 @@ class RayTrainReporter:
         self.job_id, self.owner = config["job_id"], config.get("owner")
         self.store = _store(config) if rank == 0 else None
         self._hold = Hold(self.store, self.job_id) if self.store is not None else None
+        self._root = _from_rank0(checkpoint_root(self.store) if self.store is not None else None, world)
+        # a restore reads only folders under the (local or shared) checkpoint root; remote storage is
+        # downloaded to a private folder first, where the hashes alone vouch for it
+        self.checkpoint_root = None if "://" in self._root else self._root
+        # this worker group's attempt (its checkpoint folders are its own); a restart moves it on in started()
+        self.attempt = self.store.get(self.job_id).attempt if self.store is not None else None
+        self._persisted: tuple[int, str] | None = None  # (step, folder) of the last checkpoint persisted
 
     @contextmanager
     def checkpoint_to_resume(self) -> Iterator[str | None]:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """The job's latest recorded checkpoint of any attempt (what Ray Train would hand over is ignored:
+        only the store vouches for a folder)."""
+        latest = self.store.checkpoints.latest(self.job_id) if self.store is not None else None
+        folder = _from_rank0(None if latest is None else latest.folder, self.world)
+        if folder is None:
             yield None
-            return
-        with checkpoint.as_directory() as folder:
+        elif "://" in folder:
+            with ray.train.Checkpoint(folder).as_directory() as local:
+                yield local
+        else:
             yield folder
+
+    def checkpoint_saved(self, step: int, files: dict[str, str]) -> None:
+        if self.store is not None and self._persisted is not None and self._persisted[0] == step:
+            self.store.checkpoints.record(self.job_id, self.attempt, step, self._persisted[1], files, owner=self.owner)
+
+    def checkpoint_record(self, job_id: str, step: int) -> dict[str, str] | None:
+        found = self.store.checkpoints.find(job_id, step=step) if self.store is not None else None
+        return _from_rank0(None if found is None else found.files, self.world)
 
     def started(self, *, step: int, total_steps: int, resumed: bool, summary: dict[str, float]) -> None:
         nodes = _worker_nodes(self.world)  # collective: every rank takes part
@@ -87,6 +103,7 @@ class RayTrainReporter:
         if current is not JobState.RUNNING:
             store.transition(job_id, JobState.RUNNING, reason=f"{self.world} worker(s) training{how}",
                              expected=[JobState.QUEUED, JobState.RETRYING], as_owner=self.owner)
+        self.attempt = store.get(job_id).attempt  # a restart (RETRYING) began a new attempt
         store.set_runtime(job_id, worker_nodes=nodes, placement_group=_placement_group())
         if step:
             store.record_metrics(job_id, step, {"resumed_from_step": step}, owner=self.owner)
@@ -100,8 +117,14 @@ class RayTrainReporter:
         report = {"step": step, **metrics}
         if checkpoint is None:
             ray.train.report(report)
-        else:  # persisted to Ray Train's storage before report returns
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint))
+            return
+        name = None  # Ray Train takes rank 0's folder name
+        if self.store is not None:
+            name = f"a{self.attempt}-step-{step}"
+            run = ray.train.get_context().get_experiment_name()
+            self._persisted = (step, f"{self._root.rstrip('/')}/{run}/{name}")
+        # persisted to Ray Train's storage (every rank's files in one folder) before report returns
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint), checkpoint_dir_name=name)
 
     def hold(self, step: int) -> None:
         if self._hold is not None:  # rank 0 waits; the other ranks wait for it at the next collective
@@ -157,6 +180,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metadata = {"base_fingerprint": config["base_fingerprint"], "job_id": config["job_id"], **lineage}
     Recipe(spec, reporter, rank=rank, world=world, method_config=method_config, metadata=metadata, home=config["home"],
            init_checkpoint=config.get("init_checkpoint"), device=device).run()
+
+
+def _from_rank0(value: Any, world: int) -> Any:
+    """``value`` as rank 0 has it, on every rank (collective: every rank calls it at the same point)."""
+    if world == 1 or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _store(config: dict[str, Any]) -> JobStore:

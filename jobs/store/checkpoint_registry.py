@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from jobs.states import JobState
 from jobs.store.db import Database
-from jobs.store.records import JobNotFound
-from jobs.store.schema import CheckpointRow
+from jobs.store.records import JobNotFound, OwnershipLost
+from jobs.store.schema import CheckpointRow, JobRow
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,20 @@ class CheckpointRegistry:
     def __init__(self, db: Database):
         self.db = db
 
-    def record(self, job_id: str, attempt: int, step: int, folder: str, files: dict[str, str]) -> CheckpointRecord:
-        """Record (or re-record, when the same attempt rewrites a step) a checkpoint's files."""
+    def record(self, job_id: str, attempt: int, step: int, folder: str, files: dict[str, str], *,
+               owner: str | None = None) -> CheckpointRecord:
+        """Record (or re-record, when the same attempt rewrites a step) a checkpoint's files; with ``owner``,
+        only while that owner holds the live job at ``attempt`` (else :class:`OwnershipLost`: a runner
+        that lost its job records nothing a later attempt would resume from)."""
         try:
             with self.db.write() as s:
+                if owner is not None:
+                    job = s.get(JobRow, job_id)
+                    if job is not None and (job.owner != owner or job.attempt != attempt
+                                            or JobState(job.state).is_terminal):
+                        raise OwnershipLost(f"job {job_id} is {job.state} at attempt {job.attempt}, owned by "
+                                            f"{job.owner or 'nobody'}, not {owner} at attempt {attempt}: "
+                                            "checkpoint not recorded")
                 row = s.get(CheckpointRow, (job_id, attempt, step))
                 if row is None:
                     row = CheckpointRow(job_id=job_id, attempt=attempt, step=step)

@@ -29,7 +29,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from itertools import chain
 from types import SimpleNamespace
@@ -45,7 +44,7 @@ from jobs.base_models import enable_activation_checkpointing, init_task_head, lo
 from jobs.spec import JobSpec
 from jobs.training.batches import Batches
 from jobs.training.devices import Placement, make_optimizer
-from jobs.training.recipe import STEP_FILE, Recipe, evaluate, lr_lambda
+from jobs.training.recipe import Recipe, evaluate, lr_lambda
 from jobs.training.reporter import Reporter
 from peft_methods.mixed_module import MixedModule, RowRouter
 from peft_methods.row_deltas import InputDelta, RowDelta
@@ -379,10 +378,9 @@ class Member(Recipe):
         return not self._pending and not self._losses
 
     def pause(self) -> str:
-        """Checkpoint it now (at a boundary) through its reporter, to resume later; the folder it persisted."""
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_checkpoint(folder)
-            self.reporter.progress(self.step, {}, checkpoint=folder)
+        """Checkpoint it now (at a boundary) through its reporter (recorded, as every checkpoint), to resume
+        later; the step it holds, in words."""
+        self.checkpoint({})
         self.reporter.metrics(self.step, {"checkpoint_step": self.step})
         return f"step {self.step}"
 
@@ -444,7 +442,8 @@ class Member(Recipe):
         return evaluate(_JobView(self), self.batches, self.data.eval, batch_size=self.spec.training.batch_size,
                         placement=self.placement)
 
-    # -- checkpoints: the job's tensors, its optimizer's and its schedule's state (never the base) ---
+    # -- checkpoints: the job's tensors, its optimizer's and its schedule's state (never the base), as
+    # safetensors and JSON (nothing is unpickled); recorded and verified as the recipe's are -----------
     def save_checkpoint(self, folder: str) -> None:
         names = list(self.params)
         save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()},
@@ -457,8 +456,7 @@ class Member(Recipe):
         groups = state["param_groups"]  # each with its parameters' indices in the optimizer's order
         with open(os.path.join(folder, PACKED_STATE), "w") as f:
             json.dump({"step": self.step, "names": names, "param_groups": groups, "scheduler": scheduler}, f)
-        with open(os.path.join(folder, STEP_FILE), "w") as f:
-            json.dump({"step": self.step}, f)
+        self.write_step_file(folder)
 
     def load_checkpoint(self, folder: str, *, with_schedule: bool = True) -> int:
         with open(os.path.join(folder, PACKED_STATE)) as f:

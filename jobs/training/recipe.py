@@ -8,7 +8,8 @@ setup_optimizer  a DeepSpeed engine whose optimizer holds only the trainable par
                  restored from a checkpoint when there is one
 train            each optimizer step consumes one global batch, split into micro-batches across ranks
                  and accumulation steps, so N workers follow the same trajectory as one worker;
-                 evaluates and checkpoints (adapter + optimizer state only) on schedule; the next
+                 evaluates and checkpoints (adapter + optimizer state only) on schedule, each
+                 checkpoint recorded with the sha256 of its files, verified before a restore; the next
                  step's batches are tokenised in a background thread while this one computes
 evaluate         metrics on the held-out split, summed across ranks
 save             rank 0 writes the adapter from the optimizer's fp32 master weights (under ZeRO-3
@@ -42,13 +43,14 @@ import torch.distributed as dist
 import peft_methods
 from jobs.base_models import enable_activation_checkpointing, init_task_head, load_base_model, set_base_dropout
 from jobs.spec import JobSpec
+from jobs.training import checkpoints
 from jobs.training.batches import Batches
+from jobs.training.checkpoints import STEP_FILE, CheckpointRejected
 from jobs.training.data import load_for_job
 from jobs.training.devices import Placement, all_sum, make_optimizer, master_weights
 from jobs.training.reporter import Reporter
 
 CHECKPOINT_TAG = "peftfleet"
-STEP_FILE = "peftfleet_step.json"  # in every checkpoint folder: the step it holds, readable without unpickling
 
 
 def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:  # type: ignore[valid-type]
@@ -295,9 +297,7 @@ class Recipe:
             self.reporter.metrics(step, self.last_metrics)
             self._say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items()), rank0=True)
         if (step % self.ckpt_every == 0) and step < self.total_steps:
-            with tempfile.TemporaryDirectory() as folder:
-                self.save_checkpoint(folder)
-                self.reporter.progress(step, self.last_metrics if evaluated else {}, checkpoint=folder)
+            self.checkpoint(self.last_metrics if evaluated else {})
             self.reporter.metrics(step, {"checkpoint_step": step})  # persisted: a sweep may hand it on
             self.reporter.hold(step)  # a PBT trial's scheduler decides on it before it trains on
         elif evaluated:
@@ -335,26 +335,44 @@ class Recipe:
                         rank=self.rank, world=self.world, placement=self.placement)
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint(self, metrics: dict[str, float]) -> None:
+        """Write a checkpoint of the current step, have the reporter persist it, then record the sha256 of
+        its files (every rank's) in the store: a restore loads only what matches that record."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_checkpoint(folder)
+            files = checkpoints.manifest(folder)
+            if self.world > 1 and dist.is_initialized():  # every rank's files land in one persisted folder
+                every: list[Any] = [None] * self.world
+                dist.all_gather_object(every, files)
+                files = checkpoints.merge(every)
+            self.reporter.progress(self.step, metrics, checkpoint=folder)
+            self.reporter.checkpoint_saved(self.step, files)
+
     def save_checkpoint(self, folder: str) -> None:
-        """The adapter and optimizer state only (never the frozen base), plus the step it holds."""
+        """The adapter and optimizer state only (never the frozen base), plus the job and step it holds."""
         self.engine.save_checkpoint(
             folder, tag=CHECKPOINT_TAG, client_state={"step": self.step}, exclude_frozen_parameters=True
         )
+        self.write_step_file(folder)
+
+    def write_step_file(self, folder: str) -> None:
         with open(os.path.join(folder, STEP_FILE), "w") as f:
-            json.dump({"step": self.step}, f)
+            json.dump({"job_id": str(self.metadata.get("job_id", "")), "step": self.step}, f)
 
     def restore(self) -> bool:
         """Before the first step: resume from the job's own last checkpoint (True), or else start from
         ``init_checkpoint``, another job's state continued with this job's hyper-parameters (a PBT exploit:
         the adapter and optimizer state come from there, the learning-rate schedule is this job's at that
-        step)."""
+        step). Either is verified against its record in the store first (:meth:`verified`)."""
         with self.reporter.checkpoint_to_resume() as folder:
             if folder is not None:
-                self.step = self.load_checkpoint(folder)
+                with self.verified(folder, own=True) as private:
+                    self.step = self.load_checkpoint(private)
                 self._say(f"resumed from checkpoint at step {self.step}")
                 return True
         if self.init_checkpoint:
-            self.step = self.load_checkpoint(self.init_checkpoint, with_schedule=False)
+            with self.verified(self.init_checkpoint) as private:
+                self.step = self.load_checkpoint(private, with_schedule=False)
             self.scheduler.last_epoch = self.step
             sched = self.scheduler  # this job's learning rate at that step, from the first step on
             for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
@@ -362,10 +380,33 @@ class Recipe:
             self._say(f"started from {self.init_checkpoint} at step {self.step}")
         return False
 
+    @contextmanager
+    def verified(self, folder: str, *, own: bool = False) -> Iterator[str]:
+        """A private copy of checkpoint ``folder``, once it matched the store's record of the
+        job and step its step file names (this job's own, if ``own``): confined to the reporter's checkpoint
+        root, exactly the recorded files, each with its recorded sha256. Else :class:`CheckpointRejected`,
+        before anything in it was loaded."""
+        said = checkpoints.read_step_file(folder)
+        mine = self.metadata.get("job_id")
+        if own and mine is not None and said["job_id"] != str(mine):
+            raise CheckpointRejected(f"checkpoint {folder} holds job {said['job_id']!r}, not this job {mine!r}")
+        files = self.reporter.checkpoint_record(said["job_id"], said["step"])
+        if files is None:
+            raise CheckpointRejected(f"checkpoint {folder}: the store has no record of job {said['job_id']!r} "
+                                     f"at step {said['step']}")
+        with checkpoints.verified_copy(folder, files, root=self.reporter.checkpoint_root) as private:
+            yield private
+
     def load_checkpoint(self, folder: str, *, with_schedule: bool = True) -> int:
-        """Restore a checkpoint :meth:`save_checkpoint` wrote; returns its step."""
-        _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_module_strict=False,
-                                                      load_lr_scheduler_states=with_schedule)
+        """Restore a checkpoint :meth:`save_checkpoint` wrote (verified: see :meth:`verified`); returns its
+        step. DeepSpeed reads its files with ``torch.load(weights_only=True)``."""
+        engine, saving = self.engine, self.engine.checkpoint_engine
+        engine.checkpoint_engine = checkpoints.weights_only_engine()
+        try:
+            _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_module_strict=False,
+                                                     load_lr_scheduler_states=with_schedule)
+        finally:
+            engine.checkpoint_engine = saving
         return int(client_state["step"])
 
     # -- save ------------------------------------------------------------------------------------

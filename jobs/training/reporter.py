@@ -4,6 +4,10 @@ Every rank calls every method at the same point of the loop; an implementation d
 rank 0 does (the job's voice: state, metrics, the adapter's registration) and what every rank must
 do together (Ray Train's ``report`` is collective). Ray Train's is ``orchestrator.train_worker``;
 :class:`InMemoryReporter` keeps everything in lists, for tests and for running a recipe by hand.
+
+Checkpoints are recorded through it (:meth:`Reporter.checkpoint_saved`, the sha256 of every file) and
+looked up through it before one is restored (:meth:`Reporter.checkpoint_record`): the recipe loads
+only what :mod:`jobs.training.checkpoints` verified against that record.
 """
 
 from __future__ import annotations
@@ -16,8 +20,20 @@ from typing import Any, Protocol
 
 
 class Reporter(Protocol):
+    checkpoint_root: str | None
+    """The folder every checkpoint this reporter hands over lies under (a restore elsewhere is refused);
+    None: no such folder (an in-memory reporter's copies)."""
+
     def checkpoint_to_resume(self) -> AbstractContextManager[str | None]:
-        """A folder holding this job's own last checkpoint (after a restart), or None for a fresh start."""
+        """A folder holding this job's latest recorded checkpoint, of any attempt (after a restart), or
+        None for a fresh start."""
+
+    def checkpoint_saved(self, step: int, files: dict[str, str]) -> None:
+        """The checkpoint at ``step`` that :meth:`progress` just persisted holds ``files`` (relative path ->
+        sha256, every rank's): record them with the job's attempt (rank 0), before anyone is told of it."""
+
+    def checkpoint_record(self, job_id: str, step: int) -> dict[str, str] | None:
+        """The files recorded for ``job_id``'s checkpoint at ``step`` (every rank gets them), or None."""
 
     def started(self, *, step: int, total_steps: int, resumed: bool, summary: dict[str, float]) -> None:
         """Workers are training from ``step``: the job is RUNNING (RETRYING first if ``resumed`` after a
@@ -46,11 +62,16 @@ class Reporter(Protocol):
 
 
 class InMemoryReporter:
-    """A reporter that keeps what it is told (checkpoints and adapters copied to folders of their own); ``resume_from``
-    makes it offer that checkpoint folder as the job's own."""
+    """A reporter that keeps what it is told (checkpoints and adapters copied to folders of their own, the
+    checkpoints' records in a dict); ``resume_from`` makes it offer that checkpoint folder as the job's own,
+    ``records`` holds records made elsewhere (``(job_id, step) -> files``)."""
 
-    def __init__(self, resume_from: str | None = None):
-        self.resume_from = resume_from
+    checkpoint_root: str | None = None
+
+    def __init__(self, resume_from: str | None = None, *, job_id: str = "job",
+                 records: dict[tuple[str, int], dict[str, str]] | None = None):
+        self.resume_from, self.job_id = resume_from, job_id
+        self.records = dict(records or {})
         self.events: list[tuple[str, Any]] = []
         self.recorded: list[tuple[int, str, float]] = []
         self.checkpoints: list[tuple[int, str]] = []
@@ -59,6 +80,12 @@ class InMemoryReporter:
     @contextmanager
     def checkpoint_to_resume(self) -> Iterator[str | None]:
         yield self.resume_from
+
+    def checkpoint_saved(self, step: int, files: dict[str, str]) -> None:
+        self.records[(self.job_id, step)] = dict(files)
+
+    def checkpoint_record(self, job_id: str, step: int) -> dict[str, str] | None:
+        return self.records.get((job_id, step))
 
     def started(self, *, step: int, total_steps: int, resumed: bool, summary: dict[str, float]) -> None:
         self.events.append(("started", {"step": step, "total_steps": total_steps, "resumed": resumed, **summary}))

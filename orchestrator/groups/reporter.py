@@ -1,10 +1,12 @@
 """A member's voice in the store while it trains in a base group (the group's counterpart of
 ``orchestrator.train_worker.RayTrainReporter``): its state, metrics, checkpoints and adapter.
 
-Checkpoints are persisted under ``<checkpoint root>/peftfleet-<job id>/packed/step-<N>`` (written to a
-temporary folder, then renamed, so a reader never sees half of one); the job resumes from its newest
-after its group dies, in whichever group it joins next. The newest two are kept (every one for a PBT
-trial: other trials continue from them).
+Checkpoints are persisted under ``<checkpoint root>/peftfleet-<job id>/packed/a<attempt>/step-<N>`` (one
+folder per attempt, so runners of two attempts never write into one; written to a temporary folder,
+then renamed, so a reader never sees half of one) and recorded in the store with the sha256 of their
+files; the job resumes from its latest record, of any attempt, after its group dies, in whichever
+group it joins next, once the folder verified. The newest two are kept (every one for a PBT trial:
+other trials continue from them).
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ KEEP_CHECKPOINTS = 2
 
 
 def packed_checkpoints(store: JobStore, job_id: str) -> list[tuple[int, Path]]:
-    """The job's persisted group checkpoints, oldest first."""
+    """The job's persisted group checkpoints of every attempt, oldest first (by step, then attempt)."""
     folder = Path(checkpoint_root(store)) / run_name(job_id) / "packed"
-    found = [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
-    return sorted(found)
+    found = []
+    for p in folder.glob("a*/step-*"):
+        a, m = re.fullmatch(r"a(\d+)", p.parent.name), re.fullmatch(r"step-(\d+)", p.name)
+        if a and m:
+            found.append(((int(m.group(1)), int(a.group(1))), p))
+    return [(step, p) for (step, _), p in sorted(found)]
 
 
 class GroupReporter:
@@ -43,11 +49,22 @@ class GroupReporter:
         # A PBT trial's checkpoints are what other trials continue from: keep them all, as Ray Train does.
         self._hold = Hold(store, job_id)
         self.keep = None if self._hold.active else KEEP_CHECKPOINTS
+        self.checkpoint_root = checkpoint_root(store)
+        self.attempt = store.get(job_id).attempt  # its checkpoint folders are this attempt's own
+        self._persisted: tuple[int, str] | None = None  # (step, folder) of the last checkpoint persisted
 
     @contextmanager
     def checkpoint_to_resume(self) -> Iterator[str | None]:
-        found = packed_checkpoints(self.store, self.job_id)
-        yield str(found[-1][1]) if found else None
+        latest = self.store.checkpoints.latest(self.job_id)
+        yield None if latest is None else latest.folder
+
+    def checkpoint_saved(self, step: int, files: dict[str, str]) -> None:
+        if self._persisted is not None and self._persisted[0] == step:
+            self.store.checkpoints.record(self.job_id, self.attempt, step, self._persisted[1], files, owner=self.owner)
+
+    def checkpoint_record(self, job_id: str, step: int) -> dict[str, str] | None:
+        found = self.store.checkpoints.find(job_id, step=step)
+        return None if found is None else found.files
 
     def started(self, *, step: int, total_steps: int, resumed: bool, summary: dict[str, float]) -> None:
         store, job_id = self.store, self.job_id
@@ -66,7 +83,7 @@ class GroupReporter:
     def progress(self, step: int, metrics: dict[str, float], checkpoint: str | None = None) -> None:
         if checkpoint is None:
             return
-        root = Path(checkpoint_root(self.store)) / run_name(self.job_id) / "packed"
+        root = Path(checkpoint_root(self.store)) / run_name(self.job_id) / "packed" / f"a{self.attempt}"
         root.mkdir(parents=True, exist_ok=True)
         staging = root / f".incoming-{uuid.uuid4().hex}"
         shutil.copytree(checkpoint, staging)
@@ -74,6 +91,7 @@ class GroupReporter:
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
+        self._persisted = (step, str(final))
         for _, old in packed_checkpoints(self.store, self.job_id)[: -self.keep if self.keep else 0]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -107,19 +107,16 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
 
 
 def _pointer(store: JobStore, job_id: str, step: int):
-    """A Tune checkpoint that points at the job's Ray Train checkpoint for ``step`` in shared storage
-    (PBT copies checkpoints between trials: a pointer is all it needs to move)."""
+    """A Tune checkpoint that names the job's checkpoint at ``step`` (PBT copies checkpoints between
+    trials: a pointer is all it needs to move). It holds the job id and step only: the folder is looked
+    up in the store's checkpoint records when a trial starts from it, and verified before it is read."""
     import json
     import tempfile
 
     from ray import tune
 
-    from orchestrator.train_worker import checkpoint_at
-
     folder = tempfile.mkdtemp(prefix="peftfleet-pbt-")
-    Path(folder, "pointer.json").write_text(
-        json.dumps({"job_id": job_id, "step": step, "path": checkpoint_at(store, job_id, step)})
-    )
+    Path(folder, "pointer.json").write_text(json.dumps({"job_id": job_id, "step": step}))
     return tune.Checkpoint.from_directory(folder)
 
 
@@ -130,13 +127,20 @@ def _pbt_start(store: JobStore, sweep_id: str, trial_id: str) -> dict[str, Any] 
 
     from ray import tune
 
+    from orchestrator.train_worker import checkpoint_at
+
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        start = json.loads(Path(folder, "pointer.json").read_text())
-    if not start.get("path"):
+        pointer = json.loads(Path(folder, "pointer.json").read_text())
+    job_id, step = pointer.get("job_id"), pointer.get("step")
+    if not isinstance(job_id, str) or not isinstance(step, int) or isinstance(step, bool):
+        raise ValueError(f"PBT pointer.json: job_id must be a string and step an integer, not {pointer!r}"[:300])
+    path = checkpoint_at(store, job_id, step)  # the store's record, never a path from Tune's storage
+    if path is None:
         return None
+    start = {"job_id": job_id, "step": step, "path": path}
     for t in store.sweeps.trials(sweep_id):
         if t.trial_id == trial_id and not t.job.state.is_terminal:
             _release(t.job, "PBT continues the trial from another's checkpoint")
@@ -301,6 +305,8 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
                         driver=submission_id)
     try:
         if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
+            # Tune unpickles the experiment's state (tuner.pkl and the trials'): restore trusts the experiment
+            # folder, which must be writable only by the cluster (docs/sweeps.md#resume)
             tuner = tune.Tuner.restore(
                 os.path.join(storage, name),
                 trainable,

@@ -65,14 +65,15 @@ def victims(target: str, job) -> list[psutil.Process]:
     return _processes(lambda p: "Reconciler" in _title(p) and "ray::" in _title(p))
 
 
-def kill_at_random_point(client: Client, job_id: str, target: str, delay_s: float, log: list) -> None:
-    """Once the job trains (or has queued for a while), wait ``delay_s`` and kill -9 the target."""
+def kill_at_random_point(client: Client, job_id: str, target: str, after: JobState, delay_s: float,
+                         log: list) -> None:
+    """Once the job reaches ``after`` (QUEUED or RUNNING; or ends), wait ``delay_s`` and kill -9 the target."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         job = client.store.get(job_id)
-        if job.state is JobState.RUNNING or job.state.is_terminal:
+        if job.state is after or job.state is JobState.RUNNING or job.state.is_terminal:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     time.sleep(delay_s)
     job = client.store.get(job_id)
     found = [] if job.state.is_terminal else victims(target, job)
@@ -111,16 +112,18 @@ def test_kill_9_at_random_points_leaves_every_job_settled_and_the_store_true(
     monkeypatch.setenv("PEFTFLEET_MAX_FAILURES", "2")  # Ray Train restarts a worker group whose worker died
     client = Client(home=tmp_path / "home", heartbeat_timeout_s=8, resubmit_orphans=3)
     rng = random.Random(SEED)
-    plan = [(rng.choice(TARGETS), rng.uniform(0.0, 3.0)) for _ in range(RUNS)]
+    targets = [TARGETS[i % len(TARGETS)] for i in range(RUNS)]
+    rng.shuffle(targets)
+    plan = [(t, rng.choice([JobState.QUEUED, JobState.RUNNING]), rng.uniform(0.0, 3.0)) for t in targets]
     jobs = []
-    for i, (target, _) in enumerate(plan):
+    for i, (target, *_) in enumerate(plan):
         spec = tiny_spec(name=f"fault-{i}", packing="auto" if target == "group" else "off",
                          training={"checkpoint_every_steps": 8})
         jobs.append(client.submit(spec).id)
     reconciler = ray.get_actor(reconciler_name(client.store.url), namespace=NAMESPACE)
     log: list = []
-    for job_id, (target, delay) in zip(jobs, plan):
-        kill_at_random_point(client, job_id, target, delay, log)
+    for job_id, (target, after, delay) in zip(jobs, plan):
+        kill_at_random_point(client, job_id, target, after, delay, log)
 
     deadline = time.monotonic() + 900
     while not all(client.store.get(j).state.is_terminal for j in jobs):  # no client settles: the reconciler does

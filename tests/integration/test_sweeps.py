@@ -5,6 +5,7 @@ last one standing) picked and promoted."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -161,7 +162,7 @@ def test_pbt_continues_weak_trials_from_strong_ones_checkpoints(client, tiny_spe
         assert client.store.metrics(job.id, "resumed_from_step")[0].value == donor["step"]  # not from scratch
         if packing == "auto":  # it continued in the donor's group, from the donor's packed checkpoint
             assert job.runtime["base_group"] == client.store.get(donor["job_id"]).runtime["base_group"]
-            assert "/packed/step-" in donor["path"]
+            assert re.search(r"/packed/a\d+/step-\d+$", donor["path"]), donor["path"]
     # A continued trial's earlier job was held at the checkpoint PBT decided on (it never trained past it,
     # however fast it trains) and then cut short: STOPPED (CANCELLED had it not started), no adapter.
     jobs_of: dict[str, list] = {}

@@ -16,7 +16,7 @@ from jobs.spec import parse_job_spec
 from jobs.training.base_group import BaseGroup, packing_problem
 from jobs.training.reporter import InMemoryReporter
 from peft_methods.adapter_files import WEIGHTS_FILE
-from tests.jobs.test_recipe import ROOT, losses, run_recipe
+from tests.jobs.test_recipe import ROOT, losses, run_recipe, store_job
 
 
 def run_group(tmp_path: Path, plan: dict) -> dict:
@@ -116,10 +116,10 @@ def test_a_packed_job_resumes_from_its_own_checkpoint_on_the_same_trajectory(tmp
     spec = trec("resumable", {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=8,
                 checkpoint_every_steps=4, lr=0.01)
     neighbour = trec("neighbour", {"method": "bitfit"}, base=str(tiny_bert_dir), max_steps=8)
-    full = run_group(tmp_path, {"specs": [spec, neighbour]})["members"][0]
+    job = store_job(tmp_path, spec)  # its checkpoints recorded in a real store; the resume is verified against them
+    full = run_group(tmp_path, {"specs": [spec, neighbour], "stores": {"0": job}})["members"][0]
     assert [step for step, _ in full["checkpoints"]] == [4]
-    (_, checkpoint), = full["checkpoints"]
-    resumed = run_group(tmp_path, {"specs": [spec], "resume": {"0": checkpoint}})["members"][0]
+    resumed = run_group(tmp_path, {"specs": [spec], "stores": {"0": job}})["members"][0]  # from its latest record
     start = resumed["events"][0][1]
     assert start["resumed"] and start["step"] == 4
     assert sorted(losses(resumed)) == [5, 6, 7, 8]
@@ -132,12 +132,13 @@ def test_a_packed_job_resumes_from_its_own_checkpoint_on_the_same_trajectory(tmp
 def test_a_member_continues_another_members_checkpoint_with_its_own_hyper_parameters(tmp_path, tiny_bert_dir):
     donor = trec("donor", {"method": "lora", "r": 4}, base=str(tiny_bert_dir), max_steps=8, checkpoint_every_steps=4,
                  lr=0.01, lr_schedule="constant")
-    full = run_group(tmp_path, {"specs": [donor]})["members"][0]
+    full = run_group(tmp_path, {"specs": [donor], "stores": {"0": store_job(tmp_path, donor)}})["members"][0]
     (_, checkpoint), = full["checkpoints"]
     recipient = {**donor, "name": "recipient", "training": {**donor["training"], "lr": 0.05, "head_lr": 0.05}}
     assert packing_problem(parse_job_spec(recipient), init_checkpoint=checkpoint) is None  # a PBT exploit packs
     assert "DeepSpeed" in packing_problem(parse_job_spec(recipient), init_checkpoint=str(tmp_path))
-    continued = run_group(tmp_path, {"specs": [recipient], "init": {"0": checkpoint}})["members"][0]
+    continued = run_group(tmp_path, {"specs": [recipient], "init": {"0": checkpoint},
+                                     "stores": {"0": store_job(tmp_path, recipient)}})["members"][0]
     start = continued["events"][0][1]
     assert start["step"] == 4 and not start["resumed"]
     mine, theirs = losses(continued), losses(full)

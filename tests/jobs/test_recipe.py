@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,16 @@ def tiny_bert_dir(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
-def run_recipe(tmp_path: Path, spec: dict | list[dict], resume: str | None = None):
-    spec_file, out = tmp_path / f"spec-{resume is not None}.json", tmp_path / f"out-{resume is not None}.json"
+def run_recipe(tmp_path: Path, spec: dict | list[dict], resume: str | None = None,
+               store: dict | list[dict] | None = None):
+    """Run ``spec`` in a fresh process (see ``tests.jobs.recipe_runs``); ``store``: ``{"url", "job_id", "root"}``
+    (and ``"resume"``, ``"init"``), or one per spec, makes it that job in a real store, its checkpoints recorded
+    there."""
+    n = len(list(tmp_path.glob("spec-*.json")))
+    spec_file, out = tmp_path / f"spec-{n}.json", tmp_path / f"out-{n}.json"
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0"}  # as a launcher would set
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LOCAL_RANK": "0",  # as a launcher would set
+           "RECIPE_RUNS_STORE": json.dumps(store) if store else ""}
     done = subprocess.run(
         [sys.executable, "-m", "tests.jobs.recipe_runs", str(spec_file), str(out), *([resume] if resume else [])],
         cwd=ROOT,
@@ -38,6 +45,20 @@ def run_recipe(tmp_path: Path, spec: dict | list[dict], resume: str | None = Non
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+def store_job(tmp_path: Path, spec: dict, **extra) -> dict:
+    """``spec`` submitted to a real SQLite store under ``tmp_path`` (a new job each call): what
+    :func:`run_recipe` takes as ``store``, with ``extra`` (``resume``, ``init``)."""
+    from jobs.store import JobStore
+
+    root, url = tmp_path / "checkpoints", f"sqlite:///{tmp_path / 'store.db'}"
+    store = JobStore(url, storage_url=root / "artifacts", home=root / "home")
+    try:
+        job = store.submit({**spec, "idempotency_key": uuid.uuid4().hex})
+    finally:
+        store.close()
+    return {"url": url, "job_id": job.id, "root": str(root), **extra}
 
 
 def losses(result: dict) -> dict[int, float]:
@@ -51,7 +72,8 @@ def test_the_recipe_trains_checkpoints_and_resumes_without_ray(tmp_path, tiny_be
         "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 32, "max_length": 32,
                      "checkpoint_every_steps": 4, "eval_every_steps": 4},
     }
-    full = run_recipe(tmp_path, spec)
+    job = store_job(tmp_path, spec)  # its checkpoints recorded in a real store: a restore is verified against them
+    full = run_recipe(tmp_path, spec, store=job)
     kinds = [kind for kind, _ in full["events"]]
     assert kinds[0] == "started" and kinds[-1] == "finished"
     assert full["events"][0][1]["total_steps"] == 8 and not full["events"][0][1]["resumed"]
@@ -66,9 +88,8 @@ def test_the_recipe_trains_checkpoints_and_resumes_without_ray(tmp_path, tiny_be
     manifest = peft_methods.read_manifest(folder)
     assert manifest["method"] == "lora" and manifest["metadata"]["base_fingerprint"] == "sha256:test"
 
-    # Resuming from the step-4 checkpoint continues the same trajectory.
-    (_, checkpoint), = full["checkpoints"]
-    resumed = run_recipe(tmp_path, spec, resume=checkpoint)
+    # Resuming from the step-4 checkpoint (the job's latest record) continues the same trajectory.
+    resumed = run_recipe(tmp_path, spec, store=job)
     start = resumed["events"][0][1]
     assert start["resumed"] and start["step"] == 4
     assert sorted(losses(resumed)) == [5, 6, 7, 8]
