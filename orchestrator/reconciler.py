@@ -74,7 +74,9 @@ def settle_orphans(
         if cluster is not None and submission and ray_job_status(cluster, submission) in RAY_LIVE | {UNREACHABLE}:
             continue  # Ray says it still runs, or cannot say: a silent store is not a dead owner
         reason = f"owner {job.owner or '(none)'} silent for {now - last_sign:.0f} s (timeout {timeout_s:.0f} s)"
-        if resubmit is not None and job.attempt < max_attempts and job.state in RESUBMITTABLE:
+        # A sweep's trial belongs to its sweep: a resume runs it again (from its checkpoint while it is live).
+        trial = bool(job.runtime.get("sweep_id"))
+        if resubmit is not None and job.attempt < max_attempts and job.state in RESUBMITTABLE and not trial:
             try:
                 back = RESUBMITTABLE[job.state]
                 why = f"{reason}; resubmitted (attempt {job.attempt + 1} of {max_attempts})"

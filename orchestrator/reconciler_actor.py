@@ -94,17 +94,3 @@ def ensure_reconciler(cluster: Cluster, store_url: str, env: dict[str, str], *,
         name=reconciler_name(store_url), namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0,
         max_restarts=-1, max_concurrency=4, runtime_env={"env_vars": {**JOB_ENV, **env}},
     ).remote(where, env, **options)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m orchestrator.reconciler_actor``: start the standing reconciler on ``RAY_ADDRESS`` (what
-    the KubeRay head runs once it is up), print its status, exit; the reconciler keeps running."""
-    from orchestrator.client import Client
-
-    handle = Client().reconciler()
-    print(ray.get(handle.status.remote()) if handle else "PEFTFLEET_RECONCILER=0: not started", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

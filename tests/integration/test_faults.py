@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def victims(target: str, job) -> list[psutil.Process]:
 def kill_at_random_point(client: Client, job_id: str, target: str, after: JobState, delay_s: float,
                          log: list) -> None:
     """Once the job reaches ``after`` (QUEUED or RUNNING; or ends), wait ``delay_s`` and kill -9 the target."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         job = client.store.get(job_id)
         if job.state is after or job.state is JobState.RUNNING or job.state.is_terminal:
@@ -114,16 +115,20 @@ def test_kill_9_at_random_points_leaves_every_job_settled_and_the_store_true(
     rng = random.Random(SEED)
     targets = [TARGETS[i % len(TARGETS)] for i in range(RUNS)]
     rng.shuffle(targets)
-    plan = [(t, rng.choice([JobState.QUEUED, JobState.RUNNING]), rng.uniform(0.0, 3.0)) for t in targets]
+    plan = [(t, rng.choice([JobState.QUEUED, JobState.RUNNING]), rng.uniform(0.0, 4.0)) for t in targets]
     jobs = []
     for i, (target, *_) in enumerate(plan):
         spec = tiny_spec(name=f"fault-{i}", packing="auto" if target == "group" else "off",
-                         training={"checkpoint_every_steps": 8})
+                         dataset={"train_size": 1024}, training={"checkpoint_every_steps": 16})
         jobs.append(client.submit(spec).id)
     reconciler = ray.get_actor(reconciler_name(client.store.url), namespace=NAMESPACE)
     log: list = []
-    for job_id, (target, after, delay) in zip(jobs, plan):
-        kill_at_random_point(client, job_id, target, after, delay, log)
+    killers = [threading.Thread(target=kill_at_random_point, args=(client, job_id, *step, log))
+               for job_id, step in zip(jobs, plan)]  # each job's kill on its own clock
+    for killer in killers:
+        killer.start()
+    for killer in killers:
+        killer.join()
 
     deadline = time.monotonic() + 900
     while not all(client.store.get(j).state.is_terminal for j in jobs):  # no client settles: the reconciler does
@@ -147,3 +152,42 @@ def test_kill_9_at_random_points_leaves_every_job_settled_and_the_store_true(
     succeeded = sum(client.store.get(j).state is JobState.SUCCEEDED for j in jobs)
     assert succeeded >= RUNS - 2, [(j[:8], str(client.store.get(j).state), client.store.get(j).error) for j in jobs]
     assert stale_temp_folders(Path(client.store.artifacts.root), GRACE_S + 30) == []
+
+
+@pytest.mark.timeout(900)
+def test_a_sweep_driver_killed_at_a_random_point_is_interrupted_and_resumes(ray_cluster, tiny_spec, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("PEFTFLEET_RECONCILER", "1")
+    monkeypatch.setenv("PEFTFLEET_RECONCILER_INTERVAL_S", "1")
+    monkeypatch.setenv("PEFTFLEET_RECONCILER_TIMEOUT_S", "8")
+    client = Client(home=tmp_path / "home", heartbeat_timeout_s=8)
+    rng = random.Random(SEED)
+    spec = tiny_spec(training={"eval_every_steps": 8}, resources={"num_workers": 1, "cpus_per_worker": 0.9})
+    sweep = client.tune(spec, search_space={"training.lr": {"grid": [0.01, 0.05]}}, metric="eval_loss", mode="min",
+                        scheduler="fifo", max_concurrent=1, name="faulty")
+    deadline = time.monotonic() + 300
+    while not any(client.store.get(t["job"]).state is JobState.RUNNING for t in sweep.trials()):
+        assert time.monotonic() < deadline, sweep.trials()
+        time.sleep(0.2)
+    time.sleep(rng.uniform(0.0, 3.0))
+    driver = sweep.record().runtime["ray_submission_id"]
+    victims_ = _processes(lambda p: "orchestrator.tune.driver" in _title(p) and sweep.id in _title(p))
+    assert victims_, "the sweep's driver process was not found"
+    for p in victims_:
+        p.send_signal(signal.SIGKILL)
+
+    deadline = time.monotonic() + 300  # no client waits: the standing reconciler notices
+    while client.store.sweeps.get(sweep.id).state != "INTERRUPTED" or not all(
+        client.store.get(t["job"]).state.is_terminal for t in sweep.trials()
+    ):
+        assert time.monotonic() < deadline, (client.store.sweeps.get(sweep.id).state, sweep.trials())
+        time.sleep(1)
+    assert driver in client.store.sweeps.get(sweep.id).error
+    for t in sweep.trials():
+        job = client.store.get(t["job"])
+        assert owners_never_overlap(client.store.events(job.id))
+        assert len(client.adapters.list(job_id=job.id)) == (job.state is JobState.SUCCEEDED)
+
+    record = sweep.resume().wait(timeout=600)
+    assert record.state == "SUCCEEDED", (record.error, sweep.trials())
+    assert {t["params"]["training.lr"] for t in sweep.trials() if t["state"] == "SUCCEEDED"} == {0.01, 0.05}

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -94,9 +95,12 @@ def test_a_job_that_raises_is_failed_with_its_traceback(client, tiny_spec):
 def test_checkpoints_hold_adapter_and_optimizer_state_but_never_the_base(client, tiny_spec, tiny_bert_dir):
     handle = client.submit(tiny_spec(name="ckpt", training={"epochs": 2}))
     assert handle.wait(timeout=600, progress=False).state is S.SUCCEEDED, handle.logs()[-3000:]
-    checkpoints = list((client.home / "artifacts" / "checkpoints").glob(f"peftfleet-{handle.id}/checkpoint_*"))
-    assert checkpoints, "no checkpoint was written after epoch 1"
-    size = sum(f.stat().st_size for f in checkpoints[0].rglob("*") if f.is_file())
+    records = client.store.checkpoints.list(handle.id)  # each with the hashes a restore verifies
+    assert records, "no checkpoint was written after epoch 1"
+    folder = Path(records[0].folder)
+    assert folder.parent == client.home / "artifacts" / "checkpoints" / f"peftfleet-{handle.id}-a0"  # its attempt's
+    assert {str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()} == set(records[0].files)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     base = (tiny_bert_dir / "model.safetensors").stat().st_size
     assert size < base / 4, f"checkpoint of {size} bytes looks like it holds the {base}-byte base"
 

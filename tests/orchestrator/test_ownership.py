@@ -46,12 +46,17 @@ def test_a_runner_of_a_settled_job_writes_nothing_more(store):
     assert store.metrics(job.id) == []
 
 
-def test_the_adapter_and_success_land_together_and_a_resubmit_finds_the_job_done(store, bases, tmp_path):
-    spec = parse_job_spec(SPEC)
+def running_job_with_an_adapter_folder(store, bases, tmp_path):
+    """A job runner-a claimed and runs, and an adapter folder trained on its base."""
     folder, _ = make_adapter(tmp_path, bases["a"])
     job = store.submit(SPEC)
     store.claim(job.id, "runner-a", reason="test")
     store.transition(job.id, JobState.RUNNING, as_owner="runner-a")
+    return parse_job_spec(SPEC), folder, job
+
+
+def test_the_adapter_and_success_land_together_and_a_resubmit_finds_the_job_done(store, bases, tmp_path):
+    spec, folder, job = running_job_with_an_adapter_folder(store, bases, tmp_path)
     name = register_job_adapter(store, spec, job.id, bases["a"][1], str(folder), {}, owner="runner-a")
     assert store.get(job.id).state is JobState.SUCCEEDED and store.adapters.get(name).job_id == job.id
     again = store.claim(job.id, "runner-b", reason="resubmitted")  # e.g. the runner died before settling
@@ -60,11 +65,7 @@ def test_the_adapter_and_success_land_together_and_a_resubmit_finds_the_job_done
 
 @pytest.mark.parametrize("settled", [JobState.FAILED, JobState.CANCELLED])
 def test_a_settled_job_never_gets_an_adapter(store, bases, tmp_path, settled):
-    spec = parse_job_spec(SPEC)
-    folder, _ = make_adapter(tmp_path, bases["a"])
-    job = store.submit(SPEC)
-    store.claim(job.id, "runner-a", reason="test")
-    store.transition(job.id, JobState.RUNNING, as_owner="runner-a")
+    spec, folder, job = running_job_with_an_adapter_folder(store, bases, tmp_path)
     store.transition(job.id, settled, reason="the reconciler thought it dead")
     with pytest.raises(IllegalTransition):
         register_job_adapter(store, spec, job.id, bases["a"][1], str(folder), {}, owner="runner-a")
@@ -73,11 +74,7 @@ def test_a_settled_job_never_gets_an_adapter(store, bases, tmp_path, settled):
 
 
 def test_a_lost_runner_cannot_register_for_the_job_it_lost(store, bases, tmp_path):
-    spec = parse_job_spec(SPEC)
-    folder, _ = make_adapter(tmp_path, bases["a"])
-    job = store.submit(SPEC)
-    store.claim(job.id, "runner-a", reason="test")
-    store.transition(job.id, JobState.RUNNING, as_owner="runner-a")
+    spec, folder, job = running_job_with_an_adapter_folder(store, bases, tmp_path)
     store.transition(job.id, JobState.RETRYING, release=True, reason="handed back")
     store.claim(job.id, "runner-b", reason="new runner")
     with pytest.raises(OwnershipLost):

@@ -55,3 +55,30 @@ def test_with_resubmission_an_orphan_gets_new_owners_until_its_attempts_run_out(
     time.sleep(0.3)  # the new owner of `running` died too: no attempts left
     settle_orphans(store, timeout_s=0.2, resubmit=resubmitted.append, max_attempts=1)
     assert store.get(running.id).state is JobState.FAILED and len(resubmitted) == 2
+
+
+def test_a_dashboard_that_does_not_answer_settles_nothing(tmp_path):
+    from orchestrator.cluster import Cluster
+    from orchestrator.reconciler import UNREACHABLE, ray_job_status
+
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}", home=tmp_path)
+    job = store.submit(SPEC)
+    store.set_runtime(job.id, ray_submission_id=f"peftfleet-{job.id}")
+    store.claim(job.id, "runner-1", reason="test")
+    silent = Cluster("127.0.0.1:9", started_here=False)  # nothing listens there: no answer, not "no such job"
+    assert ray_job_status(silent, f"peftfleet-{job.id}") == UNREACHABLE
+    time.sleep(0.3)
+    assert settle_orphans(store, timeout_s=0.2, cluster=silent) == []
+    assert store.get(job.id).state is JobState.QUEUED
+    assert [j.id for j in settle_orphans(store, timeout_s=0.2)] == [job.id]  # no cluster to ask: silence settles
+
+
+def test_an_orphaned_sweep_trial_is_settled_not_resubmitted_outside_its_sweep(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 's.db'}", home=tmp_path)
+    job = store.submit(SPEC)
+    store.set_runtime(job.id, sweep_id="s1", ray_submission_id="peftfleet-sweep-s1")
+    store.claim(job.id, "sweep-s1:trial_0", reason="test")
+    resubmitted: list[str] = []
+    time.sleep(0.3)
+    settle_orphans(store, timeout_s=0.2, resubmit=resubmitted.append, max_attempts=3)
+    assert resubmitted == [] and store.get(job.id).state is JobState.FAILED
