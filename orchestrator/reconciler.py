@@ -130,13 +130,15 @@ def resubmit(store: JobStore, cluster: Cluster, job_id: str, env: dict[str, str]
     hand_to_ray(store, cluster, job_id, submission_id, env, "could not hand the job back to Ray")
 
 
-def settle_orphan_sweeps(store: JobStore, cluster: Cluster) -> list[str]:
-    """INTERRUPTED for every live sweep whose driver Ray says ended (or does not know); their ids. Each
-    can be resumed (``peftfleet sweep resume``)."""
+def settle_orphan_sweeps(store: JobStore, cluster: Cluster, *, timeout_s: float) -> list[str]:
+    """INTERRUPTED for every live sweep whose driver Ray says ended (or does not know, once the sweep has
+    been still for ``timeout_s``: a driver being launched is not known yet); their ids. Each can be
+    resumed (``peftfleet sweep resume``)."""
     interrupted = []
+    now = time.time()
     for sweep in store.sweeps.list(limit=None):
         submission = sweep.runtime.get("ray_submission_id")
-        if sweep.state not in LIVE_SWEEP or not submission:
+        if sweep.state not in LIVE_SWEEP or not submission or now - sweep.updated_at < timeout_s:
             continue
         status = ray_job_status(cluster, submission)
         if status == UNREACHABLE or status in RAY_LIVE:

@@ -56,7 +56,7 @@ class Reconciler:
             jobs = settle_orphans(self.store, timeout_s=self.timeout_s, cluster=self.cluster,
                                   resubmit=lambda job_id: resubmit(self.store, self.cluster, job_id, self.env),
                                   max_attempts=self.max_attempts)
-            sweeps = settle_orphan_sweeps(self.store, self.cluster)
+            sweeps = settle_orphan_sweeps(self.store, self.cluster, timeout_s=self.timeout_s)
             cleaned = clean_storage(self.store, grace_s=self.grace_s, checkpoint_root=self.checkpoint_root)
             self.ticks += 1
             self.last = {"at": time.time(), "jobs": {j.id: str(j.state) for j in jobs}, "sweeps": sweeps, **cleaned}

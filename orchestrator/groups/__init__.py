@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -27,6 +28,10 @@ from jobs.training.base_group import GroupKey
 from orchestrator.cluster import JOB_ENV, worker_env
 from orchestrator.groups.actor import NAMESPACE, PREFIX, BaseGroupActor, GroupClosing
 
+# What looking a group up raises when it ended meanwhile: no such name, died, no answer in time, or (Ray
+# 2.60, a dying detached actor whose class its creator's finished job took along) an AssertionError from
+# Ray's actor-class loader.
+GONE = (ValueError, RayActorError, GetTimeoutError, AssertionError)
 GROUP_RETRIES = int(os.environ.get("PEFTFLEET_GROUP_RETRIES", "3"))  # a job survives this many group deaths
 
 
@@ -50,7 +55,22 @@ def group_for(spec: Any, base_fingerprint: str, store: JobStore):
     )
     home = str(store.home) if store.home else os.environ.get("PEFTFLEET_HOME")
     store_url = None if has_password(store.url) else store.url  # a secret: the actor reads its own env
-    return actor.remote(asdict(key), name, spec.base_model, store_url, store.artifacts.url, home)
+    args = (asdict(key), name, spec.base_model, store_url, store.artifacts.url, home)
+    # Threads of one process (a sweep driver's trials) getting-or-creating one named actor at once can catch
+    # Ray between registering its name and its class (ray-project/ray#41324): one at a time here, and a
+    # half-registered actor is looked up again a moment later.
+    for attempt in range(4):
+        with _GET_OR_CREATE:
+            try:
+                return actor.remote(*args)
+            except AssertionError:
+                pass
+        time.sleep(0.5 * (attempt + 1))
+    with _GET_OR_CREATE:
+        return actor.remote(*args)
+
+
+_GET_OR_CREATE = threading.Lock()
 
 
 def train_in_group(job_id: str, raw_spec: dict, spec: Any, shared: dict[str, Any], store: JobStore) -> str:
@@ -90,7 +110,7 @@ def holds(job: Any, timeout: float = 10) -> bool:
         return False
     try:
         seen = ray.get(ray.get_actor(name, namespace=NAMESPACE).describe.remote(), timeout=timeout)
-    except (ValueError, RayActorError, GetTimeoutError):
+    except GONE:
         return False
     return job.id in seen["members"] or job.id in seen["waiting"]
 
@@ -101,7 +121,7 @@ def leave(job: Any, reason: str) -> None:
     if name:
         try:
             ray.get_actor(name, namespace=NAMESPACE).leave.remote(job.id, reason)
-        except ValueError:
+        except GONE:
             pass  # the group is gone
 
 
@@ -117,7 +137,7 @@ def list_groups(timeout: float = 10) -> list[dict[str, Any]]:
             continue
         try:
             found.append(ray.get(ray.get_actor(entry["name"], namespace=NAMESPACE).describe.remote(), timeout=timeout))
-        except (ValueError, RayActorError, GetTimeoutError):
+        except GONE:
             continue  # ended while we looked
     return sorted(found, key=lambda g: g["created_at"])
 
@@ -126,7 +146,7 @@ def stop_group(name: str) -> bool:
     """End a group now (its members' runners retry them in a new one); False if there is none."""
     try:
         ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-    except ValueError:
+    except GONE:
         return False
     return True
 

@@ -30,7 +30,7 @@ import ray
 
 from jobs.spec import parse_job_spec
 from jobs.states import IllegalTransition, JobState
-from jobs.store import JobStore
+from jobs.store import JobStore, OwnershipLost
 from jobs.training.base_group import BaseGroup, GroupKey, Member
 from jobs.training.subspaces import resolve_method_config
 from orchestrator.groups.reporter import GroupReporter
@@ -214,6 +214,11 @@ class BaseGroupActor:
 
     def _left(self, member: Member, error: BaseException | None) -> None:
         job_id = next(j for j, m in self._members.items() if m is member)
+        if isinstance(error, OwnershipLost):  # settled elsewhere (e.g. its sweep stopped it): it left, nothing more
+            reason = f"its job was settled outside the group ({error})"
+            self.store.set_runtime(job_id, left_group={"group": self.name, "step": member.step, "reason": reason})
+            self._finish(job_id, {"state": "CANCELLED", "error": reason})
+            return
         if error is not None:
             self._failed(job_id, error)
             return

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
                 tune.report(result)
                 continue
             if value is not None:  # returns once PBT let the trial go on (an exploit ends this thread here)
-                tune.report(result, checkpoint=_pointer(store, job.id, m.step))
+                with _pointer(store, job.id, m.step) as pointer:
+                    tune.report(result, checkpoint=pointer)
             mark_decided(store, job.id, m.step)  # its job, held at that checkpoint, trains on
         reported = len(rows)
         if not alive:
@@ -106,18 +108,20 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
                  "adapter": adapter[0].name if adapter else "", "finished": 1})
 
 
+@contextmanager
 def _pointer(store: JobStore, job_id: str, step: int):
     """A Tune checkpoint that names the job's checkpoint at ``step`` (PBT copies checkpoints between
     trials: a pointer is all it needs to move). It holds the job id and step only: the folder is looked
-    up in the store's checkpoint records when a trial starts from it, and verified before it is read."""
+    up in the store's checkpoint records when a trial starts from it, and verified before it is read.
+    Its temporary folder is removed once Tune has persisted it (``report`` returns)."""
     import json
     import tempfile
 
     from ray import tune
 
-    folder = tempfile.mkdtemp(prefix="peftfleet-pbt-")
-    Path(folder, "pointer.json").write_text(json.dumps({"job_id": job_id, "step": step}))
-    return tune.Checkpoint.from_directory(folder)
+    with tempfile.TemporaryDirectory(prefix="peftfleet-pbt-") as folder:
+        Path(folder, "pointer.json").write_text(json.dumps({"job_id": job_id, "step": step}))
+        yield tune.Checkpoint.from_directory(folder)
 
 
 def _pbt_start(store: JobStore, sweep_id: str, trial_id: str) -> dict[str, Any] | None:

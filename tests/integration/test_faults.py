@@ -169,12 +169,14 @@ def test_a_sweep_driver_killed_at_a_random_point_is_interrupted_and_resumes(ray_
     while not any(client.store.get(t["job"]).state is JobState.RUNNING for t in sweep.trials()):
         assert time.monotonic() < deadline, sweep.trials()
         time.sleep(0.2)
-    time.sleep(rng.uniform(0.0, 3.0))
+    delay = rng.uniform(0.0, 3.0)
+    time.sleep(delay)
     driver = sweep.record().runtime["ray_submission_id"]
     victims_ = _processes(lambda p: "orchestrator.tune.driver" in _title(p) and sweep.id in _title(p))
     assert victims_, "the sweep's driver process was not found"
     for p in victims_:
         p.send_signal(signal.SIGKILL)
+    print(f"sweep driver kill (seed {SEED}): {len(victims_)} processes, {delay:.2f} s after a trial ran")
 
     deadline = time.monotonic() + 300  # no client waits: the standing reconciler notices
     while client.store.sweeps.get(sweep.id).state != "INTERRUPTED" or not all(

@@ -15,7 +15,7 @@ import peft_methods
 from peft_methods.adapter_files import WEIGHTS_FILE
 from peft_methods.diff_pruning import BETA, GAMMA, ZETA, DiffLinear, dense_diff, deterministic_gate
 from tests.conftest import MINILM, TINY_BERT, TINY_LLAMA, randomize_adapter, save_tiny_bert
-from tests.jobs.test_recipe import losses, run_recipe
+from tests.jobs.test_recipe import losses, run_recipe, store_job
 
 DIFF = peft_methods.get_method("diff_pruning")
 
@@ -292,10 +292,11 @@ def test_a_recipe_resumed_after_the_switch_continues_identically(tmp_path):
         "training": {"epochs": 1, "batch_size": 8, "lr": 0.01, "eval_size": 16, "max_length": 32,
                      "checkpoint_every_steps": 6, "eval_every_steps": 8},
     }
-    full = run_recipe(tmp_path, spec)  # 8 steps: the mask is fixed before step 4, the checkpoint is at step 6
-    (_, checkpoint), = full["checkpoints"]
-    resumed = run_recipe(tmp_path, spec, resume=checkpoint)
-    assert resumed["events"][0][1]["resumed"]
+    job = store_job(tmp_path, spec)  # its checkpoint recorded in a real store: the resume is verified against it
+    full = run_recipe(tmp_path, spec, store=job)  # 8 steps: the mask is fixed before step 4, the checkpoint at 6
+    (step, _), = full["checkpoints"]
+    resumed = run_recipe(tmp_path, spec, store=job)
+    assert resumed["events"][0][1]["resumed"] and resumed["events"][0][1]["step"] == step == 6
     for step, value in losses(resumed).items():
         assert value == pytest.approx(losses(full)[step], rel=1e-4), step
     (first, _), = full["adapters"]
