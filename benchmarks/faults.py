@@ -70,7 +70,8 @@ def main() -> None:
              f"{' -k ' + args.select if args.select else ''}` on {summary['machine']}.", "",
              f"{summary['runs']} runs; {summary['seeds_passed']} of {args.seeds} seeds passed every check "
              "(every job settled, no two owners, adapters only on SUCCEEDED jobs and verifying, no stale temp "
-             f"folder). Processes killed, by target: {dict(targets)}.", "",
+             f"folder). Kills that found a live process to kill, by target (a kill planned before its target started "
+             f"or after it ended finds none): {dict(targets)}.", "",
              "| seed | runs | kills | passed | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['runs']} | {r['kills']} | {r['passed']} | {r['seconds']} |" for r in results]
     (RESULTS / "faults.md").write_text("\n".join(lines) + "\n")
