@@ -40,8 +40,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: demo test setup setup-test setup-gpu benchmark smoke-cpu clean
 
-demo: $(VENV)/.installed
-	$(PY) -m orchestrator.demo
+demo: $(VENV)/.installed  # make demo VERBOSE=1: Ray's, DeepSpeed's and transformers' logs in the terminal too
+	$(PY) -m orchestrator.demo$(if $(VERBOSE), --verbose)
 
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .  # lint first: line length, import order, pyflakes (pyproject.toml)

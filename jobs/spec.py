@@ -21,10 +21,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 import peft_methods
-from jobs.base_models import BUILTIN_MODELS
+from jobs.base_models import (
+    BUILTIN_MODELS,
+    BaseModelUnavailable,
+    check_safetensors_only,
+    hub_id_problem,
+    hub_ref,
+    resolve_base_model,
+)
+from jobs.hub_cache import hub_offline
 from jobs.spec_files import DocumentError, check_tree, key, load_document
 from jobs.spec_files import shown as _shown
-from jobs.training.data import DATASET_TASKS, read_records
+from jobs.tracking import TrackingSpec
+from jobs.training.data import DATASET_TASKS
+from jobs.training.sources import check, resolve
 from peft_methods.api import HEAD_LR
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -65,27 +75,86 @@ def _is_file(value: str, *parts: str) -> bool:
         return False
 
 
+_Scalar = str | int | float | bool | None
+
+
 class DatasetSpec(_Spec):
+    """Which data a job trains and evaluates on: exactly one of a built-in ``name``, a ``path`` (local or an
+    fsspec URL; a file, folder or glob) or an ``hf`` dataset id. See docs/data.md."""
+
     name: str | None = Field(default=None, description=f"A built-in dataset: one of {sorted(DATASET_TASKS)}.")
-    path: str | None = Field(default=None, description="A local .jsonl or .csv file instead of a built-in dataset.")
+    path: str | None = Field(
+        default=None,
+        description="A local path or fsspec URL (file://, s3://, gs://, ...) of a Parquet, JSONL/JSON, CSV or Arrow "
+        "file, a folder of them, or a glob.",
+    )
+    hf: str | None = Field(default=None, description="A Hugging Face dataset repository id (org/name).")
+    revision: str | None = Field(default=None, description="hf: a branch, tag or commit (default: main).")
+    config: str | None = Field(default=None, description="hf: the dataset's configuration (subset) name.")
+    data_dir: str | None = Field(default=None, description="hf: a folder inside the repository to read from.")
+    split: str | None = Field(
+        default=None, description="Which split's files to read (hf, or a local folder laid out as hf datasets are; "
+        "default: train)."
+    )
+    format: Literal["parquet", "jsonl", "json", "csv", "arrow"] | None = Field(
+        default=None, description="The files' format (default: from their suffix)."
+    )
+    filter: dict[str, _Scalar | list[_Scalar]] | None = Field(
+        default=None, max_length=32,
+        description="Keep only records whose columns hold these values: {column: value or [values]}.",
+    )
+    streaming: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Stream the training rows through Ray Data shards (solo jobs): auto = when the files exceed "
+        "PEFTFLEET_STREAM_BYTES (256 MiB).",
+    )
     text_column: str = Field(default="text", description="Column with the input text (sequence classification).")
     label_column: str = Field(default="label", description="Column with the class label (sequence classification).")
     prompt_column: str = Field(default="prompt", description="Column with the prompt (causal-LM SFT).")
     response_column: str = Field(default="response", description="Column with the target response (causal-LM SFT).")
-    train_size: int | None = Field(default=None, gt=0, description="Use at most this many training examples.")
+    train_size: int | None = Field(
+        default=None, gt=0,
+        description="Use at most this many training examples (path/hf: rows sharing a text stay together).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.name is None) == (self.path is None):
-            raise ValueError("give exactly one of `name` (built-in) or `path` (local file)")
+        given = [k for k in ("name", "path", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of `name` (built-in), `path` (a file, folder, glob or URL) or `hf` (a Hugging Face "
+                "dataset id)"
+            )
         if self.name is not None and self.name not in DATASET_TASKS:
             raise ValueError(f"unknown built-in dataset {self.name!r}; one of {sorted(DATASET_TASKS)}")
-        if self.path is not None:
-            suffix = Path(self.path).suffix
-            if suffix not in (".jsonl", ".csv"):
-                raise ValueError(f"dataset path must end in .jsonl or .csv, not {_shown(suffix or 'nothing')}")
-            if not _is_file(self.path):
-                raise ValueError(f"dataset file {_shown(self.path)} does not exist")
+        for option in ("revision", "config", "data_dir"):
+            if getattr(self, option) is not None and self.hf is None:
+                raise _At(option, "is for `hf` datasets only")
+        if self.name is not None:
+            for option in ("split", "format", "filter"):
+                if getattr(self, option) is not None:
+                    raise _At(option, "is for `path` and `hf` datasets, not built-ins")
+            if self.streaming == "on":
+                raise _At("streaming", "built-in datasets are small and load in memory; streaming is for path/hf")
+        if self.hf is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.hf)
+            except HFValidationError:
+                raise _At("hf", f"{_shown(self.hf)} is not a Hugging Face repository id (org/name)") from None
+            if self.revision is not None:
+                from jobs.hub_cache import check_revision
+
+                try:
+                    check_revision(self.revision)
+                except ValueError:
+                    raise _At("revision", f"{_shown(self.revision)} is not a branch, tag or commit") from None
+        if self.path is not None and not self.path.strip():
+            raise _At("path", "is empty")
+        for column, wanted in (self.filter or {}).items():
+            if not column or (isinstance(wanted, list) and not 1 <= len(wanted) <= 1000):
+                raise _At("filter", "maps column names to a value or a list of 1–1000 values")
         return self
 
     def columns_for(self, task: str) -> tuple[str, str]:
@@ -199,7 +268,10 @@ class _Submission(_Spec):
     """What every kind of job has: a name, a base model, labels, an idempotency key."""
 
     name: str = Field(description="Job name; also the default adapter name prefix.")
-    base_model: str = Field(description=f"A named model {list(BUILTIN_MODELS)} or a local folder with config.json.")
+    base_model: str = Field(
+        description=f"A named model {list(BUILTIN_MODELS)}, a local folder with config.json and safetensors weights, "
+        "or a Hugging Face id org/name[@branch|tag|commit] (from the cache only when HF_HUB_OFFLINE is set)."
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="What each job reserves on Ray.")
     tags: list[str] = Field(default_factory=list, max_length=32, description="Free-form labels for queries.")
     idempotency_key: str | None = Field(
@@ -223,10 +295,23 @@ class _Submission(_Spec):
     def _base(cls, v: str) -> str:
         if v in BUILTIN_MODELS:
             return v
+        if hub_ref(v) is not None:
+            if hub_offline():  # nothing will be fetched later either: the cache must hold it now
+                try:
+                    resolve_base_model(v)
+                except BaseModelUnavailable as e:
+                    raise ValueError(str(e)) from None
+            return v
         if not _is_file(v, "config.json"):
+            why = hub_id_problem(v)
             raise ValueError(
-                f"{_shown(v)} is neither a named model {list(BUILTIN_MODELS)} nor a folder with config.json"
+                f"{_shown(v)} is neither a named model {list(BUILTIN_MODELS)}, a folder with config.json, nor a "
+                "Hugging Face id org/name[@revision]" + (f" ({why})" if why else "")
             )
+        try:
+            check_safetensors_only(Path(v).expanduser())  # a pickle-only folder is refused before it is stored
+        except BaseModelUnavailable as e:
+            raise ValueError(str(e)) from None
         return v
 
 
@@ -300,6 +385,11 @@ def _build_job_spec() -> type[BaseModel]:
             description="auto: train in a base group (one resident frozen base shared with other jobs, see "
             "docs/groups.md) when the job is compatible, else solo, saying why in its events; off: always solo.",
         )
+        tracking: TrackingSpec | None = Field(
+            default=None,
+            description="Also log params, metrics and the adapter to MLflow and/or TensorBoard (docs/tracking.md); "
+            "never part of what a base group's members must share.",
+        )
 
         @field_validator("task_name")
         @classmethod
@@ -320,13 +410,8 @@ def _build_job_spec() -> type[BaseModel]:
                     "dataset.name",
                     f"dataset {self.dataset.name!r} is for {DATASET_TASKS[self.dataset.name]}, not {self.task}",
                 )
-            if self.dataset.path is not None:
-                try:
-                    _check_columns(Path(self.dataset.path).expanduser(), self.dataset.columns_for(self.task))
-                except OSError as e:
-                    raise _At("dataset.path", f"cannot read the dataset file ({e.strerror})") from None
-                except ValueError as e:
-                    raise _At("dataset.path", str(e)) from None
+            if self.dataset.name is None:
+                _check_source(self.dataset, self.task)
             if getattr(self.method, "decoded", False):
                 raise _At(
                     "method.decoded", "is the form a trained IPT adapter loads in; a job trains z inside the subspace"
@@ -359,8 +444,9 @@ def _build_job_spec() -> type[BaseModel]:
         def effective_task_name(self) -> str:
             if self.task_name:
                 return self.task_name
+            stem = self.dataset.hf.rpartition("/")[2] if self.dataset.hf else Path(self.dataset.path or "").stem
             return self.dataset.name or validate_name(
-                re.sub(r"[^A-Za-z0-9._-]", "-", Path(self.dataset.path).stem)[:NAME_MAX] or "data", "task name"
+                re.sub(r"[^A-Za-z0-9._-]", "-", stem)[:NAME_MAX].strip("-._") or "data", "task name"
             )
 
     return JobSpec
@@ -370,10 +456,18 @@ JobSpec = _build_job_spec()
 KINDS: dict[str, type[BaseModel]] = {"train": JobSpec, "ipt-subspace": SubspaceSpec}
 
 
-def _check_columns(path: Path, columns: tuple[str, ...]) -> None:
-    """Read the first record only: enough to name a missing column before the job is stored."""
-    if not read_records(path, columns, limit=1):
-        raise ValueError(f"dataset file {_shown(str(path))} has no records")
+def _check_source(dataset: DatasetSpec, task: str) -> None:
+    """Resolve a path/hf source and read its first file's schema or first record only: enough to name a
+    missing source or column before the job is stored (never what a record holds)."""
+    where = "dataset.hf" if dataset.hf is not None else "dataset.path"
+    try:
+        check(resolve(dataset), dataset.columns_for(task), dataset.filter)
+    except ValueError as e:
+        raise _At(where, str(e)) from None
+    except OSError as e:
+        raise _At(where, f"cannot read the dataset ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - fsspec and friends raise their own kinds for odd URLs
+        raise _At(where, f"cannot read the dataset ({type(e).__name__})") from None
 
 
 class JobSpecError(ValueError):

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from jobs.spec import SEED_LIMIT, JobSpecError, parse_job_spec, validate_name
 from jobs.spec_files import DocumentError, check_tree, key, load_document
+from jobs.tracking import TrackingSpec
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 MAX_TRIALS = 10_000
@@ -74,6 +75,11 @@ class SweepSpec(BaseModel):
     )
     seed: int = Field(default=0, ge=0, lt=SEED_LIMIT, description="Seeds the draw of configurations.")
     promote: bool = Field(default=False, description="Promote the best trial's adapter for its task.")
+    tracking: TrackingSpec | None = Field(
+        default=None,
+        description="Log the sweep as one MLflow run with a child run per trial (and each trial to TensorBoard); "
+        "overrides the job spec's own `tracking`. Default: the job spec's (docs/tracking.md).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -304,13 +310,28 @@ def _extremes(value: Any, rng: random.Random) -> list[tuple[str, Any]]:
     return [("low", int(low) if kind == "randint" else low), ("high", int(high) - 1 if kind == "randint" else high)]
 
 
+def sweep_tracking(sweep: SweepSpec) -> TrackingSpec | None:
+    """Where the sweep and its trials are tracked: the sweep's ``tracking``, else its job spec's."""
+    if sweep.tracking is not None:
+        return sweep.tracking
+    own = sweep.spec.get("tracking")
+    return None if own is None else TrackingSpec.model_validate(own)
+
+
 def trial_spec(
-    sweep: SweepSpec, params: dict[str, Any], index: int, *, label: str | None = None, sweep_id: str | None = None
+    sweep: SweepSpec, params: dict[str, Any], index: int, *, label: str | None = None, sweep_id: str | None = None,
+    parent_run_id: str | None = None,
 ):
-    """The job spec of one trial: the sweep's spec with ``params`` set at their paths."""
+    """The job spec of one trial: the sweep's spec with ``params`` set at their paths, tracked where the sweep
+    is (:func:`sweep_tracking`), its MLflow run a child of ``parent_run_id`` (the sweep's run) when given."""
     data = copy.deepcopy(sweep.spec)
     for path, value in params.items():
         _set_path(data, path.split("."), value, path)
+    if sweep.tracking is not None:
+        data["tracking"] = sweep.tracking.model_dump(mode="json")
+    if parent_run_id is not None and isinstance((data.get("tracking") or {}).get("mlflow"), dict):
+        mlflow = {**data["tracking"]["mlflow"], "parent_run_id": parent_run_id}
+        data["tracking"] = {**data["tracking"], "mlflow": mlflow}
     data["name"] = validate_name(f"{sweep.name}-t{index:03d}"[:64], "trial name")
     if sweep.scheduler == "pbt":  # every evaluation PBT sees must come with a checkpoint to continue from
         training = data.setdefault("training", {})

@@ -6,12 +6,14 @@
     peftfleet subspaces [--base minilm]     peftfleet serve --base smollm2 [--adapters A B] [--port 8000]
     peftfleet tune sweep.yaml [--wait]      peftfleet sweeps / sweep show|resume|cancel|plot SWEEP
     peftfleet db version|upgrade            peftfleet reconciler start|status|tick
+    peftfleet export ADAPTER --out DIR [--merge]   (docs/export.md)
 
 Every command takes --store-url, --storage-url, --address, --home and --secrets (defaults from
 PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, RAY_ADDRESS, PEFTFLEET_HOME and PEFTFLEET_SECRETS). A
 store URL with a password goes in PEFTFLEET_STORE_URL, never on the command line. Errors go to
 stderr, passwords masked: exit code 2 for a bad spec or request, 1 for a missing job, an unreachable
-store or a job that did not succeed.
+store or a job that did not succeed. Ray's, Ray Serve's, DeepSpeed's and transformers' log lines go to a
+file under PEFTFLEET_HOME/logs (its path printed once) unless --verbose (orchestrator/quiet.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from jobs.store import JobNotFound, StoreError
 from jobs.store.adapter_registry import AdapterNotFound
 from jobs.sweep_spec import draw
 from jobs.training.subspaces import check_references
+from orchestrator import quiet
 from orchestrator.client import Client
 from orchestrator.feasibility import InfeasibleJob
 from orchestrator.serving.device import check_device, check_placement, resolve_device
@@ -134,6 +137,13 @@ def cmd_status(client: Client, args) -> int:
     for key in ("id", "name", "state", "method", "base_model", "task_name", "attempt", "owner", "adapter", "error"):
         print(f"{key:>12}: {info.get(key) if info.get(key) is not None else '-'}")
     print(f"{'metrics':>12}: " + (", ".join(f"{k}={v:.4g}" for k, v in info["latest_metrics"].items()) or "-"))
+    data = (job.runtime or {}).get("dataset")  # its fingerprint (docs/data.md), once training started
+    if data:
+        pin = f"revision {data['revision'][:12]}" if data.get("revision") else f"sha256 {data['hash'][:12]}"
+        rows = data.get("rows") or {}
+        print(f"{'dataset':>12}: {data['source']} ({data['format']}, {pin} of its {data['hash_of']}; rows "
+              f"{rows.get('train')} train, {rows.get('eval')} eval of {rows.get('total')}, split seed "
+              f"{data.get('split_seed')}{', streamed' if data.get('streaming') else ''})")
     for event in client.store.events(job.id):
         print(f"{'':>12}  {_when(event.at)}  {event.from_state or '-'} → {event.to_state}  {event.reason}")
     return 0
@@ -204,6 +214,23 @@ def cmd_adapters(client: Client, args) -> int:
         for a in adapters
     ]
     print(render_table(rows, ["name", "method", "task", "base", "job", "params", "size", "promoted", "metrics"]))
+    return 0
+
+
+def cmd_export(client: Client, args) -> int:
+    from jobs.export import export_adapter
+
+    if args.merge:
+        import transformers  # noqa: F401 - its logger exists before the quiet sweep, not after the load it reports
+
+        quiet.sweep()
+    result = export_adapter(client.store, args.adapter, args.out, merge=args.merge, base_model_id=args.base_model_id,
+                            overwrite=args.overwrite)
+    if args.json:
+        _print_json({**asdict(result), "path": str(result.path)})
+    else:
+        what = "merged into its base: a transformers model" if result.kind == "merged" else "an adapter"
+        print(f"exported {result.adapter} ({result.method}) as {what} to {result.path}: {', '.join(result.files)}")
     return 0
 
 
@@ -410,9 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how jobs get the store password and API key: auto (a 0600 file, local Ray only) or "
                         "cluster (its pods hold them; default $PEFTFLEET_SECRETS, else auto)")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="show Ray's, Ray Serve's, DeepSpeed's and transformers' log lines here, not in a log file")
     parser = argparse.ArgumentParser(
         prog="peftfleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show Ray's, Ray Serve's, DeepSpeed's and transformers' log lines here, not in a log file")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("submit", parents=[common], help="submit a job spec (YAML or JSON)")
     p.add_argument("spec")
@@ -494,6 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="plot: the PNG to write (default under PEFTFLEET_HOME/sweeps/)")
     p.add_argument("--wait", action="store_true", help="resume: wait for the sweep")
     p.set_defaults(run=cmd_sweep)
+    p = sub.add_parser("export", parents=[common],
+                       help="write an adapter for HF PEFT / vLLM, or merged into its base as a transformers model")
+    p.add_argument("adapter", help="a registered adapter's name")
+    p.add_argument("--out", required=True, help="the folder to create")
+    p.add_argument("--merge", action="store_true",
+                   help="fold the adapter into its base (mergeable methods) and write a plain transformers model")
+    p.add_argument("--base-model-id", help="base_model_name_or_path to write (default: the base's hub id or folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=cmd_export)
     p = sub.add_parser("subspaces", parents=[common], help="list IPT subspaces (fitted by ipt-subspace jobs)")
     p.add_argument("--base", help="base model name or fingerprint")
     p.set_defaults(run=cmd_subspaces)
@@ -553,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_db(args)
         client = Client(address=args.address, store_url=args.store_url, storage_url=args.storage_url, home=args.home,
                         secrets=args.secrets)
-        return args.run(client, args)
+        with quiet.output(args.verbose, home=args.home):
+            return args.run(client, args)
     except (JobSpecError, InfeasibleJob, ValueError) as e:
         return fail(e, 2)
     except (JobNotFound, AdapterNotFound, KeyError) as e:

@@ -31,7 +31,9 @@ from jobs.states import ALLOWED, IllegalTransition, JobState
 from jobs.store import JobRecord, JobStore, Metric
 from jobs.store.adapter_registry import AdapterRecord, AdapterRegistry
 from jobs.store.subspace_registry import SubspaceRecord, SubspaceRegistry
+from jobs.tracking import TrackingSpec
 from jobs.training.subspaces import check_references
+from orchestrator import quiet
 from orchestrator.cluster import JOB_ENV, SECRETS_MODES, Cluster, connect, secret_env, stop_and_wait
 from orchestrator.feasibility import InfeasibleJob, check_feasible
 from orchestrator.reconciler import hand_to_ray, resubmit, settle_orphans
@@ -214,13 +216,17 @@ class Client:
         secrets: how launched processes get secrets (a store URL with a password, the API key): ``"auto"``
             (default, or ``$PEFTFLEET_SECRETS``): a 0600 file on this machine for a local cluster, refused for
             a remote one; ``"cluster"``: the cluster's pods already hold them (Kubernetes Secrets).
+        tracking: where jobs and sweeps whose spec names no ``tracking`` log their params, metrics and adapter
+            (a mapping like a spec's ``tracking:``, e.g. ``{"mlflow": {"uri": "http://mlflow:5000"}}``; see
+            docs/tracking.md). Default: none.
     """
 
     def __init__(
         self, *, address: str | None = None, store_url: str | None = None, storage_url: str | None = None,
         home: str | os.PathLike | None = None, num_cpus: int | None = None, heartbeat_timeout_s: float = 120,
-        resubmit_orphans: int | None = None, secrets: str | None = None,
+        resubmit_orphans: int | None = None, secrets: str | None = None, tracking: TrackingSpec | dict | None = None,
     ):
+        self.tracking = parse_tracking(tracking)  # JobSpecError naming `tracking.<field>`
         self.secrets = secrets or os.environ.get("PEFTFLEET_SECRETS") or "auto"
         if self.secrets not in SECRETS_MODES:
             raise ValueError(f"secrets must be one of {list(SECRETS_MODES)}, not {self.secrets!r}")
@@ -240,7 +246,8 @@ class Client:
     @property
     def cluster(self) -> Cluster:
         if self._cluster is None:
-            self._cluster = connect(self._address, num_cpus=self._num_cpus)
+            self._cluster = connect(self._address, num_cpus=self._num_cpus, **quiet.ray_init_options())
+            quiet.sweep()  # Ray's loggers, when a quiet command runs (orchestrator.quiet)
             try:
                 self.reconciler()
             except Exception as e:  # noqa: BLE001 - the client works without it; waiting clients settle too
@@ -274,6 +281,7 @@ class Client:
             IdempotencyConflict: the key was used for another spec.
         """
         spec = load_job_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_job_spec(spec)
+        spec = self.with_tracking(spec)
         check_references(self.store, spec)
         check_feasible(self.cluster, spec)
         job = self.store.submit(spec, idempotency_key=idempotency_key)
@@ -284,6 +292,12 @@ class Client:
             hand_to_ray(self.store, self.cluster, job.id, submission_id, self.process_env(),
                         "could not hand the job to Ray")
         return JobHandle(self, job.id)
+
+    def with_tracking(self, spec: Any) -> Any:
+        """``spec`` tracked where this client tracks by default, unless it names its own ``tracking``."""
+        if self.tracking is None or getattr(spec, "kind", None) != "train" or spec.tracking is not None:
+            return spec
+        return spec.model_copy(update={"tracking": self.tracking})
 
     def process_env(self) -> dict[str, str]:
         """Where a process this client launches finds the store, the artifacts and the home folder. A store
@@ -360,7 +374,7 @@ class Client:
         Raises:
             JobSpecError, InfeasibleJob: as :meth:`tune`; nothing is stored.
         """
-        return start_sweep(self, sweep)
+        return start_sweep(self, sweep, tracking=self.tracking)
 
     def cancel(self, job_id: str, *, timeout: float = 120) -> JobRecord:
         """Stop a job: its Ray job (runner and workers) is stopped and its resources freed; then it is CANCELLED.
@@ -469,6 +483,7 @@ class Client:
         """
         from orchestrator.serving.deployment import ServeOptions, check_binding, start
 
+        quiet.sweep()  # Ray Serve's loggers exist now
         check_binding(host, api_key, insecure)
         limits = {k: v for k, v in {"max_body_bytes": max_body_bytes, "max_prompt_tokens": max_prompt_tokens,
                                     "max_tokens_limit": max_tokens_limit, "request_timeout_s": request_timeout_s,
@@ -507,6 +522,7 @@ class Client:
             gpus_per_replica=gpus_per_replica,
             env=env,
         )
+        quiet.sweep()
         print(
             f"serving {base} ({task}; adapters: {', '.join(names) if names is not None else 'all registered'}) at "
             f"{serving.url}/v1",
@@ -527,6 +543,20 @@ class Client:
     def _resubmit(self, job_id: str) -> None:
         """A new owner (runner) for a job whose owner died; it resumes from its last checkpoint."""
         resubmit(self.store, self.cluster, job_id, self.process_env())
+
+
+def parse_tracking(value: TrackingSpec | dict | None) -> TrackingSpec | None:
+    """A client's default ``tracking`` (None stays None); a bad one raises :class:`JobSpecError` naming the
+    field, as in a spec (``tracking.mlflow.uri: ...``)."""
+    from pydantic import ValidationError
+
+    if value is None or isinstance(value, TrackingSpec):
+        return value
+    try:
+        return TrackingSpec.model_validate(value)
+    except ValidationError as e:
+        raise JobSpecError([(".".join(str(p) for p in ("tracking", *err["loc"])),
+                             err["msg"].removeprefix("Value error, ")) for err in e.errors()]) from None
 
 
 def default_task(base_folder: str | os.PathLike) -> str:

@@ -76,22 +76,25 @@ class Cluster:
 
 
 def connect(
-    address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None
+    address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None,
+    log_to_driver: bool = True,
 ) -> Cluster:
     """Attach to ``address`` (or ``RAY_ADDRESS``), reuse this process's Ray, or start a local cluster.
 
     A cluster started here lives as long as this Python process; for jobs that outlive it, run
-    ``ray start --head`` once and connect with ``address="auto"``.
+    ``ray start --head`` once and connect with ``address="auto"``. ``log_to_driver=False`` keeps what
+    workers and actors print in Ray's logs instead of this process's terminal (``orchestrator.quiet``).
     """
     if ray.is_initialized():
         return Cluster(_dashboard_url(), started_here=False, address=address)
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {} if log_to_driver else {"log_to_driver": False}  # Ray's own default otherwise (ray:// passes it on)
     if address:
-        ctx = ray.init(address=address, logging_level="WARNING")
+        ctx = ray.init(address=address, logging_level="WARNING", **quiet)
         return Cluster(ctx.dashboard_url or _dashboard_url(), started_here=False, address=address)
     ctx = ray.init(
         num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-        object_store_memory=object_store_memory, logging_level="WARNING",
+        object_store_memory=object_store_memory, logging_level="WARNING", **quiet,
     )
     return Cluster(ctx.dashboard_url, started_here=True)
 

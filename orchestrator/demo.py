@@ -8,6 +8,9 @@ output says how much memory the shared copy saved). Both register their adapters
 same base model.
 Then a Ray Serve application serves both adapters over HTTP, and each is asked about the same
 questions at once (one mixed batch).
+
+The output is the demo's own lines, progress bars and tables; Ray's, Ray Serve's, DeepSpeed's and
+transformers' log lines go to a file under $PEFTFLEET_HOME/logs unless --verbose (orchestrator/quiet.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from jobs.spec import load_job_spec
 from jobs.store import redact_url
 from jobs.training.data import load_for_job
+from orchestrator import quiet
 from orchestrator.cli import render_table
 from orchestrator.client import Client
 
@@ -33,8 +37,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the serving application")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show Ray's, Ray Serve's, DeepSpeed's and transformers' log lines here, not in a log file")
     args = parser.parse_args(argv)
+    with quiet.output(args.verbose):
+        return _run(args)
 
+
+def _run(args: argparse.Namespace) -> dict:
     specs = []
     for name in ("trec-lora.yaml", "trec-bitfit.yaml"):
         spec = load_job_spec(EXAMPLES / name)

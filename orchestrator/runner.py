@@ -141,9 +141,11 @@ def _train(job_id: str, attempt: int, raw_spec: dict, spec, shared: dict, store:
     from orchestrator.train_worker import checkpoint_root, run_name, train_loop_per_worker
 
     res, gpus = spec.resources, spec.resources.gpus_per_worker
+    datasets, streamed = _streamed_data(spec)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**shared, "spec": raw_spec},
+        train_loop_config={**shared, "spec": raw_spec, **streamed},
+        datasets=datasets,
         scaling_config=ScalingConfig(
             num_workers=res.num_workers, use_gpu=gpus > 0, placement_strategy=res.placement_strategy,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
@@ -158,6 +160,21 @@ def _train(job_id: str, attempt: int, raw_spec: dict, spec, shared: dict, store:
     trainer.fit()
     adapters = store.adapters.list(job_id=job_id)
     return f"adapter {adapters[0].name} registered" if adapters else "finished"
+
+
+def _streamed_data(spec) -> tuple[dict | None, dict]:
+    """Ray Data's ``datasets`` for the trainer and what its workers' config gains, when the job's data
+    streams (``dataset.streaming``; see orchestrator.data_shards); else (None, {}): every worker loads it."""
+    from jobs.training.sources import wants_streaming
+
+    if spec.kind != "train" or not wants_streaming(spec.dataset):
+        return None, {}
+    from orchestrator.data_shards import plan
+
+    train, info = plan(spec)
+    print(f"streaming {info['rows']} training rows through Ray Data shards; {len(info['eval'])} held out",
+          flush=True)
+    return {"train": train}, {"stream": info}
 
 
 def _fit_subspace(spec, shared: dict) -> str:

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from jobs.spec import parse_job_spec
 from jobs.states import JobState
-from jobs.store import JobStore
+from jobs.store import JobStore, OwnershipLost
+from jobs.tracking import TrackedReporter
 from jobs.training.recipe import Recipe
 from jobs.training.subspaces import resolve_method_config
 from orchestrator.tune.pbt_hold import Hold
@@ -109,6 +110,10 @@ class RayTrainReporter:
             store.record_metrics(job_id, step, {"resumed_from_step": step}, owner=self.owner)
         store.record_metrics(job_id, step, summary, owner=self.owner)
 
+    def dataset_used(self, fingerprint: dict[str, Any] | None) -> None:
+        if self.store is not None and fingerprint is not None:
+            self.store.set_runtime(self.job_id, dataset=fingerprint)
+
     def metrics(self, step: int, values: dict[str, float]) -> None:
         if self.store is not None:  # refused once this job is no longer its runner's: the workers stop
             self.store.record_metrics(self.job_id, step, values, owner=self.owner)
@@ -160,7 +165,8 @@ def register_job_adapter(store: JobStore, spec: Any, job_id: str, base_fingerpri
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``. ``config``: job_id, spec, store_url, storage_url, home,
-    base_fingerprint, and init_checkpoint (a PBT continuation) when there is one."""
+    base_fingerprint, and init_checkpoint (a PBT continuation) when there is one, stream (what
+    ``orchestrator.data_shards.plan`` returned) when the job's data streams."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec = parse_job_spec(config["spec"])
@@ -173,13 +179,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         device = get_device()
     reporter = RayTrainReporter(config, spec, rank, world)
+    stream = None
+    if config.get("stream"):  # the job's training rows stream: this worker reads its own shard
+        from orchestrator.data_shards import ShardStream
+
+        stream = ShardStream(ray.train.get_dataset_shard("train"), config["stream"], seed=spec.training.seed,
+                             rank=rank)
     # Registry references in the method config (an IPT subspace) become verified local folders.
     method_config, lineage = resolve_method_config(
         spec.method, reporter.store or _store(config), config["base_fingerprint"]
     )
     metadata = {"base_fingerprint": config["base_fingerprint"], "job_id": config["job_id"], **lineage}
-    Recipe(spec, reporter, rank=rank, world=world, method_config=method_config, metadata=metadata, home=config["home"],
-           init_checkpoint=config.get("init_checkpoint"), device=device).run()
+    # rank 0 (the job's voice in the store) also logs to the spec's trackers; a failure ends its run FAILED
+    with TrackedReporter(reporter, spec, config["job_id"], voice=rank == 0, store=reporter.store,
+                         stopped=(OwnershipLost,)) as tracked:
+        Recipe(spec, tracked, rank=rank, world=world, method_config=method_config, metadata=metadata,
+               home=config["home"], init_checkpoint=config.get("init_checkpoint"), device=device,
+               train_stream=stream).run()
 
 
 def _from_rank0(value: Any, world: int) -> Any:

@@ -1,4 +1,9 @@
-"""Base models the store knows, by fingerprint: every adapter and subspace points at one."""
+"""Base models the store knows, by fingerprint: every adapter and subspace points at one.
+
+Adapters match bases on the content fingerprint alone. Beside it each record keeps the base's lineage,
+``source``: for a Hugging Face id the repo, the revision asked for and the commit it resolved to; for a
+folder its path; for a packaged model its name, package and version; always each weight file's sha256.
+The first registration's source is kept (one set of weights under two commits stays one base)."""
 
 from __future__ import annotations
 
@@ -6,13 +11,14 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from jobs.base_models import resolve_base_model
+from jobs.base_models import base_model_origin
 from jobs.store.db import Database
-from jobs.store.fingerprint import base_fingerprint
+from jobs.store.fingerprint import base_fingerprint, weight_hashes
 from jobs.store.records import NotFound
 from jobs.store.schema import BaseModelRow
 
@@ -28,6 +34,7 @@ class BaseModelRecord:
     path: str
     model_type: str | None
     created_at: float
+    source: dict[str, Any] | None = None  # lineage (see the module docstring); None if registered before it existed
 
 
 class BaseModelRegistry:
@@ -35,13 +42,16 @@ class BaseModelRegistry:
         self.db, self.home = db, home
 
     def register(self, ref: str) -> BaseModelRecord:
-        """Register a base model once (by fingerprint); later calls return the same record."""
-        path = resolve_base_model(ref, home=self.home)
+        """Register a base model once (by fingerprint); later calls return the same record (filling in the
+        source of a base registered before sources were recorded)."""
+        path, source = base_model_origin(ref, home=self.home)
         fingerprint = base_fingerprint(path, home=self.home)
+        source = {**source, "files": weight_hashes(path, home=self.home)}
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
         try:
             with self.db.write() as s:
-                if s.get(BaseModelRow, fingerprint) is None:
+                row = s.get(BaseModelRow, fingerprint)
+                if row is None:
                     s.add(
                         BaseModelRow(
                             fingerprint=fingerprint,
@@ -49,8 +59,11 @@ class BaseModelRegistry:
                             path=str(path),
                             model_type=model_type,
                             created_at=time.time(),
+                            source=source,
                         )
                     )
+                elif row.source is None:
+                    row.source = source
         except IntegrityError:  # registered concurrently by another process
             pass
         return self.get(fingerprint)
@@ -74,4 +87,4 @@ class BaseModelRegistry:
 
 
 def _record(r: BaseModelRow) -> BaseModelRecord:
-    return BaseModelRecord(r.fingerprint, r.name, r.path, r.model_type, r.created_at)
+    return BaseModelRecord(r.fingerprint, r.name, r.path, r.model_type, r.created_at, r.source)

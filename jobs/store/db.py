@@ -99,6 +99,8 @@ class Database:
                 Base.metadata.create_all(conn)
                 if "owner" not in {c["name"] for c in inspect(conn).get_columns("job_events")}:  # 4
                     conn.execute(text("ALTER TABLE job_events ADD COLUMN owner VARCHAR(200)"))
+                if "source" not in {c["name"] for c in inspect(conn).get_columns("base_models")}:  # 5
+                    conn.execute(text("ALTER TABLE base_models ADD COLUMN source JSON"))
                 s.execute(update(SchemaInfo).where(SchemaInfo.id == 1).values(version=SCHEMA_VERSION))
             return version, SCHEMA_VERSION
 

@@ -5,6 +5,11 @@ The hash covers ``config.json`` (minus keys that change with the saving library,
 and every ``*.safetensors`` file, in name order. Hashing 500 MB takes about a second, so results
 are cached in ``$PEFTFLEET_HOME/fingerprints.json`` keyed by folder path and each file's size and
 mtime: a changed file means a new hash, an unchanged folder is never read twice.
+
+Each weight file's own sha256 (for the base's store record, :func:`weight_hashes`) is cached the same way
+in ``weight_hashes.json``. Where the weights came from (a Hub commit, a folder) is recorded beside the
+fingerprint, never inside it, so one set of weights reached two ways (a packaged copy and a Hub snapshot,
+or two commits) stays one base.
 """
 
 from __future__ import annotations
@@ -63,10 +68,31 @@ def compute_fingerprint(folder: str | os.PathLike) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def compute_weight_hashes(folder: str | os.PathLike) -> dict[str, str]:
+    """{weight file name: sha256 hex} of the ``*.safetensors`` files in ``folder`` (uncached)."""
+    hashes = {}
+    for f in _files(Path(folder))[1:]:
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(_CHUNK):
+                digest.update(block)
+        hashes[f.name] = digest.hexdigest()
+    return hashes
+
+
 def base_fingerprint(folder: str | os.PathLike, *, home: str | os.PathLike | None = None) -> str:
     """The fingerprint of the model in ``folder``, from the cache when its files are unchanged."""
+    return _cached("fingerprints.json", folder, home, compute_fingerprint)
+
+
+def weight_hashes(folder: str | os.PathLike, *, home: str | os.PathLike | None = None) -> dict[str, str]:
+    """Each weight file's sha256 in ``folder``, from the cache when its files are unchanged."""
+    return _cached("weight_hashes.json", folder, home, compute_weight_hashes)
+
+
+def _cached(name: str, folder: str | os.PathLike, home: str | os.PathLike | None, compute):
     folder = Path(folder).resolve()
-    cache_file = peftfleet_home(home) / "fingerprints.json"
+    cache_file = peftfleet_home(home) / name
     key = _stat_key(folder)
     try:
         cache = json.loads(cache_file.read_text())
@@ -74,10 +100,10 @@ def base_fingerprint(folder: str | os.PathLike, *, home: str | os.PathLike | Non
         cache = {}
     if key in cache:
         return cache[key]
-    fingerprint = compute_fingerprint(folder)
+    value = compute(folder)
     cache = {k: v for k, v in cache.items() if not k.startswith(str(folder) + "|")}  # drop stale entries
-    cache[key] = fingerprint
+    cache[key] = value
     tmp = cache_file.with_name(f".{cache_file.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(cache, indent=1))
     os.replace(tmp, cache_file)  # last writer wins; every writer's content is correct
-    return fingerprint
+    return value

@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 4  # 2: subspaces (IPT); 3: sweeps and their trials; 4: checkpoint manifests, event owners
+SCHEMA_VERSION = 5  # 2: subspaces (IPT); 3: sweeps and their trials; 4: checkpoint manifests, event owners;
+# 5: base model sources
 
 
 class Base(DeclarativeBase):
@@ -28,6 +29,9 @@ class BaseModelRow(Base):
     path: Mapped[str] = mapped_column(Text)
     model_type: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
+    # Where the weights came from (5): a Hub repo, revision and resolved commit, a folder, or a packaged
+    # model, with each weight file's sha256. None for a base registered before version 5 until registered again.
+    source: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class JobRow(Base):

@@ -46,6 +46,7 @@ from jobs.training.batches import Batches
 from jobs.training.devices import Placement, make_optimizer
 from jobs.training.recipe import Recipe, evaluate, lr_lambda
 from jobs.training.reporter import Reporter
+from jobs.training.sources import wants_streaming
 from peft_methods.mixed_module import MixedModule, RowRouter
 from peft_methods.row_deltas import InputDelta, RowDelta
 from peft_methods.targeting import replace_module, task_head_names
@@ -78,6 +79,8 @@ def packing_problem(spec: JobSpec, *, init_checkpoint: str | None = None) -> str
         return "ZeRO-3 and offloading partition or move the base per job; a base group holds it whole, on its device"
     if ds.precision == "fp16":
         return "fp16 needs DeepSpeed's loss scaling, which a base group does not do"
+    if spec.dataset.streaming != "off" and wants_streaming(spec.dataset):
+        return "its data streams through Ray Data shards; a base group's members hold their data in memory"
     if spec.task == "sequence-classification" and spec.method.modules_to_save == []:
         return "it keeps the base's task head frozen (modules_to_save: []); every member of a group trains its own"
     return peft_methods.get_method(spec.method.method).packing_problem(spec.method)
@@ -370,6 +373,7 @@ class Member(Recipe):
         resumed = self.restore()
         self.reporter.started(step=self.step, total_steps=self.total_steps, resumed=resumed,
                               summary={"total_steps": self.total_steps, "world_size": 1, **self.summary})
+        self.reporter.dataset_used(self.dataset_info)
 
     @property
     def at_boundary(self) -> bool:

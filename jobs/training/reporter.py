@@ -39,6 +39,10 @@ class Reporter(Protocol):
         """Workers are training from ``step``: the job is RUNNING (RETRYING first if ``resumed`` after a
         failure); ``summary`` holds its size (parameters, world size, total steps)."""
 
+    def dataset_used(self, fingerprint: dict[str, Any] | None) -> None:
+        """What the job trains on (source, content hash or revision, format, rows, split; see docs/data.md),
+        right after :meth:`started`: record it with the job (rank 0 has it; None elsewhere)."""
+
     def metrics(self, step: int, values: dict[str, float]) -> None:
         """Record metrics at ``step`` (rank 0's values count)."""
 
@@ -76,6 +80,7 @@ class InMemoryReporter:
         self.recorded: list[tuple[int, str, float]] = []
         self.checkpoints: list[tuple[int, str]] = []
         self.adapters: list[tuple[str, dict[str, float]]] = []
+        self.dataset: dict[str, Any] | None = None  # the fingerprint of what it trained on
 
     @contextmanager
     def checkpoint_to_resume(self) -> Iterator[str | None]:
@@ -89,6 +94,9 @@ class InMemoryReporter:
 
     def started(self, *, step: int, total_steps: int, resumed: bool, summary: dict[str, float]) -> None:
         self.events.append(("started", {"step": step, "total_steps": total_steps, "resumed": resumed, **summary}))
+
+    def dataset_used(self, fingerprint: dict[str, Any] | None) -> None:
+        self.dataset = fingerprint
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self.recorded.extend((step, k, float(v)) for k, v in values.items())

@@ -31,6 +31,7 @@ import ray
 from jobs.spec import parse_job_spec
 from jobs.states import IllegalTransition, JobState
 from jobs.store import JobStore, OwnershipLost
+from jobs.tracking import TrackedReporter
 from jobs.training.base_group import BaseGroup, GroupKey, Member
 from jobs.training.subspaces import resolve_method_config
 from orchestrator.groups.reporter import GroupReporter
@@ -162,6 +163,7 @@ class BaseGroupActor:
             member = self._members.get(job_id)
             if member is not None:
                 self.group.remove(member)
+                _end_tracking(member, "KILLED")
                 self.store.set_runtime(job_id, left_group={"group": self.name, "step": member.step, "reason": reason})
             if member is not None or any(j == job_id for j, _ in waiting):
                 if self.store.get(job_id).state is JobState.CANCELLING:
@@ -193,6 +195,7 @@ class BaseGroupActor:
             return  # mid-accumulation: next step
         where = member.pause()
         self.group.remove(member)
+        _end_tracking(member, None)  # its run stays open: it continues when the job rejoins
         del self._members[job_id]
         mine = _priority(self._configs[job_id])
         self.store.transition(job_id, JobState.RETRYING, reason=f"paused in base group {self.name} for a job of "
@@ -207,13 +210,21 @@ class BaseGroupActor:
         fingerprint = config["base_fingerprint"]
         reporter = GroupReporter(self.store, job_id, spec, fingerprint, self.name, owner=config.get("owner"))
         reporter.members = len(self._members) + 1
-        method_config, lineage = resolve_method_config(spec.method, self.store, fingerprint)
-        metadata = {"base_fingerprint": fingerprint, "job_id": job_id, "base_group": self.name, **lineage}
-        return self.group.add(spec, reporter, method_config=method_config, metadata=metadata, home=self.home,
-                              init_checkpoint=config.get("init_checkpoint"))
+        # logged to the spec's trackers as a solo job is; the group trains on: ending a run never waits for it
+        tracked = TrackedReporter(reporter, spec, job_id, voice=True, store=self.store, wait=False,
+                                  stopped=(OwnershipLost,))
+        try:
+            method_config, lineage = resolve_method_config(spec.method, self.store, fingerprint)
+            metadata = {"base_fingerprint": fingerprint, "job_id": job_id, "base_group": self.name, **lineage}
+            return self.group.add(spec, tracked, method_config=method_config, metadata=metadata, home=self.home,
+                                  init_checkpoint=config.get("init_checkpoint"))
+        except BaseException as e:
+            tracked.close_for(e)
+            raise
 
     def _left(self, member: Member, error: BaseException | None) -> None:
         job_id = next(j for j, m in self._members.items() if m is member)
+        _end_tracking(member, error or "FINISHED")  # a finished member's run has ended already
         if isinstance(error, OwnershipLost):  # settled elsewhere (e.g. its sweep stopped it): it left, nothing more
             reason = f"its job was settled outside the group ({error})"
             self.store.set_runtime(job_id, left_group={"group": self.name, "step": member.step, "reason": reason})
@@ -258,6 +269,16 @@ class BaseGroupActor:
             state = self.store.get(job_id).state
             if state is not JobState.RUNNING:
                 self.leave(job_id, f"the job is {state.value} in the store")
+
+
+def _end_tracking(member: Member, how: BaseException | str | None) -> None:
+    """End a member's tracked run: as its error says (FAILED, KILLED), with a status, or (None) left open."""
+    reporter = member.reporter
+    if isinstance(reporter, TrackedReporter):
+        if isinstance(how, BaseException):
+            reporter.close_for(how)
+        else:
+            reporter.close(how)
 
 
 def _priority(config: dict[str, Any]) -> int:

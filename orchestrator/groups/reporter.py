@@ -77,6 +77,10 @@ class GroupReporter:
             store.record_metrics(job_id, step, {"resumed_from_step": step}, owner=self.owner)
         store.record_metrics(job_id, step, summary, owner=self.owner)
 
+    def dataset_used(self, fingerprint: dict[str, Any] | None) -> None:
+        if fingerprint is not None:
+            self.store.set_runtime(self.job_id, dataset=fingerprint)
+
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self.store.record_metrics(self.job_id, step, values, owner=self.owner)
 

@@ -18,6 +18,7 @@ checkpoint).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -30,10 +31,12 @@ from typing import Any
 
 from ray.tune import Callback
 
+from jobs.spec import parse_job_spec
 from jobs.states import TERMINAL, IllegalTransition, JobState
 from jobs.store import JobStore, OwnershipLost
 from jobs.store.sweep_registry import SweepChanged, SweepRecord
-from jobs.sweep_spec import SweepSpec, draw, mutable, trial_spec
+from jobs.sweep_spec import SweepSpec, draw, mutable, sweep_tracking, trial_spec
+from jobs.tracking import SWEEP_TAG, RunTracking, end_job_run
 from orchestrator.groups import holds, leave
 from orchestrator.tune.pbt_hold import mark_decided
 from orchestrator.tune.sweeps import packing
@@ -53,12 +56,14 @@ def trial(config: dict[str, Any], sweep_id: str, submission_id: str | None) -> N
     spec: SweepSpec = sweep.sweep_spec
     index, params = config["trial"]["index"], config["trial"]["params"]
     trial_id = tune.get_context().get_trial_id()
+    parent = sweep.runtime.get("mlflow_run_id")  # the sweep's MLflow run: the trial's run is its child
     start = _pbt_start(store, sweep_id, trial_id) if spec.scheduler == "pbt" else None
     if start is not None:  # a PBT exploit: this trial continues a better trial's job with perturbed values
         index = int(trial_id.rsplit("_", 1)[-1])
-        job = _job_for(store, spec, params, index, sweep_id, lineage=f"{start['job_id'][:8]}-s{start['step']}")
+        job = _job_for(store, spec, params, index, sweep_id, lineage=f"{start['job_id'][:8]}-s{start['step']}",
+                       parent_run_id=parent)
     else:
-        job = _job_for(store, spec, params, index, sweep_id)
+        job = _job_for(store, spec, params, index, sweep_id, parent_run_id=parent)
     store.sweeps.add_trial(sweep_id, job.id, trial_id, params)
     store.set_runtime(job.id, ray_submission_id=submission_id, sweep_id=sweep_id, trial_id=trial_id,
                       **({"continues": start} if start else {}))
@@ -161,11 +166,12 @@ def _pbt_start(store: JobStore, sweep_id: str, trial_id: str) -> dict[str, Any] 
 
 
 def _job_for(
-    store: JobStore, spec: SweepSpec, params: dict[str, Any], index: int, sweep_id: str, lineage: str | None = None
+    store: JobStore, spec: SweepSpec, params: dict[str, Any], index: int, sweep_id: str, lineage: str | None = None,
+    parent_run_id: str | None = None,
 ):
     """The trial's job: new, or the one an earlier driver started (continued from its checkpoint)."""
     for attempt in range(100):
-        job_spec = trial_spec(spec, params, index, sweep_id=sweep_id)
+        job_spec = trial_spec(spec, params, index, sweep_id=sweep_id, parent_run_id=parent_run_id)
         if lineage:  # a PBT continuation is its own job
             job_spec = job_spec.model_copy(
                 update={
@@ -237,7 +243,13 @@ class RecordTrialEnds(Callback):
                 to = JobState.CANCELLED  # stopped before it trained: nothing to keep
             self.store.transition(job_id, to, reason=reason)
         except IllegalTransition:
-            pass  # the trial's own runner settled it first
+            return  # the trial's own runner settled it first
+        # its workers were killed before they could end its tracked run
+        try:
+            tracking = getattr(parse_job_spec(job.spec), "tracking", None)
+        except ValueError:  # a spec this driver validated once; nothing to end if it no longer reads
+            return
+        end_job_run(tracking, job_id, "FAILED" if to is JobState.FAILED else "KILLED")
 
 
 def _release(job, reason: str) -> None:
@@ -307,7 +319,9 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
     store.sweeps.update(sweep_id, state="RUNNING", experiment_path=os.path.join(storage, name), error=None,
                         runtime={**record.runtime, "packing": plan.describe()}, expected=("PENDING",),
                         driver=submission_id)
+    tracking = None
     try:
+        tracking = _track_sweep(store, sweep_id, spec, submission_id)
         if resume and tune.Tuner.can_restore(os.path.join(storage, name)):
             # Tune unpickles the experiment's state (tuner.pkl and the trials'): restore trusts the experiment
             # folder, which must be writable only by the cluster (docs/sweeps.md#resume)
@@ -335,16 +349,38 @@ def run_sweep(sweep_id: str, *, resume: bool = False) -> SweepRecord:
                                           stop=_finished),
             )
         tuner.fit()
-        return _finish(store, sweep_id, spec, submission_id)
+        done = _finish(store, sweep_id, spec, submission_id)
+        if done.best_value is not None:
+            tracking.log_metrics(0, {f"best_{spec.metric}": done.best_value})
+            tracking.set_tags({"peftfleet.best_job_id": done.best_job_id, "peftfleet.best_adapter": done.best_adapter})
+        # every trial is over: a run its killed workers left RUNNING was stopped
+        tracking.close("FINISHED" if done.state == "SUCCEEDED" else "FAILED", children="KILLED")
+        return done
     except BaseException as e:
         # Tune turns SIGTERM during fit into SystemExit: the driver was stopped, the sweep can resume.
         state = "INTERRUPTED" if isinstance(e, (KeyboardInterrupt, Interrupted, SystemExit)) else "FAILED"
+        if tracking is not None:  # a resumed sweep continues the run
+            tracking.close("KILLED" if state == "INTERRUPTED" else "FAILED")
         try:
             error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"[:20000]
             store.sweeps.update(sweep_id, state=state, error=error, expected=("RUNNING",), driver=submission_id)
         except SweepChanged:
             pass  # another driver or a cancel settled it first
         raise
+
+
+def _track_sweep(store: JobStore, sweep_id: str, spec: SweepSpec, driver: str | None) -> RunTracking:
+    """The sweep's own run (MLflow: the parent of its trials' runs; a resumed sweep continues it), its id
+    recorded on the sweep for the trials. A tracker that does not answer leaves the trials without a parent."""
+    tracking = RunTracking(sweep_tracking(spec), key=(SWEEP_TAG, sweep_id), run_name=spec.name)
+    params = {"sweep_id": sweep_id, "metric": spec.metric, "mode": spec.mode, "scheduler": spec.scheduler,
+              "num_samples": str(spec.num_samples), "seed": str(spec.seed)}
+    params.update({f"search_space.{k}": json.dumps(v) for k, v in spec.search_space.items()})
+    run_id = tracking.open(params)
+    if run_id is not None:
+        record = store.sweeps.get(sweep_id)
+        store.sweeps.update(sweep_id, runtime={**record.runtime, "mlflow_run_id": run_id}, driver=driver)
+    return tracking
 
 
 def _finished(trial_id: str, result: dict[str, Any]) -> bool:

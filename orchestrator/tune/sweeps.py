@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from jobs.spec import JobSpecError
 from jobs.store import JobRecord, JobStore
 from jobs.store.sweep_registry import LIVE_SWEEP, SweepChanged, SweepRecord
-from jobs.sweep_spec import load_sweep_spec, parse_sweep_spec, trial_spec, validation_configs
+from jobs.sweep_spec import load_sweep_spec, parse_sweep_spec, sweep_tracking, trial_spec, validation_configs
+from jobs.tracking import TrackingSpec
 from jobs.training.subspaces import check_references
 from orchestrator.cluster import RAY_TERMINAL, Cluster, launch, stop_and_wait
 from orchestrator.feasibility import check_feasible
@@ -72,9 +73,12 @@ def packing(spec: Any) -> Packing:
     return Packing(None, PACKED_TRIAL_CPU, min(spec.max_concurrent or cap, cap))
 
 
-def start_sweep(client: Client, sweep: Any) -> SweepHandle:
-    """Validate, store and launch a sweep's driver as a Ray job; see ``Client.tune``."""
+def start_sweep(client: Client, sweep: Any, *, tracking: TrackingSpec | None = None) -> SweepHandle:
+    """Validate, store and launch a sweep's driver as a Ray job; see ``Client.tune``. ``tracking``: where the
+    sweep is tracked if neither it nor its job spec says (the client's default)."""
     spec = load_sweep_spec(sweep) if isinstance(sweep, (str, os.PathLike)) else parse_sweep_spec(sweep)
+    if tracking is not None and sweep_tracking(spec) is None:
+        spec = spec.model_copy(update={"tracking": tracking})
     labelled = [(label, trial_spec(spec, params, 0, label=label)) for label, params in validation_configs(spec)]
     specs = [s for _, s in labelled]
     for s in specs:

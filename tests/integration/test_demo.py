@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 from jobs.states import JobState
 from orchestrator.client import Client
 from orchestrator.demo import main
 
+# Ray's prefix on what its workers print, which reaches a driver whose Ray was started with log_to_driver on
+# (here: the session's ray_cluster fixture, not the demo, started it)
+WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\(.*pid=\d+.*\)")
+
 
 def test_demo_trains_two_methods_on_one_base(ray_cluster, capsys):
     result = main(["--train-size", "480", "--eval-size", "300"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # Quiet by default: the demo's own lines fit on one screen; library log lines went to a file, named once.
+    # a line is what a terminal shows: split at newlines only (a progress bar redraws one line with \r)
+    lines = (captured.out + captured.err).rstrip("\n").split("\n")
+    shown = [line for line in lines if not WORKER_LINE.match(line)]
+    assert len(shown) <= 40, "\n".join(shown)
+    [named] = [line for line in shown if line.startswith("peftfleet: library logs go to ")]
+    log = Path(named.removeprefix("peftfleet: library logs go to ").split(" (--verbose")[0])
+    assert log.parent == Path(os.environ["PEFTFLEET_HOME"]) / "logs" and log.is_file()
+    ready = "INFO ray.serve: Application 'demo' is ready"  # Ray Serve's line in the driver: in the file only
+    assert ready in log.read_text() and not any("Application 'demo' is ready" in line for line in shown)
     client = Client()  # the same default store, under this test's PEFTFLEET_HOME
     lora, bitfit = (client.jobs.get(job_id) for job_id in result["job_ids"])
     assert lora.status() is JobState.SUCCEEDED and bitfit.status() is JobState.SUCCEEDED, out

@@ -6,8 +6,11 @@ from __future__ import annotations
 import time
 
 import ray
+from mlflow.tracking import MlflowClient
 
 from jobs.states import JobState
+from jobs.tracking import JOB_TAG
+from orchestrator.client import parse_tracking
 
 
 def _packed(tiny_spec, name: str, method: dict, **training) -> dict:
@@ -24,7 +27,13 @@ def _wait_running(client, handles, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def test_jobs_of_different_methods_train_together_in_one_group_and_a_cancel_leaves_only_its_rows(client, tiny_spec):
+def test_jobs_of_different_methods_train_together_in_one_group_and_a_cancel_leaves_only_its_rows(
+    client, tiny_spec, tmp_path
+):
+    # every job tracked in MLflow by the client's default (a real SQLite store), packed and solo alike
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(mlflow_uri).create_experiment("groups", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    client.tracking = parse_tracking({"mlflow": {"uri": mlflow_uri, "experiment": "groups"}})
     handles = [
         client.submit(_packed(tiny_spec, "g-lora", {"method": "lora", "r": 4}, epochs=4)),
         client.submit(_packed(tiny_spec, "g-bitfit", {"method": "bitfit"}, epochs=4)),
@@ -52,6 +61,29 @@ def test_jobs_of_different_methods_train_together_in_one_group_and_a_cancel_leav
     queued = next(e for e in client.store.events(solo.id) if e.to_state is JobState.QUEUED)
     assert "runs solo: LoRA dropout" in queued.reason
     assert "base_group" not in solo.record().runtime
+    runs = _ended_runs(mlflow_uri, "groups", 4)
+    for h in [*handles[:2], solo]:  # members log as a solo job does: params, per-step metrics, the adapter
+        run = runs[h.id]
+        assert run.info.status == "FINISHED" and run.info.run_id == h.record().runtime["mlflow_run_id"]
+        assert run.data.params["job_id"] == h.id and run.data.tags["peftfleet.adapter"] == h.adapter().name
+        history = MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == [m.step for m in h.metrics("train_loss")]
+        files = {f.path for f in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in files
+    assert runs[handles[2].id].info.status == "KILLED"  # cancelled: its rows left the group, its run ended
+
+
+def _ended_runs(uri: str, experiment: str, count: int, timeout: float = 60) -> dict:
+    """The experiment's runs by job id once ``count`` of them ended (a group ends them just after it settles
+    their jobs)."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = {r.data.tags[JOB_TAG]: r for r in client.search_runs([experiment_id])}
+        if sum(r.info.status != "RUNNING" for r in runs.values()) >= count or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
 
 
 def test_a_job_survives_its_group_dying_and_resumes_from_its_own_checkpoint(client, tiny_spec):

@@ -11,10 +11,12 @@ import time
 import pytest
 import ray
 import transformers
+from mlflow.tracking import MlflowClient
 
 from jobs.spec import JobSpecError
 from jobs.states import JobState
 from jobs.sweep_spec import draw, parse_sweep_spec
+from jobs.tracking import JOB_TAG, PARENT_TAG, SWEEP_TAG
 from orchestrator.cli import main as cli
 
 GOOD, BAD = 0.05, 1e-7  # a learning rate that learns in a few steps, and one that cannot
@@ -40,7 +42,10 @@ def _seed_with(order: list[float], space: dict, base: dict, n: int) -> int:
 def test_asha_sweep_records_every_trial_stops_weak_ones_and_promotes_the_best(
     client, tiny_spec, tiny_bert_dir, tmp_path, capsys
 ):
-    base = _spec(tiny_spec)
+    # tracked in MLflow (the job spec's tracking; a real SQLite store): one parent run, a child per trial
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(mlflow_uri).create_experiment("asha", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    base = {**_spec(tiny_spec), "tracking": {"mlflow": {"uri": mlflow_uri, "experiment": "asha"}}}
     space = {"training.lr": {"choice": [GOOD, BAD]}}
     seed = _seed_with([GOOD, BAD, BAD], space, base, 3)
     sweep = client.tune(base, search_space=space, metric="eval_loss", mode="min", num_samples=3, scheduler="asha",
@@ -70,11 +75,37 @@ def test_asha_sweep_records_every_trial_stops_weak_ones_and_promotes_the_best(
     base_model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=6)
     client.adapters.load(adapter.name, base_model)  # hash- and base-checked
 
+    evaluated = [m.step for m in client.store.metrics(good["job"], "eval_loss")]
+    _assert_tracked_as_parent_and_children(mlflow_uri, sweep.id, trials, good["job"], evaluated)
+
     png = sweep.plot(tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli(["sweep", "show", sweep.id[:8], "--home", str(client.home)]) == 0
     out = capsys.readouterr().out
     assert "STOPPED" in out and f"best: {adapter.name}" in out
+
+
+def _assert_tracked_as_parent_and_children(uri: str, sweep_id: str, trials: list[dict], finished: str,
+                                           evaluated: list[int]) -> None:
+    """Read back through MLflow's own client: the sweep's run, one child run per trial (the finished trial's
+    FINISHED with its metrics and adapter, the stopped ones KILLED), all of them ended."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("asha").experiment_id
+    deadline = time.monotonic() + 60  # runs end just after their jobs settle
+    while True:
+        runs = client.search_runs([experiment])
+        if all(r.info.status != "RUNNING" for r in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    (parent,) = [r for r in runs if r.data.tags.get(SWEEP_TAG) == sweep_id]
+    children = {r.data.tags[JOB_TAG]: r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id}
+    assert len(runs) == 1 + len(trials) and set(children) == {t["job"] for t in trials}, runs
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_eval_loss"] > 0
+    good = children[finished]
+    assert good.info.status == "FINISHED" and good.data.params["training.lr"] == str(GOOD)
+    assert [m.step for m in client.get_metric_history(good.info.run_id, "eval_loss")] == evaluated
+    assert "adapter/adapter_model.safetensors" in {f.path for f in client.list_artifacts(good.info.run_id, "adapter")}
+    assert {r.info.status for job, r in children.items() if job != finished} == {"KILLED"}
 
 
 def test_an_invalid_search_space_is_refused_before_any_trial(client, tiny_spec):

@@ -8,7 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from jobs.base_models import _SMOLLM2_GGUF, _package_dir, load_base_model, resolve_base_model
+from jobs.base_models import (
+    _SMOLLM2_GGUF,
+    BaseModelUnavailable,
+    _package_dir,
+    load_base_model,
+    resolve_base_model,
+)
 
 
 def test_minilm_is_a_pretrained_bert_from_its_package():
@@ -41,6 +47,14 @@ def test_a_local_folder_works_and_a_bad_reference_is_explained(tmp_path):
     assert resolve_base_model(str(resolve_base_model("minilm"))) == resolve_base_model("minilm").resolve()
     with pytest.raises(FileNotFoundError, match="neither a named model"):
         resolve_base_model(str(tmp_path / "nowhere"))
+
+
+def test_an_existing_folder_without_config_or_safetensors_is_explained(tmp_path):
+    with pytest.raises(BaseModelUnavailable, match="has no config.json"):
+        resolve_base_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BaseModelUnavailable, match=r"has no \*\.safetensors weights"):
+        resolve_base_model(str(tmp_path))
 
 
 def test_classification_needs_labels_and_tasks_are_checked():

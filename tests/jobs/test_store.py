@@ -119,6 +119,29 @@ def test_db_upgrade_migrates_and_says_from_what(store_url, tmp_path):
     assert [e.owner for e in upgraded.events(job.id)] == [None, "runner-1"]
 
 
+def test_a_version_4_store_is_carried_forward_and_its_bases_get_a_source_when_registered_again(store_url, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "base").mkdir()  # all a base's registration reads: a config and safetensors weights
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "bert"}')
+    save_file({"w": torch.ones(2)}, tmp_path / "base" / "model.safetensors")
+    store = JobStore(store_url, home=tmp_path)
+    base = store.register_base_model(str(tmp_path / "base"))
+    with store.db.engine.begin() as conn:  # what peftfleet 4 left: base models without a source
+        conn.execute(text("ALTER TABLE base_models DROP COLUMN source"))
+        conn.execute(text("UPDATE peftfleet_schema SET version = 4"))
+    store.close()
+    with pytest.raises(StoreVersionError, match="schema version 4; .* run `peftfleet db upgrade`"):
+        JobStore(store_url, home=tmp_path)
+    assert Database(store_url, check=False).upgrade() == (4, SCHEMA_VERSION)
+    upgraded = JobStore(store_url, home=tmp_path)
+    kept = upgraded.get_base_model(base.fingerprint)
+    assert (kept.name, kept.path, kept.source) == (base.name, base.path, None)
+    assert upgraded.register_base_model(str(tmp_path / "base")).source == base.source
+    assert upgraded.get_base_model(base.fingerprint).source["kind"] == "local"
+
+
 def test_a_store_without_a_version_is_damaged_not_newer(store_url, tmp_path):
     store = JobStore(store_url, home=tmp_path)
     with store.db.engine.begin() as conn:

@@ -249,12 +249,82 @@ def test_an_older_store_is_refused_until_db_upgrade(store, capsys):
     with store.db.engine.begin() as conn:  # what peftfleet with schema 3 left
         conn.execute(text("DROP TABLE checkpoints"))
         conn.execute(text("ALTER TABLE job_events DROP COLUMN owner"))
+        conn.execute(text("ALTER TABLE base_models DROP COLUMN source"))
         conn.execute(text("UPDATE peftfleet_schema SET version = 3"))
     store.close()
     code, _, err = run(store, capsys, "jobs")
     assert code == 1 and "schema version 3" in err and "peftfleet db upgrade" in err and len(err.splitlines()) == 1
-    assert run(store, capsys, "db", "version")[:2] == (0, "schema version 3; this peftfleet uses 4\n")
-    assert run(store, capsys, "db", "upgrade")[:2] == (0, "schema version 3 → 4\n")
-    assert run(store, capsys, "db", "upgrade")[:2] == (0, "schema version 4: up to date\n")
+    assert run(store, capsys, "db", "version")[:2] == (0, "schema version 3; this peftfleet uses 5\n")
+    assert run(store, capsys, "db", "upgrade")[:2] == (0, "schema version 3 → 5\n")
+    assert run(store, capsys, "db", "upgrade")[:2] == (0, "schema version 5: up to date\n")
     code, out, _ = run(store, capsys, "jobs", "--json")
     assert code == 0 and [j["id"] for j in json.loads(out)] == [job.id]
+
+
+# Export (docs/export.md) and quiet output (orchestrator/quiet.py), through the CLI on a real store.
+
+def _register_lora_on_a_tiny_bert(store, tmp_path, method=None):
+    from tests.conftest import randomize_adapter, save_tiny_bert
+
+    base = save_tiny_bert(tmp_path / "base")  # a BertModel with a tokenizer: a classifier head is fresh on load
+    fingerprint = store.register_base_model(str(base)).fingerprint
+    model = TINY_BERT.build()
+    model = peft_methods.apply(type(model).from_pretrained(base, num_labels=3), method or {"method": "lora"})
+    randomize_adapter(model)
+    folder = peft_methods.save_adapter(model, tmp_path / "a", metadata={"base_fingerprint": fingerprint,
+                                                                       "labels": ["x", "y", "z"]})
+    store.adapters.register(folder, name="to-export", base_fingerprint=fingerprint,
+                            task="sequence-classification", task_name="t")
+    return base
+
+
+def test_export_writes_an_adapter_folder_and_refuses_merging_what_cannot_merge(store, capsys, tmp_path, no_cluster):
+    base = _register_lora_on_a_tiny_bert(store, tmp_path)
+    code, out, _ = run(store, capsys, "export", "to-export", "--out", str(tmp_path / "out"), "--json")
+    assert code == 0 and json.loads(out)["kind"] == "adapter"
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(base.resolve())
+    assert (tmp_path / "out" / "README.md").exists()
+    code, _, err = run(store, capsys, "export", "to-export", "--out", str(tmp_path / "out"))
+    assert code == 2 and "--out" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    code, _, err = run(store, capsys, "export", "missing", "--out", str(tmp_path / "o2"))
+    assert code == 1 and "no adapter named 'missing'" in err
+
+
+def test_merging_a_bottleneck_adapter_is_one_line_naming_the_mergeable_methods(store, capsys, tmp_path, no_cluster):
+    store_dir = tmp_path / "s"
+    store_dir.mkdir()
+    _register_lora_on_a_tiny_bert(store, store_dir, {"method": "bottleneck"})
+    capsys.readouterr()
+    code, out, err = run(store, capsys, "export", "to-export", "--merge", "--out", str(tmp_path / "out"))
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert "uses bottleneck, which cannot be merged" in err and "mergeable methods: bitfit, " in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quiet_command_sends_library_logs_to_a_file_named_once_and_verbose_does_not(store, capsys, tmp_path,
+                                                                                       no_cluster, request):
+    """`export --merge` loads a base whose classifier head is fresh: transformers reports it. Quiet (the default),
+    that report lands in $home/logs/*.log and stderr names the file once; the loggers are put back afterwards."""
+    import logging
+
+    import transformers
+
+    _register_lora_on_a_tiny_bert(store, tmp_path)
+    logs = store.home / "logs"
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # tests/conftest.py silences it; a user's process does not
+    request.addfinalizer(lambda: transformers.logging.set_verbosity(verbosity))
+    before = {name: list(logging.getLogger(name).handlers) for name in ("transformers", "")}
+    capsys.readouterr()  # what setting up printed (transformers' progress bars, not quiet there)
+    code, out, err = run(store, capsys, "export", "to-export", "--merge", "--out", str(tmp_path / "merged"))
+    assert code == 0 and out.startswith("exported to-export (lora) as merged into its base")
+    [log] = logs.glob("*.log")
+    assert err == f"peftfleet: library logs go to {log} (--verbose shows them here)\n"
+    assert "classifier.weight" in log.read_text() and "transformers" in log.read_text()
+    assert {name: list(logging.getLogger(name).handlers) for name in before} == before
+    log.unlink()
+    code, out, _ = run(store, capsys, "--verbose", "export", "to-export", "--merge", "--out", str(tmp_path / "m2"))
+    assert code == 0 and not list(logs.glob("*.log"))
+    code, out, _ = run(store, capsys, "export", "to-export", "--merge", "--out", str(tmp_path / "m3"), "-v")
+    assert code == 0 and not list(logs.glob("*.log"))
