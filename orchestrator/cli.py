@@ -7,6 +7,7 @@
     peftfleet tune sweep.yaml [--wait]      peftfleet sweeps / sweep show|resume|cancel|plot SWEEP
     peftfleet db version|upgrade            peftfleet reconciler start|status|tick
     peftfleet export ADAPTER --out DIR [--merge]   (docs/export.md)
+    peftfleet hub-seed SOURCE ORG/NAME [--dataset] [--revision main]   (docs/models.md)
 
 Every command takes --store-url, --storage-url, --address, --home and --secrets (defaults from
 PEFTFLEET_STORE_URL, PEFTFLEET_STORAGE_URL, RAY_ADDRESS, PEFTFLEET_HOME and PEFTFLEET_SECRETS). A
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -537,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subspaces", parents=[common], help="list IPT subspaces (fitted by ipt-subspace jobs)")
     p.add_argument("--base", help="base model name or fingerprint")
     p.set_defaults(run=cmd_subspaces)
+    p = sub.add_parser("hub-seed", parents=[common],
+                       help="put a local model or dataset folder into the Hugging Face cache under a Hub id (offline)")
+    p.add_argument("source", help="a named model (minilm, smollm2) or a local folder")
+    p.add_argument("repo_id", help="the Hub id to file it under, ORG/NAME")
+    p.add_argument("--dataset", action="store_true", help="a dataset repository (default: a model)")
+    p.add_argument("--revision", default="main", help="the branch or tag to point at it (default main)")
+    p.set_defaults(run=None)
     p = sub.add_parser("db", parents=[common], help="the store's schema: its version, or upgrade it (back up first)")
     p.add_argument("action", choices=["version", "upgrade"])
     p.set_defaults(run=None)
@@ -565,6 +574,24 @@ def cmd_db(args: argparse.Namespace) -> int:
         db.close()
 
 
+def cmd_hub_seed(args: argparse.Namespace) -> int:
+    """``peftfleet hub-seed``: file a local folder in the Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME``)
+    under a Hub id, so specs on this machine (or every node sharing that cache) can name the id offline."""
+    from jobs.base_models import BUILTIN_MODELS, parse_hub_id, resolve_base_model
+    from jobs.hub_cache import hub_cache_dir, seed_hub_cache
+
+    if "@" in args.repo_id:
+        raise ValueError(f"{args.repo_id!r}: give the revision with --revision, not after '@'")
+    parse_hub_id(args.repo_id)
+    folder = resolve_base_model(args.source, home=args.home) if args.source in BUILTIN_MODELS else Path(args.source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{args.source}: no such folder")
+    commit = seed_hub_cache(folder, args.repo_id, repo_type="dataset" if args.dataset else "model",
+                            revision=args.revision)
+    print(f"{args.repo_id}@{args.revision} → commit {commit} in {hub_cache_dir()}")
+    return 0
+
+
 def cmd_reconciler(client: Client, args: argparse.Namespace) -> int:
     import ray
 
@@ -591,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "db":
             return cmd_db(args)
+        if args.command == "hub-seed":
+            return cmd_hub_seed(args)
         client = Client(address=args.address, store_url=args.store_url, storage_url=args.storage_url, home=args.home,
                         secrets=args.secrets)
         with quiet.output(args.verbose, home=args.home):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PEFTFLEET_HEARTBEAT_INTERVAL_S", "1")
 os.environ.setdefault("PEFTFLEET_GROUP_IDLE_S", "3")  # a test's base group gives its CPU back soon after
 os.environ.setdefault("PEFTFLEET_RECONCILER", "0")  # one per store: each test's own store would start one
+# A Hugging Face cache of the session's own, set before Ray starts so every worker reads the same one
+# (tests/integration/test_newcomer.py files a packaged model in it under a Hub id)
+os.environ.setdefault("HF_HUB_CACHE", tempfile.mkdtemp(prefix="peftfleet-test-hub-"))
 
 import pytest
 import ray
