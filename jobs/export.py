@@ -41,7 +41,9 @@ from peft_methods.adapter_files import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     read_hashed_files,
+    replace_folder,
     sha256_file,
+    write_json,
 )
 from peft_methods.api import FILE_KEY_PREFIX, MergeableLayer, applied_config
 from peft_methods.registry import get_method, list_methods
@@ -133,7 +135,7 @@ def export_adapter(
         peft_type = json.loads(blobs[CONFIG_FILE]).get("peft_type")
         (tmp / CARD_FILE).write_text(model_card(store, record, base, base_id, manifest, merged=merge,
                                                 peft_type=peft_type))
-        _replace(tmp, dest)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,9 +165,9 @@ def _write_adapter(manifest: dict[str, Any], blobs: dict[str, bytes], base_id: s
     if config.get("peft_type") == "LORA":
         config = {**PLAIN_LORA_FIELDS, **config}
     (out / WEIGHTS_FILE).write_bytes(blobs[WEIGHTS_FILE])
-    _write_json(out / CONFIG_FILE, config)
+    write_json(out / CONFIG_FILE, config)
     manifest = {**manifest, "files": {f: sha256_file(out / f) for f in ADAPTER_FILES}}
-    _write_json(out / MANIFEST_FILE, manifest)
+    write_json(out / MANIFEST_FILE, manifest)
 
 
 # -- the merged form ------------------------------------------------------------------------------
@@ -309,18 +311,3 @@ def _data_line(store: JobStore, meta: dict[str, Any], job_id: str | None) -> str
             return f"`{json.dumps(dataset, sort_keys=True, default=str)}` (the job's spec)"
     return "unknown"
 
-
-# -- files ----------------------------------------------------------------------------------------
-def _replace(tmp: Path, dest: Path) -> None:
-    """Move the finished folder into place; an existing ``dest`` goes only once the new one is whole."""
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(dest)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

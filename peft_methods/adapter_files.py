@@ -73,7 +73,7 @@ def save_adapter(
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in method.adapter_state_dict(model).items()}
         tensors = method.to_file_keys(state)
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_FILE, method.adapter_config(model, config))
+        write_json(tmp / CONFIG_FILE, method.adapter_config(model, config))
         manifest = {
             "format_version": FORMAT_VERSION,
             "method": config.method,
@@ -82,15 +82,9 @@ def save_adapter(
             "files": {name: sha256_file(tmp / name) for name in (CONFIG_FILE, WEIGHTS_FILE)},
             "metadata": metadata or {},
         }
-        _write_json(tmp / MANIFEST_FILE, manifest)
+        write_json(tmp / MANIFEST_FILE, manifest)
         _fsync_dir(tmp)
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dest)
+        replace_folder(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -238,7 +232,20 @@ def read_adapter(
     return method.loading_config(config, state), state, manifest
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def replace_folder(tmp: Path, dest: Path) -> None:
+    """Move the finished folder ``tmp`` into place at ``dest``; an existing ``dest`` goes only once the new
+    one is whole (renamed aside first, removed after)."""
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dest)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON with a final newline (what every peftfleet JSON file looks like)."""
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
