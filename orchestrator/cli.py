@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+import orchestrator.quiet as quiet
 from jobs.secrets import SecretsError, api_key_from_file, has_password, redact
 from jobs.secrets import store_url as store_url_from_env
 from jobs.spec import JobSpecError
@@ -40,7 +41,6 @@ from jobs.store import JobNotFound, StoreError
 from jobs.store.adapter_registry import AdapterNotFound
 from jobs.sweep_spec import draw
 from jobs.training.subspaces import check_references
-from orchestrator import quiet
 from orchestrator.client import Client
 from orchestrator.feasibility import InfeasibleJob
 from orchestrator.serving.device import check_device, check_placement, resolve_device

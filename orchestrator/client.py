@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orchestrator.quiet as quiet
 from jobs.home import peftfleet_home
 from jobs.secrets import has_password, redact
 from jobs.spec import JobSpec, JobSpecError, load_job_spec, parse_job_spec
@@ -33,7 +34,6 @@ from jobs.store.adapter_registry import AdapterRecord, AdapterRegistry
 from jobs.store.subspace_registry import SubspaceRecord, SubspaceRegistry
 from jobs.tracking import TrackingSpec
 from jobs.training.subspaces import check_references
-from orchestrator import quiet
 from orchestrator.cluster import JOB_ENV, SECRETS_MODES, Cluster, connect, secret_env, stop_and_wait
 from orchestrator.feasibility import InfeasibleJob, check_feasible
 from orchestrator.reconciler import hand_to_ray, resubmit, settle_orphans

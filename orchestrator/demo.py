@@ -21,10 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import orchestrator.quiet as quiet
 from jobs.spec import load_job_spec
 from jobs.store import redact_url
 from jobs.training.data import load_for_job
-from orchestrator import quiet
 from orchestrator.cli import render_table
 from orchestrator.client import Client
 
