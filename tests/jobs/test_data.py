@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.training import data
+from jobs.training import data, sources
 
 
 def test_trec_has_six_coarse_labels_and_every_unique_question():
@@ -51,6 +51,12 @@ def test_an_eval_set_as_large_as_the_data_is_refused():
 SECRET = "patient 4711 has a rare disease"
 
 
+def _pairs(path):
+    """Every (text, label) pair of a local .jsonl or .csv file, as a job reads them."""
+    source = sources.Source(str(path), "csv" if path.suffix == ".csv" else "jsonl", (str(path),))
+    return list(sources.all_pairs(source, ("text", "label")))
+
+
 @pytest.mark.parametrize(
     "name,text,fragment",
     [
@@ -69,7 +75,7 @@ def test_a_malformed_record_is_named_by_file_and_line_without_its_contents(tmp_p
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ValueError) as err:
-        data.read_records(path, ("text", "label"))
+        _pairs(path)
     message = str(err.value)
     assert message.startswith(f"{path}: ") and fragment in message, message
     assert SECRET not in message and "4711" not in message
@@ -79,7 +85,7 @@ def test_bytes_that_are_not_utf8_are_named_without_echoing_them(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"text": "a", "label": "x"}\n{"text": "caf\xe9 4711", "label": "y"}\n')
     with pytest.raises(ValueError, match="has bytes that are not UTF-8 text") as err:
-        data.read_records(path, ("text", "label"))
+        _pairs(path)
     assert "4711" not in str(err.value)
 
 
