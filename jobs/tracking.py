@@ -238,11 +238,15 @@ class MlflowTracker:
         self.client: Any = None
         self.run_id: str | None = None
 
-    def open(self, params: dict[str, str], step: int) -> str:
-        from mlflow.entities import Param
+    def connect(self) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.spec.uri)
+
+    def open(self, params: dict[str, str], step: int) -> str:
+        from mlflow.entities import Param
+
+        self.connect()
         experiment = self._experiment()
         found = self.client.search_runs([experiment], filter_string=f"tags.`{self.key[0]}` = '{self.key[1]}'",
                                         max_results=1, order_by=["attributes.start_time ASC"])
@@ -294,8 +298,11 @@ class MlflowTracker:
 
     def end_children(self, status: str) -> None:
         """End this run's children still RUNNING (trials whose workers were killed before they could)."""
-        for run in self.client.search_runs([self._experiment()],
-                                           filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'"):
+        self.end_running(f"tags.`{PARENT_TAG}` = '{self.run_id}'", status)
+
+    def end_running(self, filter_string: str, status: str) -> None:
+        """End with ``status`` every run of the experiment that ``filter_string`` finds still RUNNING."""
+        for run in self.client.search_runs([self._experiment()], filter_string=filter_string):
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, status=status)
 
@@ -593,12 +600,8 @@ def end_job_run(tracking: TrackingSpec | None, job_id: str, status: str, *, time
     tracker = MlflowTracker(tracking.mlflow, key=(JOB_TAG, job_id), run_name=job_id)
 
     def end() -> None:
-        from mlflow.tracking import MlflowClient
-
-        tracker.client = MlflowClient(tracking_uri=tracking.mlflow.uri)
-        for run in tracker.client.search_runs([tracker._experiment()], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'"):
-            if run.info.status == "RUNNING":
-                tracker.client.set_terminated(run.info.run_id, status=status)
+        tracker.connect()
+        tracker.end_running(f"tags.`{JOB_TAG}` = '{job_id}'", status)
 
     channel = Channel(tracker, f"job {job_id[:8]}")
     channel.submit(end)
