@@ -103,10 +103,6 @@ def output(verbose: bool = False, *, home: str | os.PathLike | None = None) -> I
         _active = None
 
 
-def is_quiet() -> bool:
-    return _active is not None
-
-
 def ray_init_options() -> dict[str, Any]:
     """What ``ray.init`` gets besides its usual arguments: inside a quiet block, ``log_to_driver=False``."""
     return {"log_to_driver": False} if _active is not None else {}
