@@ -16,6 +16,7 @@ transformers' log lines go to a file under $PEFTFLEET_HOME/logs unless --verbose
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import orchestrator.quiet as quiet
 from jobs.spec import load_job_spec
-from jobs.store import redact_url
+from jobs.store import StoreError, redact_url
 from jobs.training.data import load_for_job
 from orchestrator.cli import render_table
 from orchestrator.client import Client
@@ -185,4 +186,7 @@ def _trec_majority_rate(spec) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StoreError as e:  # e.g. a store of an older schema under ~/.peftfleet: one line saying what to run
+        sys.exit(f"make demo: {e}")
