@@ -11,6 +11,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -62,8 +63,11 @@ class BaseModelRegistry:
                             source=source,
                         )
                     )
-                elif row.source is None:
-                    row.source = source
+                else:
+                    if row.source is None:
+                        row.source = source
+                    if not (Path(row.path) / "config.json").is_file():  # its folder is gone (an old venv, a
+                        row.path = str(path)  # removed checkout): where these weights are now
         except IntegrityError:  # registered concurrently by another process
             pass
         return self.get(fingerprint)

@@ -174,6 +174,19 @@ def test_default_store_is_sqlite_in_wal_mode_under_peftfleet_home(tmp_path, monk
     assert store.artifacts.root == str(tmp_path / "ph" / "artifacts")
 
 
+def test_a_base_whose_folder_is_gone_is_found_where_its_weights_are_now(store, tmp_path):
+    import shutil
+
+    from jobs.base_models import resolve_base_model
+
+    old = shutil.copytree(resolve_base_model("minilm"), tmp_path / "old-venv" / "model")
+    first = store.register_base_model(str(old))
+    shutil.rmtree(old)  # e.g. the virtual environment that held a packaged model was recreated elsewhere
+    again = store.register_base_model("minilm")
+    assert again.fingerprint == first.fingerprint and again.name == first.name
+    assert again.path == str(resolve_base_model("minilm")) and again.source == first.source
+
+
 def test_base_models_are_registered_once_by_fingerprint(store):
     first = store.register_base_model("minilm")
     assert first.fingerprint.startswith("sha256:") and first.model_type == "bert"
